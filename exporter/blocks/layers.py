@@ -1,0 +1,179 @@
+"""The model's blocks as small torch modules computing the reference math from checkpoint tensors.
+
+Each block is exported to one ONNX graph. Inputs/outputs are explicit (no cache objects): a GDN
+layer takes and returns its conv + recurrent state, an attention layer takes past K/V and returns
+present K/V. The three ops generic compilers handle badly (causal conv with state, gated delta
+rule, MoE dispatch) are custom ops from `dualbrain.plugins`, exported as single nodes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dualbrain.exporter.blocks.norms import (
+    apply_rotary, l2norm, rms_norm_gated, rms_norm_zero_centred, rotary_cos_sin,
+)
+from dualbrain.exporter.spec import LINEAR, ModelSpec
+from dualbrain.plugins.causal_conv.op import causal_conv1d
+from dualbrain.plugins.gated_delta.op import gated_delta_rule
+from dualbrain.plugins.moe_dispatch.op import interleave_gate_up, moe_dispatch
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = _frozen(weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class Head(nn.Module):
+    """Final norm + LM head; logits are returned in float32 for the sampler."""
+
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.eps = spec.rms_norm_eps
+        self.norm = _frozen(w["norm.weight"])
+        self.lm_head = _frozen(w["lm_head.weight"])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm_zero_centred(hidden, self.norm, self.eps), self.lm_head).float()
+
+
+class GatedDeltaNetMixer(nn.Module):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], window: bool = False):
+        super().__init__()
+        self.s, self.window = spec, window
+        p = "linear_attn."
+        self.in_proj_qkv = _frozen(w[p + "in_proj_qkv.weight"])
+        self.in_proj_z = _frozen(w[p + "in_proj_z.weight"])
+        self.in_proj_b = _frozen(w[p + "in_proj_b.weight"])
+        self.in_proj_a = _frozen(w[p + "in_proj_a.weight"])
+        self.conv_weight = _frozen(w[p + "conv1d.weight"][:, 0, :].contiguous())
+        self.dt_bias = _frozen(w[p + "dt_bias"])
+        self.A_log = _frozen(w[p + "A_log"])
+        self.norm = _frozen(w[p + "norm.weight"])
+        self.out_proj = _frozen(w[p + "out_proj.weight"])
+
+    def forward(self, x, mask, conv_state, recurrent_state):
+        s = self.s
+        b, t, _ = x.shape
+        hk, hv, dk, dv = s.linear_num_key_heads, s.linear_num_value_heads, s.linear_key_head_dim, s.linear_value_head_dim
+        # Padding tokens get zero inputs: with a zero initial state they leave conv and recurrent state at zero.
+        x = x * mask[:, -t:, None].to(x.dtype)
+        qkv = F.linear(x, self.in_proj_qkv)
+        z = F.linear(x, self.in_proj_z).reshape(b, t, hv, dv)
+        beta = torch.sigmoid(F.linear(x, self.in_proj_b))
+        g = -self.A_log.float().exp() * F.softplus(F.linear(x, self.in_proj_a).float() + self.dt_bias)
+        conv = causal_conv1d(qkv, self.conv_weight, conv_state, window=self.window)
+        mixed, new_conv = conv[0], conv[1]
+        q, k, v = torch.split(mixed, [hk * dk, hk * dk, hv * dv], dim=-1)
+        q = l2norm(q.reshape(b, t, hk, dk).float())
+        k = l2norm(k.reshape(b, t, hk, dk).float())
+        q = q * dk ** -0.5
+        rec = gated_delta_rule(q, k, v.reshape(b, t, hv, dv).float(), g, beta.float(), recurrent_state,
+                               window=self.window)
+        o = rms_norm_gated(rec[0].to(x.dtype), z, self.norm, s.rms_norm_eps)
+        out = F.linear(o.reshape(b, t, hv * dv), self.out_proj)
+        if self.window:
+            return out, new_conv, rec[1], conv[2], rec[2]
+        return out, new_conv, rec[1]
+
+
+class GatedAttentionMixer(nn.Module):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.s = spec
+        p = "self_attn."
+        self.q_proj = _frozen(w[p + "q_proj.weight"])
+        self.k_proj = _frozen(w[p + "k_proj.weight"])
+        self.v_proj = _frozen(w[p + "v_proj.weight"])
+        self.o_proj = _frozen(w[p + "o_proj.weight"])
+        self.q_norm = _frozen(w[p + "q_norm.weight"])
+        self.k_norm = _frozen(w[p + "k_norm.weight"])
+        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.rotary_dim, 2, dtype=torch.float) / spec.rotary_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, mask, position_ids, past_key, past_value):
+        s = self.s
+        b, t, _ = x.shape
+        nh, nkv, hd = s.num_heads, s.num_kv_heads, s.head_dim
+        q, gate = torch.chunk(F.linear(x, self.q_proj).view(b, t, nh, 2 * hd), 2, dim=-1)
+        gate = gate.reshape(b, t, nh * hd)
+        q = rms_norm_zero_centred(q, self.q_norm, s.rms_norm_eps).transpose(1, 2)
+        k = rms_norm_zero_centred(F.linear(x, self.k_proj).view(b, t, nkv, hd), self.k_norm, s.rms_norm_eps).transpose(1, 2)
+        v = F.linear(x, self.v_proj).view(b, t, nkv, hd).transpose(1, 2)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key = torch.cat([past_key, k], dim=2)
+        value = torch.cat([past_value, v], dim=2)
+        total = key.shape[2]
+        # query i sits at absolute index past + i; it sees valid keys at or before it
+        q_idx = torch.arange(t, device=x.device) + (total - t)
+        k_idx = torch.arange(total, device=x.device)
+        allowed = (k_idx[None, :] <= q_idx[:, None])[None, None] & (mask[:, None, None, :] > 0)
+        rep = nh // nkv
+        kr = key[:, :, None].expand(b, nkv, rep, total, hd).reshape(b, nh, total, hd)
+        vr = value[:, :, None].expand(b, nkv, rep, total, hd).reshape(b, nh, total, hd)
+        scores = torch.matmul(q, kr.transpose(2, 3)) * hd ** -0.5
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, vr).transpose(1, 2).reshape(b, t, nh * hd)
+        out = F.linear(out * torch.sigmoid(gate), self.o_proj)
+        return out, key, value
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        super().__init__()
+        self.gate, self.up, self.down = _frozen(gate), _frozen(up), _frozen(down)
+
+    def forward(self, x):
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.top_k = spec.num_experts_per_tok
+        self.router = _frozen(w["mlp.gate.weight"])
+        self.fc1 = _frozen(interleave_gate_up(w["mlp.experts.gate_up_proj"]))
+        self.fc2 = _frozen(w["mlp.experts.down_proj"])
+        self.shared = DenseMLP(w["mlp.shared_expert.gate_proj.weight"], w["mlp.shared_expert.up_proj.weight"],
+                               w["mlp.shared_expert.down_proj.weight"])
+        self.shared_gate = _frozen(w["mlp.shared_expert_gate.weight"])
+
+    def forward(self, x):
+        b, t, h = x.shape
+        flat = x.reshape(b * t, h)
+        routed = moe_dispatch(flat, F.linear(flat, self.router), self.fc1, self.fc2, top_k=self.top_k)
+        shared = torch.sigmoid(F.linear(flat, self.shared_gate)) * self.shared(flat)
+        return (routed + shared).reshape(b, t, h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: mixer (GDN or gated attention), then MLP or MoE."""
+
+    def __init__(self, spec: ModelSpec, index: int, w: dict[str, torch.Tensor], window: bool = False):
+        super().__init__()
+        self.eps = spec.rms_norm_eps
+        self.is_linear = spec.layer_types[index] == LINEAR
+        self.input_norm = _frozen(w["input_layernorm.weight"])
+        self.post_norm = _frozen(w["post_attention_layernorm.weight"])
+        self.mixer = GatedDeltaNetMixer(spec, w, window) if self.is_linear else GatedAttentionMixer(spec, w)
+        if spec.is_moe:
+            self.ffn = SparseMoE(spec, w)
+        else:
+            self.ffn = DenseMLP(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+
+    def forward(self, hidden, attention_mask, *state):
+        mixed = self.mixer(rms_norm_zero_centred(hidden, self.input_norm, self.eps), attention_mask, *state)
+        hidden = hidden + mixed[0]
+        hidden = hidden + self.ffn(rms_norm_zero_centred(hidden, self.post_norm, self.eps))
+        return (hidden, *mixed[1:])

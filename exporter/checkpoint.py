@@ -1,0 +1,290 @@
+"""Streaming, validating safetensors reader for Qwen3.5 / Qwen3.6 checkpoints.
+
+Tensors are read lazily, one block at a time, so peak memory is bounded by the largest block.
+Headers are parsed and checked against the file size before anything is mapped; names, dtypes and
+shapes are checked against the `ModelSpec`. safetensors only: pickle formats are refused.
+Both MoE expert layouts are read: stacked 3-D (`mlp.experts.gate_up_proj` [E, 2I, H],
+`mlp.experts.down_proj` [E, H, I]) and per-expert (`mlp.experts.N.{gate,up,down}_proj.weight`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dualbrain.errors import DualbrainError
+from dualbrain.exporter.spec import LINEAR, ModelSpec
+
+if TYPE_CHECKING:  # torch is an export-time dependency only
+    import torch
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype -> bytes per element
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Parse and validate a safetensors header without mapping the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise DualbrainError(f"truncated safetensors file {path.name}: no header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise DualbrainError(
+                    f"truncated or corrupt safetensors file {path.name}: header of {n} bytes exceeds file size {size}"
+                )
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise DualbrainError(f"missing safetensors file {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DualbrainError(f"corrupt safetensors header in {path.name}") from None
+    if not isinstance(header, dict):
+        raise DualbrainError(f"corrupt safetensors header in {path.name}")
+    data_size = size - 8 - n
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise DualbrainError(f"corrupt safetensors header in {path.name}: bad entry {name!r}") from None
+        if dtype not in DTYPE_SIZES or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise DualbrainError(f"unsupported dtype or shape for tensor {name!r} in {path.name}")
+        count = 1
+        for s in shape:
+            count *= s
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise DualbrainError(f"corrupt safetensors header in {path.name}: bad offsets for {name!r}")
+        if end > data_size:
+            raise DualbrainError(
+                f"truncated safetensors file {path.name}: tensor {name!r} ends at byte {end} past the data size {data_size}"
+            )
+        if end - start != count * DTYPE_SIZES[dtype]:
+            raise DualbrainError(f"corrupt safetensors header in {path.name}: size mismatch for {name!r}")
+        tensors[name] = {"dtype": dtype, "shape": shape}
+    return tensors
+
+
+def find_weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise DualbrainError(f"invalid model.safetensors.index.json in {root}") from None
+        for f in files:
+            if not isinstance(f, str) or Path(f).is_absolute() or ".." in Path(f).parts:
+                raise DualbrainError(f"model.safetensors.index.json names an unsafe path {f!r}")
+        return [root / f for f in files]
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise DualbrainError(
+            f"refusing pickle checkpoint {pickles[0]}: pickle files can run arbitrary code when loaded; "
+            "convert it to safetensors first"
+        )
+    raise DualbrainError(f"no safetensors weights (model.safetensors or an index) in {root}")
+
+
+class Checkpoint:
+    """Lazily reads the language-model tensors of a checkpoint, validated against its spec."""
+
+    def __init__(self, root: str | os.PathLike, spec: ModelSpec | None = None):
+        self.root = Path(root)
+        self.spec = spec or ModelSpec.from_dir(self.root)
+        self.files = find_weight_files(self.root)
+        self.where: dict[str, Path] = {}   # full tensor name -> file
+        self.meta: dict[str, dict] = {}
+        for f in self.files:
+            for name, info in read_header(f).items():
+                self.where[name] = f
+                self.meta[name] = info
+        self._handles: dict[Path, object] = {}
+        self.prefix = self.spec.weight_prefix
+
+    # ---- raw access -----------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...], *, absolute: bool = False) -> "torch.Tensor":
+        """One tensor, shape-checked; `name` is relative to the language-model prefix."""
+        full = name if absolute else self.prefix + name
+        if full not in self.where:
+            raise DualbrainError(f"checkpoint is missing tensor {full!r}")
+        info = self.meta[full]
+        if tuple(info["shape"]) != tuple(shape):
+            raise DualbrainError(
+                f"tensor {full!r} has shape {tuple(info['shape'])}, the config implies {tuple(shape)}"
+            )
+        if info["dtype"] not in FLOAT_DTYPES:
+            raise DualbrainError(f"tensor {full!r} has dtype {info['dtype']}, expected a float type")
+        return self._handle(self.where[full]).get_tensor(full)
+
+    def _handle(self, path: Path):
+        h = self._handles.get(path)
+        if h is None:
+            from safetensors import safe_open
+
+            try:
+                h = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise DualbrainError(f"cannot read safetensors file {path.name}: {e}") from None
+            self._handles[path] = h
+        return h
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    @property
+    def dtype(self) -> str:
+        """The checkpoint's float dtype on disk (majority of language-model tensors)."""
+        counts: dict[str, int] = {}
+        for name, info in self.meta.items():
+            if name.startswith(self.prefix):
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+        return max(counts, key=counts.get) if counts else "F32"
+
+    # ---- model blocks -----------------------------------------------------------------------------------
+    def embed_weight(self) -> "torch.Tensor":
+        s = self.spec
+        return self.get("embed_tokens.weight", (s.vocab_size, s.hidden_size))
+
+    def head_weights(self) -> dict[str, "torch.Tensor"]:
+        s = self.spec
+        norm = self.get("norm.weight", (s.hidden_size,))
+        if s.tie_word_embeddings or "lm_head.weight" not in self.where:
+            if not s.tie_word_embeddings:
+                raise DualbrainError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
+            lm_head = self.embed_weight()
+        else:
+            lm_head = self.get("lm_head.weight", (s.vocab_size, s.hidden_size), absolute=True)
+        return {"norm.weight": norm, "lm_head.weight": lm_head}
+
+    def layer_weights(self, i: int) -> dict[str, "torch.Tensor"]:
+        """All tensors of decoder layer `i`, names relative to the layer, experts stacked."""
+        out = {}
+        for name, shape in expected_layer_shapes(self.spec, i).items():
+            if name.startswith("mlp.experts."):
+                continue
+            out[name] = self.get(f"layers.{i}.{name}", shape)
+        if self.spec.is_moe:
+            out.update(self._experts(i))
+        return out
+
+    def _experts(self, i: int) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        s = self.spec
+        e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
+        base = f"layers.{i}.mlp.experts."
+        if self.has(base + "gate_up_proj"):
+            return {"mlp.experts.gate_up_proj": self.get(base + "gate_up_proj", (e, 2 * inter, h)),
+                    "mlp.experts.down_proj": self.get(base + "down_proj", (e, h, inter))}
+        if not self.has(base + "0.gate_proj.weight"):
+            raise DualbrainError(
+                f"checkpoint is missing tensor {self.prefix + base + 'gate_up_proj'!r} "
+                "(nor per-expert mlp.experts.N.gate_proj.weight tensors)"
+            )
+        gate_up = torch.empty((e, 2 * inter, h), dtype=self.get(base + "0.gate_proj.weight", (inter, h)).dtype)
+        down = torch.empty((e, h, inter), dtype=gate_up.dtype)
+        for j in range(e):
+            gate_up[j, :inter] = self.get(f"{base}{j}.gate_proj.weight", (inter, h))
+            gate_up[j, inter:] = self.get(f"{base}{j}.up_proj.weight", (inter, h))
+            down[j] = self.get(f"{base}{j}.down_proj.weight", (h, inter))
+        return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
+
+    def validate(self) -> None:
+        """Check every tensor the export will read exists with the right shape (headers only)."""
+        s = self.spec
+        self._check("embed_tokens.weight", (s.vocab_size, s.hidden_size))
+        self._check("norm.weight", (s.hidden_size,))
+        if not s.tie_word_embeddings:
+            self._check("lm_head.weight", (s.vocab_size, s.hidden_size), absolute=True)
+        for i in range(s.num_layers):
+            for name, shape in expected_layer_shapes(s, i).items():
+                if name.startswith("mlp.experts."):
+                    continue
+                self._check(f"layers.{i}.{name}", shape)
+            if s.is_moe:
+                base = f"layers.{i}.mlp.experts."
+                e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
+                if self.has(base + "gate_up_proj"):
+                    self._check(base + "gate_up_proj", (e, 2 * inter, h))
+                    self._check(base + "down_proj", (e, h, inter))
+                else:
+                    for j in range(e):
+                        self._check(f"{base}{j}.gate_proj.weight", (inter, h))
+                        self._check(f"{base}{j}.up_proj.weight", (inter, h))
+                        self._check(f"{base}{j}.down_proj.weight", (h, inter))
+
+    def _check(self, name: str, shape: tuple[int, ...], absolute: bool = False) -> None:
+        full = name if absolute else self.prefix + name
+        if full not in self.meta:
+            raise DualbrainError(f"checkpoint is missing tensor {full!r}")
+        got = tuple(self.meta[full]["shape"])
+        if got != tuple(shape):
+            raise DualbrainError(f"tensor {full!r} has shape {got}, the config implies {tuple(shape)}")
+        if self.meta[full]["dtype"] not in FLOAT_DTYPES:
+            raise DualbrainError(f"tensor {full!r} has dtype {self.meta[full]['dtype']}, expected a float type")
+
+
+def expected_layer_shapes(s: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of decoder layer `i`, relative to `layers.{i}.`."""
+    h = s.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    if s.layer_types[i] == LINEAR:
+        kd = s.linear_num_key_heads * s.linear_key_head_dim
+        vd = s.linear_num_value_heads * s.linear_value_head_dim
+        hv = s.linear_num_value_heads
+        shapes.update({
+            "linear_attn.in_proj_qkv.weight": (2 * kd + vd, h),
+            "linear_attn.in_proj_z.weight": (vd, h),
+            "linear_attn.in_proj_b.weight": (hv, h),
+            "linear_attn.in_proj_a.weight": (hv, h),
+            "linear_attn.conv1d.weight": (s.conv_dim, 1, s.linear_conv_kernel),
+            "linear_attn.dt_bias": (hv,),
+            "linear_attn.A_log": (hv,),
+            "linear_attn.norm.weight": (s.linear_value_head_dim,),
+            "linear_attn.out_proj.weight": (h, vd),
+        })
+    else:
+        qd, kvd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        shapes.update({
+            "self_attn.q_proj.weight": (2 * qd, h),
+            "self_attn.k_proj.weight": (kvd, h),
+            "self_attn.v_proj.weight": (kvd, h),
+            "self_attn.o_proj.weight": (h, qd),
+            "self_attn.q_norm.weight": (s.head_dim,),
+            "self_attn.k_norm.weight": (s.head_dim,),
+        })
+    if s.is_moe:
+        e, inter, sh = s.num_experts, s.moe_intermediate_size, s.shared_expert_intermediate_size
+        shapes.update({
+            "mlp.gate.weight": (e, h),
+            "mlp.experts.gate_up_proj": (e, 2 * inter, h),
+            "mlp.experts.down_proj": (e, h, inter),
+            "mlp.shared_expert.gate_proj.weight": (sh, h),
+            "mlp.shared_expert.up_proj.weight": (sh, h),
+            "mlp.shared_expert.down_proj.weight": (h, sh),
+            "mlp.shared_expert_gate.weight": (1, h),
+        })
+    else:
+        inter = s.intermediate_size
+        shapes.update({
+            "mlp.gate_proj.weight": (inter, h),
+            "mlp.up_proj.weight": (inter, h),
+            "mlp.down_proj.weight": (h, inter),
+        })
+    return shapes

@@ -1,0 +1,205 @@
+"""Checkpoint -> one ONNX graph per block (+ manifest), streamed block by block.
+
+Each block is a small torch module (`exporter.blocks`) traced with `torch.onnx.export(dynamo=True)`;
+the custom ops become single `dualbrain::` nodes and their ONNX functions are attached to the
+graph so ONNX Runtime can run it. Weights go to external data beside each graph. Everything is
+written into `OUT.partial/` and renamed to `OUT` only at the end.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from dualbrain.artifacts import atomic_output_dir
+from dualbrain.errors import DualbrainError
+from dualbrain.exporter.checkpoint import Checkpoint
+from dualbrain.exporter.spec import LINEAR, ModelSpec
+from dualbrain.runtime.manifest import (
+    BlockInfo, Manifest, StateInfo, TensorInfo, file_digest,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def block_io(spec: ModelSpec, kind: str, dtype: str, window: bool):
+    """(inputs, outputs, state) of a block as manifest entries; the single source of block signatures."""
+    h = spec.hidden_size
+    hidden = TensorInfo("hidden", dtype, ("batch", "seq", h))
+    hidden_out = TensorInfo("hidden_out", dtype, ("batch", "seq", h))
+    mask = TensorInfo("attention_mask", "int64", ("batch", "total"))
+    if kind == "embed":
+        return (TensorInfo("input_ids", "int64", ("batch", "seq")),), (hidden,), ()
+    if kind == "head":
+        return (hidden,), (TensorInfo("logits", "float32", ("batch", "seq", spec.vocab_size)),), ()
+    if kind == LINEAR:
+        k1 = spec.linear_conv_kernel - 1
+        rec_shape = ("batch", spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
+        states = (
+            StateInfo("conv_state", "conv_state_out", dtype, ("batch", spec.conv_dim, k1),
+                      "conv_states" if window else None),
+            StateInfo("recurrent_state", "recurrent_state_out", "float32", rec_shape,
+                      "recurrent_states" if window else None),
+        )
+        ins = (hidden, mask) + tuple(TensorInfo(s.input, s.dtype, s.shape) for s in states)
+        outs = (hidden_out,) + tuple(TensorInfo(s.output, s.dtype, s.shape) for s in states)
+        if window:
+            outs += (TensorInfo("conv_states", dtype, ("batch", "seq", spec.conv_dim, k1)),
+                     TensorInfo("recurrent_states", "float32", ("batch", "seq") + rec_shape[1:]))
+        return ins, outs, states
+    kv_past = ("batch", spec.num_kv_heads, "past", spec.head_dim)
+    kv_total = ("batch", spec.num_kv_heads, "total", spec.head_dim)
+    states = (StateInfo("past_key", "present_key", dtype, kv_past),
+              StateInfo("past_value", "present_value", dtype, kv_past))
+    ins = (hidden, mask, TensorInfo("position_ids", "int64", ("batch", "seq")),
+           TensorInfo("past_key", dtype, kv_past), TensorInfo("past_value", dtype, kv_past))
+    outs = (hidden_out, TensorInfo("present_key", dtype, kv_total), TensorInfo("present_value", dtype, kv_total))
+    return ins, outs, states
+
+
+def _example_inputs(spec: ModelSpec, ins: tuple[TensorInfo, ...]):
+    """Example tensors for tracing: batch 2, seq 3, past 2 (distinct sizes so dims stay separate)."""
+    import torch
+
+    sizes = {"batch": 2, "seq": 3, "past": 2, "total": 5}
+    out = []
+    for t in ins:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "input_ids":
+            out.append(torch.randint(0, spec.vocab_size, shape))
+        elif t.name == "attention_mask":
+            out.append(torch.ones(shape, dtype=torch.int64))
+        elif t.name == "position_ids":
+            out.append(torch.arange(2, 5).repeat(2, 1))
+        else:
+            out.append(torch.randn(shape).to(_torch_dtype(t.dtype)))
+    return tuple(out)
+
+
+def attach_functions(path: Path) -> int:
+    """Add the custom ops' ONNX functions (and their opset imports) to the graph at `path`."""
+    import onnx
+
+    from dualbrain.plugins import all_onnx_functions
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    used = {(n.domain, n.op_type) for n in model.graph.node}
+    fns = [f for f in all_onnx_functions(opset) if (f.domain, f.name) in used]
+    model.functions.extend(fns)
+    have = {o.domain for o in model.opset_import}
+    for f in fns:
+        for imp in f.opset_import:
+            if imp.domain not in have:
+                model.opset_import.append(onnx.helper.make_opsetid(imp.domain, imp.version))
+                have.add(imp.domain)
+    onnx.save(model, str(path))
+    return opset
+
+
+def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, path: Path) -> int:
+    import torch
+
+    ins, outs, _ = block_io(spec, kind, dtype, window)
+    args = _example_inputs(spec, ins)
+    dyn = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, str)} for t in ins)
+    if kind not in ("embed", "head"):   # DecoderLayer.forward(hidden, attention_mask, *state)
+        dyn = (dyn[0], dyn[1], dyn[2:])
+    with torch.no_grad():
+        prog = torch.onnx.export(
+            module, args, dynamo=True, input_names=[t.name for t in ins], output_names=[t.name for t in outs],
+            dynamic_shapes=dyn, verbose=False, optimize=True,
+        )
+    prog.save(str(path), external_data=True)
+    del prog
+    return attach_functions(path)
+
+
+def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
+    s = ckpt.spec
+    params = 2 * s.vocab_size * s.hidden_size + s.hidden_size
+    params += sum(s.layer_param_count(i) for i in range(s.num_layers))
+    return params * DTYPES[dtype]
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", window: bool = False,
+                      max_context: int | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Export `checkpoint` to `out`; returns `out`. Raises DualbrainError on bad input."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise DualbrainError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    root = Path(checkpoint)
+    spec = ModelSpec.from_dir(root)
+    ckpt = Checkpoint(root, spec)
+    ckpt.validate()
+    max_context = max_context or spec.max_position_embeddings
+    if max_context < 1:
+        raise DualbrainError("--max-context must be positive")
+    out = Path(out)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    need = estimate_output_bytes(ckpt, dtype)
+    if need > free:
+        raise DualbrainError(
+            f"not enough disk space for the export: about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
+        )
+    tdt = _torch_dtype(dtype)
+    from dualbrain.exporter.blocks.layers import DecoderLayer, Embedding, Head
+
+    def cast(w: dict) -> dict:
+        return {k: v.to(tdt) for k, v in w.items()}
+
+    names = ["embed"] + [f"layer_{i:03d}" for i in range(spec.num_layers)] + ["head"]
+    blocks: list[BlockInfo] = []
+    opset = 18
+    with atomic_output_dir(out) as part:
+        for step, name in enumerate(names):
+            if progress:
+                progress(name, step, len(names))
+            if name == "embed":
+                kind, layer = "embed", None
+                module = Embedding(ckpt.embed_weight().to(tdt))
+            elif name == "head":
+                kind, layer = "head", None
+                module = Head(spec, cast(ckpt.head_weights()))
+            else:
+                layer = step - 1
+                kind = spec.layer_types[layer]
+                module = DecoderLayer(spec, layer, cast(ckpt.layer_weights(layer)), window=window)
+            module.eval()
+            opset = export_block(module, spec, kind, dtype, window, part / f"{name}.onnx")
+            del module
+            gc.collect()
+            ins, outs, state = block_io(spec, kind, dtype, window)
+            blocks.append(BlockInfo(name=name, kind=kind, file=f"{name}.onnx", inputs=ins, outputs=outs,
+                                    layer=layer, state=state))
+        ckpt.close()
+        tok_files = []
+        for f in TOKENIZER_FILES:
+            if (root / f).is_file():
+                shutil.copyfile(root / f, part / f)
+                tok_files.append(f)
+        files = {p.name: file_digest(p) for p in sorted(part.iterdir()) if p.is_file()}
+        man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
+                       blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files),
+                       source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
+                               "torch": torch.__version__})
+        man.write(part)
+        if progress:
+            progress("done", len(names), len(names))
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))

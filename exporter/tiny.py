@@ -1,0 +1,529 @@
+"""Tiny random-weight Qwen3.5 / Qwen3.6 checkpoints in the exact published on-disk layouts.
+
+`make_tiny(out, ...)` builds a small model with transformers' own classes, gives it random but
+*non-degenerate* weights (peaked next-token distributions, sane activations, randomised norms and
+Gated-DeltaNet parameters), and writes a complete checkpoint directory: sharded or single safetensors,
+config.json, generation_config.json, a real byte-level BPE tokenizer.json trained deterministically on
+an embedded corpus, and tokenizer_config.json with a Qwen3-style chat template.
+
+Layouts:
+  * ``layout="conditional"`` -- ``Qwen3_5ForConditionalGeneration`` / ``Qwen3_5MoeForConditionalGeneration``
+    (model_type ``qwen3_5`` / ``qwen3_5_moe``): text under ``model.language_model.``, a tiny vision tower
+    under ``model.visual.``, nested ``text_config``/``vision_config``, plus fake ``mtp.*`` tensors
+    (published checkpoints ship a multi-token-prediction head that loaders must skip).
+  * ``layout="causal"`` -- ``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM`` (``qwen3_5_text`` /
+    ``qwen3_5_moe_text``): text under ``model.``.
+
+MoE expert formats:
+  * ``experts="stacked"`` (published Qwen3.5/3.6 MoE checkpoints): ``...mlp.experts.gate_up_proj`` [E, 2I, H]
+    (all gate rows then all up rows) and ``...mlp.experts.down_proj`` [E, H, I], no ``.weight`` suffix.
+  * ``experts="per_expert"`` (what transformers 5.x ``save_pretrained`` writes natively, reversing its
+    qwen2_moe weight converter): ``...mlp.experts.{N}.{gate,up,down}_proj.weight``.
+
+Imports torch/transformers lazily: this module is export-side only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from dualbrain.artifacts import atomic_output_dir
+from dualbrain.errors import DualbrainError
+from dualbrain.exporter.tokenizer_data import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS
+
+FAMILIES = ("dense", "moe")
+LAYOUTS = ("conditional", "causal")
+EXPERT_FORMATS = ("stacked", "per_expert")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Number of byte-level BPE tokens trained; the special tokens are appended after them (ids 989..999).
+BPE_VOCAB_SIZE = 989
+FULL_ATTENTION_INTERVAL = 4
+
+# Same pre-tokenisation regex as Qwen3.5 (transformers' Qwen3_5Tokenizer).
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Text-model hyper-parameters shared by all tiny presets (the vocab and layer count are filled in later).
+TINY_TEXT: dict[str, Any] = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=24,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    initializer_range=0.02,  # not used for the text weights: `_init_tiny_weights` sets explicit scales
+    # Published Qwen3.5 style: partial rotary (0.25 of head_dim 32 -> rotary_dim 8), interleaved M-RoPE
+    # whose sections sum to rotary_dim / 2 = 4 (the real models use [11, 11, 10] for rotary_dim 64).
+    rope_parameters=dict(
+        rope_type="default",
+        rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25,
+        mrope_section=[2, 1, 1],
+        mrope_interleaved=True,
+    ),
+)
+TINY_DENSE: dict[str, Any] = dict(intermediate_size=96)
+TINY_MOE: dict[str, Any] = dict(
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    router_aux_loss_coef=0.001,
+)
+TINY_VISION: dict[str, Any] = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    in_channels=3,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=64,
+    # out_hidden_size is set to the text hidden size
+)
+
+# Name -> kwargs presets, for CLIs / tests that want a short name.
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "dense-conditional": dict(family="dense", layout="conditional"),
+    "dense-causal": dict(family="dense", layout="causal"),
+    "moe-conditional": dict(family="moe", layout="conditional", experts="stacked"),
+    "moe-causal": dict(family="moe", layout="causal", experts="stacked"),
+    "moe-conditional-per-expert": dict(family="moe", layout="conditional", experts="per_expert"),
+    "moe-causal-per-expert": dict(family="moe", layout="causal", experts="per_expert"),
+}
+
+GENERATION_DEFAULTS: dict[str, Any] = dict(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------
+def build_tokenizer():
+    """Train the tiny byte-level BPE tokenizer (deterministic: same tokenizer.json bytes every run)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    if tok.get_vocab_size() != BPE_VOCAB_SIZE:  # pragma: no cover - corpus edits must keep this true
+        raise RuntimeError(f"BPE training produced {tok.get_vocab_size()} tokens, expected {BPE_VOCAB_SIZE}")
+    # Appended one at a time so the ids follow SPECIAL_TOKENS order.
+    for content, special in SPECIAL_TOKENS:
+        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        if special:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+    return tok
+
+
+def tokenizer_json() -> str:
+    """The tokenizer.json text (pretty-printed)."""
+    return build_tokenizer().to_str(pretty=True)
+
+
+def special_token_ids() -> dict[str, int]:
+    return {content: BPE_VOCAB_SIZE + i for i, (content, _) in enumerate(SPECIAL_TOKENS)}
+
+
+def tokenizer_config(model_max_length: int) -> dict[str, Any]:
+    ids = special_token_ids()
+    added = {
+        str(ids[content]): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+        for content, special in SPECIAL_TOKENS
+    }
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen3_5Tokenizer",
+        "unk_token": None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size):
+    def bad(name, value, allowed):
+        raise DualbrainError(f"make_tiny: {name}={value!r} is not one of {', '.join(allowed)}")
+
+    if family not in FAMILIES:
+        bad("family", family, FAMILIES)
+    if layout not in LAYOUTS:
+        bad("layout", layout, LAYOUTS)
+    if experts not in EXPERT_FORMATS:
+        bad("experts", experts, EXPERT_FORMATS)
+    if dtype not in DTYPES:
+        bad("dtype", dtype, DTYPES)
+    if not isinstance(shards, int) or shards < 1:
+        raise DualbrainError(f"make_tiny: shards must be a positive integer, got {shards!r}")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise DualbrainError(f"make_tiny: num_layers must be a positive integer, got {num_layers!r}")
+    n_tok = BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < n_tok):
+        raise DualbrainError(f"make_tiny: vocab_size must be an integer >= the tokenizer's {n_tok}, got {vocab_size!r}")
+
+
+def text_config_dict(*, family: str, num_layers: int = 4, vocab_size: int | None = None,
+                     tie_embeddings: bool = False) -> dict[str, Any]:
+    """The text-model config kwargs of a tiny preset (model_type excluded)."""
+    ids = special_token_ids()
+    cfg = dict(TINY_TEXT)
+    cfg["rope_parameters"] = dict(TINY_TEXT["rope_parameters"])
+    cfg.update(TINY_DENSE if family == "dense" else TINY_MOE)
+    cfg.update(
+        vocab_size=vocab_size or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)),
+        num_hidden_layers=num_layers,
+        layer_types=[
+            "full_attention" if (i + 1) % FULL_ATTENTION_INTERVAL == 0 else "linear_attention"
+            for i in range(num_layers)
+        ],
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    return cfg
+
+
+def _build_model(family: str, layout: str, text_cfg: dict[str, Any], tie_embeddings: bool):
+    import transformers as tf
+
+    ids = special_token_ids()
+    if family == "dense":
+        TextConfig, Config = tf.Qwen3_5TextConfig, tf.Qwen3_5Config
+        Causal, Cond = tf.Qwen3_5ForCausalLM, tf.Qwen3_5ForConditionalGeneration
+    else:
+        TextConfig, Config = tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeConfig
+        Causal, Cond = tf.Qwen3_5MoeForCausalLM, tf.Qwen3_5MoeForConditionalGeneration
+    if layout == "causal":
+        return Causal(TextConfig(**text_cfg))
+    vision = dict(TINY_VISION, out_hidden_size=text_cfg["hidden_size"])
+    config = Config(
+        text_config=text_cfg,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_embeddings,
+    )
+    return Cond(config)
+
+
+def _init_tiny_weights(model, seed: int, tie_embeddings: bool) -> None:
+    """Explicit, seeded, non-degenerate initialisation of the text weights (vision tower left as built).
+
+    Scales are chosen so that the residual stream stays O(1) per layer, routing is peaked, and the final
+    logits have a spread of several nats (peaked next-token distributions, clear top-1 margins).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+
+    def normal(shape, std, mean=0.0):
+        return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
+
+    for name, p in model.named_parameters():
+        if "visual" in name:
+            continue
+        shape = tuple(p.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("embed_tokens.weight"):
+            new = normal(shape, 0.5 if tie_embeddings else 1.0)
+        elif name == "lm_head.weight":
+            new = normal(shape, 0.6)
+        elif name.endswith("linear_attn.norm.weight"):  # gated RMSNorm: plain `w * x`, init 1
+            new = normal(shape, 0.1, 1.0)
+        elif name.endswith("norm.weight"):  # zero-centred `(1 + w) * x` RMSNorms (layer, q/k, final)
+            new = normal(shape, 0.1)
+        elif leaf == "A_log":
+            new = torch.empty(shape).uniform_(1.0, 16.0, generator=g).log_()
+        elif leaf == "dt_bias":
+            new = normal(shape, 0.5, 1.0)
+        elif name.endswith("conv1d.weight"):  # [C, 1, K]
+            new = normal(shape, 1.0 / math.sqrt(shape[-1]))
+        elif name.endswith("experts.gate_up_proj"):  # [E, 2I, H]
+            new = normal(shape, 1.0 / math.sqrt(shape[2]))
+        elif name.endswith("experts.down_proj"):  # [E, H, I]
+            new = normal(shape, 0.5 / math.sqrt(shape[2]))
+        elif name.endswith("mlp.gate.weight"):  # router [E, H]: peaked routing
+            new = normal(shape, 2.0 / math.sqrt(shape[1]))
+        elif p.dim() == 2:  # nn.Linear [out, in]
+            out_proj = any(s in name for s in ("o_proj", "down_proj", "out_proj"))
+            new = normal(shape, (0.5 if out_proj else 1.0) / math.sqrt(shape[1]))
+        else:  # pragma: no cover - every text parameter is covered above
+            raise RuntimeError(f"no tiny init rule for {name} {shape}")
+        with torch.no_grad():
+            p.copy_(new.to(p.dtype))
+    if tie_embeddings:
+        model.tie_weights()
+
+
+# ------------------------------------------------------------------------------------------------
+# Safetensors post-processing: expert format, mtp head, sharding
+# ------------------------------------------------------------------------------------------------
+_PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _to_stacked(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Per-expert `experts.{N}.{gate,up,down}_proj.weight` -> stacked `experts.gate_up_proj` / `experts.down_proj`."""
+    import torch
+
+    groups: dict[str, dict[str, dict[int, Any]]] = {}
+    out: dict[str, Any] = {}
+    for k, v in tensors.items():
+        m = _PER_EXPERT_RE.match(k)
+        if m:
+            groups.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["idx"])] = v
+        else:
+            out[k] = v
+    for prefix, projs in groups.items():
+        n = len(projs["gate_proj"])
+        gate = torch.stack([projs["gate_proj"][i] for i in range(n)])  # [E, I, H]
+        up = torch.stack([projs["up_proj"][i] for i in range(n)])  # [E, I, H]
+        out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()  # [E, 2I, H]
+        out[f"{prefix}.down_proj"] = torch.stack([projs["down_proj"][i] for i in range(n)]).contiguous()
+    return out
+
+
+def _to_per_expert(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Stacked `experts.gate_up_proj` [E,2I,H] / `experts.down_proj` [E,H,I] -> per-expert `.weight` tensors."""
+    out: dict[str, Any] = {}
+    for k, v in tensors.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            prefix = k[: -len(".gate_up_proj")]
+            inter = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{prefix}.{e}.gate_proj.weight"] = v[e, :inter].contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = v[e, inter:].contiguous()
+        elif k.endswith(".mlp.experts.down_proj"):
+            prefix = k[: -len(".down_proj")]
+            for e in range(v.shape[0]):
+                out[f"{prefix}.{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def _mtp_tensors(text_cfg: dict[str, Any], family: str, torch_dtype, seed: int) -> dict[str, Any]:
+    """A fake multi-token-prediction head shaped like the published one (stacked experts for MoE)."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed) * 31 + 5)
+    H = text_cfg["hidden_size"]
+    nq, nkv, hd = text_cfg["num_attention_heads"], text_cfg["num_key_value_heads"], text_cfg["head_dim"]
+
+    def r(*shape):
+        return (torch.randn(shape, generator=g) * 0.02).to(torch_dtype)
+
+    t = {
+        "mtp.fc.weight": r(H, 2 * H),
+        "mtp.pre_fc_norm_embedding.weight": r(H),
+        "mtp.pre_fc_norm_hidden.weight": r(H),
+        "mtp.norm.weight": r(H),
+        "mtp.layers.0.input_layernorm.weight": r(H),
+        "mtp.layers.0.post_attention_layernorm.weight": r(H),
+        "mtp.layers.0.self_attn.q_proj.weight": r(2 * nq * hd, H),  # gated attention: query + gate
+        "mtp.layers.0.self_attn.k_proj.weight": r(nkv * hd, H),
+        "mtp.layers.0.self_attn.v_proj.weight": r(nkv * hd, H),
+        "mtp.layers.0.self_attn.o_proj.weight": r(H, nq * hd),
+        "mtp.layers.0.self_attn.q_norm.weight": r(hd),
+        "mtp.layers.0.self_attn.k_norm.weight": r(hd),
+    }
+    if family == "dense":
+        inter = text_cfg["intermediate_size"]
+        t.update({
+            "mtp.layers.0.mlp.gate_proj.weight": r(inter, H),
+            "mtp.layers.0.mlp.up_proj.weight": r(inter, H),
+            "mtp.layers.0.mlp.down_proj.weight": r(H, inter),
+        })
+    else:
+        E, inter, sh = text_cfg["num_experts"], text_cfg["moe_intermediate_size"], text_cfg["shared_expert_intermediate_size"]
+        t.update({
+            "mtp.layers.0.mlp.gate.weight": r(E, H),
+            "mtp.layers.0.mlp.experts.gate_up_proj": r(E, 2 * inter, H),
+            "mtp.layers.0.mlp.experts.down_proj": r(E, H, inter),
+            "mtp.layers.0.mlp.shared_expert.gate_proj.weight": r(sh, H),
+            "mtp.layers.0.mlp.shared_expert.up_proj.weight": r(sh, H),
+            "mtp.layers.0.mlp.shared_expert.down_proj.weight": r(H, sh),
+            "mtp.layers.0.mlp.shared_expert_gate.weight": r(1, H),
+        })
+    return t
+
+
+def _read_all_safetensors(d: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    files = sorted(d.glob("*.safetensors"))
+    for f in files:
+        tensors.update(load_file(str(f)))
+        f.unlink()
+    idx = d / "model.safetensors.index.json"
+    if idx.exists():
+        idx.unlink()
+    return tensors, {}
+
+
+def _write_shards(d: Path, tensors: dict[str, Any], shards: int) -> None:
+    """Write `model.safetensors`, or exactly `shards` `model-0000X-of-0000N.safetensors` + index (HF naming)."""
+    from safetensors.torch import save_file
+
+    keys = sorted(tensors)
+    nbytes = {k: tensors[k].numel() * tensors[k].element_size() for k in keys}
+    total = sum(nbytes.values())
+    meta = {"format": "pt"}
+    if shards == 1:
+        save_file({k: tensors[k].contiguous() for k in keys}, str(d / "model.safetensors"), metadata=meta)
+        return
+    if shards > len(keys):
+        raise DualbrainError(f"make_tiny: shards={shards} exceeds the number of tensors ({len(keys)})")
+    # Contiguous split of the sorted keys into `shards` groups of roughly equal byte size, none empty.
+    target = total / shards
+    groups: list[list[str]] = []
+    i, acc = 0, 0
+    for g in range(shards):
+        group: list[str] = []
+        while i < len(keys):
+            if g < shards - 1 and group and (acc >= target * (g + 1) or len(keys) - i <= shards - 1 - g):
+                break
+            group.append(keys[i])
+            acc += nbytes[keys[i]]
+            i += 1
+        groups.append(group)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in group}, str(d / name), metadata=meta)
+        weight_map.update({k: name for k in group})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point
+# ------------------------------------------------------------------------------------------------
+def make_tiny(
+    out: str | os.PathLike,
+    *,
+    family: str = "dense",
+    layout: str = "conditional",
+    experts: str = "stacked",
+    dtype: str = "float32",
+    shards: int = 1,
+    seed: int = 0,
+    num_layers: int = 4,
+    vocab_size: int | None = None,
+    tie_embeddings: bool = False,
+) -> Path:
+    """Write a tiny random-weight checkpoint directory to `out` (atomically) and return its path.
+
+    `experts` only matters for ``family="moe"``. `vocab_size` (default: the tokenizer's 1000) may be
+    larger than the tokenizer (padded embedding rows, as in the published models).
+    """
+    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size)
+    import torch
+    from transformers import GenerationConfig
+
+    torch_dtype = getattr(torch, dtype)
+    tok = build_tokenizer()
+    ids = special_token_ids()
+    text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
+                                tie_embeddings=tie_embeddings)
+
+    out = Path(out)
+    with atomic_output_dir(out) as part:
+        torch.manual_seed(seed)  # vision tower and anything left to transformers' init
+        model = _build_model(family, layout, text_cfg, tie_embeddings)
+        _init_tiny_weights(model, seed, tie_embeddings)
+        model = model.to(torch_dtype).eval()
+        model.config.use_cache = True
+        model.save_pretrained(str(part), safe_serialization=True, max_shard_size="10GB")
+
+        tensors, _ = _read_all_safetensors(part)
+        if family == "moe":
+            # transformers 5.x save_pretrained writes per-expert tensors (reverse of its qwen2_moe
+            # converter); normalise to stacked, then convert to the requested format.
+            tensors = _to_stacked(tensors)
+            if experts == "per_expert":
+                tensors = _to_per_expert(tensors)
+        if layout == "conditional":
+            tensors.update(_mtp_tensors(text_cfg, family, torch_dtype, seed))
+        _write_shards(part, tensors, shards)
+
+        GenerationConfig(
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+            pad_token_id=ids["<|endoftext|>"],
+            **GENERATION_DEFAULTS,
+        ).save_pretrained(str(part))
+        (part / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
+        (part / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(text_cfg["max_position_embeddings"]), indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+        for stray in ("chat_template.jinja", "special_tokens_map.json"):
+            (part / stray).unlink(missing_ok=True)
+    return out
+
+
+__all__ = [
+    "make_tiny",
+    "build_tokenizer",
+    "tokenizer_json",
+    "special_token_ids",
+    "text_config_dict",
+    "TINY_PRESETS",
+    "TINY_TEXT",
+    "TINY_DENSE",
+    "TINY_MOE",
+    "TINY_VISION",
+    "GENERATION_DEFAULTS",
+]

@@ -1,0 +1,32 @@
+"""Backends run one exported block at a time behind one interface (`Backend.run`).
+
+Each backend lives in its own module and imports its framework lazily, so choosing ONNX Runtime
+never imports TensorRT (and vice versa).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+
+from dualbrain.errors import DualbrainError
+from dualbrain.runtime.manifest import BlockInfo
+
+BACKENDS = {"onnxruntime": "dualbrain.runtime.backends.onnxruntime"}
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `block` on `feeds`; returns outputs by name. Thread-safe."""
+
+    def compute_dtype(self, dtype: str) -> str:
+        """The dtype this backend computes a given exported dtype in (e.g. bf16 -> fp32 on CPU)."""
+
+
+def load_backend(name: str, model_dir, manifest, **options) -> Backend:
+    if name not in BACKENDS:
+        raise DualbrainError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+    return importlib.import_module(BACKENDS[name]).load(model_dir, manifest, **options)

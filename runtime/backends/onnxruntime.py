@@ -1,0 +1,105 @@
+"""ONNX Runtime backend: one InferenceSession per block, shared by every generation and thread."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dualbrain.errors import DualbrainError
+from dualbrain.runtime.manifest import BlockInfo, Manifest, safe_child
+
+
+def check_external_data(model_dir: Path, model) -> None:
+    """Refuse external-data locations that are absolute or escape the model directory."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        for entry in t.external_data:
+            if entry.key == "location":
+                safe_child(model_dir, entry.value, f"external data of {t.name!r}")
+
+
+def bf16_to_fp32(model) -> None:
+    """Rewrite a bf16 graph to compute in fp32 (ONNX Runtime's CPU build has no bf16 kernels)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+
+    def fix_tensor(t):
+        if t.data_type == bf16:
+            arr = numpy_helper.to_array(t).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    def fix_graph(g):
+        for t in g.initializer:
+            fix_tensor(t)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type == bf16:
+                vi.type.tensor_type.elem_type = f32
+        for n in g.node:
+            fix_nodes([n])
+
+    def fix_nodes(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if a.name in ("to", "dtype", "output_dtype") and a.type == onnx.AttributeProto.INT and a.i == bf16:
+                    a.i = f32
+                if a.type == onnx.AttributeProto.TENSOR:
+                    fix_tensor(a.t)
+                if a.type == onnx.AttributeProto.GRAPH:
+                    fix_graph(a.g)
+                for sub in a.graphs:
+                    fix_graph(sub)
+
+    fix_graph(model.graph)
+    for f in model.functions:
+        fix_nodes(f.node)
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
+                 providers: list[str] | None = None):
+        import onnx
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions: dict[str, object] = {}
+        self.convert_bf16 = manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]
+        for b in manifest.blocks:
+            path = safe_child(self.model_dir, b.file, "manifest.json")
+            try:
+                model = onnx.load(str(path), load_external_data=False)
+                check_external_data(self.model_dir, model)
+                if self.convert_bf16:
+                    onnx.load_external_data_for_model(model, str(self.model_dir))
+                    bf16_to_fp32(model)
+                    src = model.SerializeToString()
+                    self.sessions[b.name] = ort.InferenceSession(src, opts, providers=providers)
+                else:
+                    self.sessions[b.name] = ort.InferenceSession(str(path), opts, providers=providers)
+            except DualbrainError:
+                raise
+            except Exception as e:  # onnx / onnxruntime raise assorted types on corrupt files
+                raise DualbrainError(f"cannot load block {b.name} ({b.file}): {str(e).splitlines()[0]}") from None
+
+    def compute_dtype(self, dtype: str) -> str:
+        return "float32" if dtype == "bfloat16" and self.convert_bf16 else dtype
+
+    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [t.name for t in block.outputs]
+        outs = self.sessions[block.name].run(names, feeds)
+        return dict(zip(names, outs))
+
+
+def load(model_dir, manifest, **options) -> OrtBackend:
+    return OrtBackend(Path(model_dir), manifest, **options)

@@ -1,0 +1,197 @@
+"""The export manifest: which blocks, their inputs/outputs and state tensors, dtypes, files.
+
+Written by the exporter, read by the runtime (and later the engine builder). Reading it validates
+everything a stranger's manifest could get wrong: unknown format, paths that escape the model
+directory, missing or truncated files (sizes always; sha256 on request).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dualbrain.errors import DualbrainError
+
+FORMAT = "dualbrain-export"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str                     # numpy-style name: float32, float16, bfloat16, int64
+    shape: tuple[int | str, ...]   # str = dynamic dim (batch, seq, past, total)
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """A state tensor carried between calls: fed as `input`, returned as `output`."""
+    input: str
+    output: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    window_output: str | None = None   # per-position states (speculative rollback), if exported
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    name: str
+    kind: str                      # embed | linear_attention | full_attention | head
+    file: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    layer: int | None = None
+    state: tuple[StateInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: dict[str, Any]          # ModelSpec.to_json()
+    dtype: str
+    opset: int
+    max_context: int
+    window: bool
+    blocks: tuple[BlockInfo, ...]
+    files: dict[str, dict[str, Any]]          # relative path -> {size, sha256}
+    tokenizer_files: tuple[str, ...] = ()
+    linked: str | None = None                 # optional whole-model graph
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"format": FORMAT, "version": VERSION, **d}
+        return d
+
+    def write(self, out_dir: Path) -> None:
+        (Path(out_dir) / MANIFEST).write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+
+    @property
+    def layers(self) -> list[BlockInfo]:
+        return [b for b in self.blocks if b.layer is not None]
+
+    def block(self, name: str) -> BlockInfo:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def safe_child(root: Path, rel: Any, what: str) -> Path:
+    """Resolve `rel` inside `root`, refusing absolute paths, `..` and symlinks that leave it."""
+    if not isinstance(rel, str) or not rel:
+        raise DualbrainError(f"{what}: path must be a non-empty string, got {rel!r}")
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or ":" in p.parts[0]:
+        raise DualbrainError(f"{what}: refusing absolute path {rel!r}")
+    if ".." in p.parts:
+        raise DualbrainError(f"{what}: refusing path {rel!r} that escapes the model directory")
+    full = root / p
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(full), real_root]) != real_root:
+        raise DualbrainError(f"{what}: refusing path {rel!r}: a symlink points outside the model directory")
+    return full
+
+
+def _tensor(d: Any, what: str) -> TensorInfo:
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("dtype"), str) \
+            or not isinstance(d.get("shape"), list) \
+            or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in d["shape"]):
+        raise DualbrainError(f"manifest.json: malformed tensor entry in {what}")
+    return TensorInfo(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+def _state(d: Any, what: str) -> StateInfo:
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("input", "output", "dtype")) \
+            or not isinstance(d.get("shape"), list):
+        raise DualbrainError(f"manifest.json: malformed state entry in {what}")
+    w = d.get("window_output")
+    return StateInfo(d["input"], d["output"], d["dtype"], tuple(d["shape"]), w if isinstance(w, str) else None)
+
+
+def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) -> Manifest:
+    root = Path(model_dir)
+    if not root.exists():
+        raise DualbrainError(f"model directory does not exist: {root}")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DualbrainError(f"no {MANIFEST} in {root}: not a dualbrain export")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DualbrainError(f"manifest.json is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise DualbrainError("manifest.json: not a dualbrain export manifest")
+    if d.get("version") != VERSION:
+        raise DualbrainError(f"manifest.json: unsupported version {d.get('version')!r} (this dualbrain reads {VERSION})")
+    try:
+        if d["dtype"] not in DTYPES:
+            raise DualbrainError(f"manifest.json: unknown dtype {d['dtype']!r}")
+        for key, typ in (("model", dict), ("opset", int), ("max_context", int), ("window", bool),
+                         ("blocks", list), ("files", dict)):
+            if not isinstance(d[key], typ) or (typ is int and isinstance(d[key], bool)):
+                raise DualbrainError(f"manifest.json: field {key!r} has the wrong type")
+        if d["max_context"] < 1:
+            raise DualbrainError("manifest.json: max_context must be positive")
+        blocks = []
+        for i, b in enumerate(d["blocks"]):
+            if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not isinstance(b.get("kind"), str):
+                raise DualbrainError(f"manifest.json: malformed block #{i}")
+            layer = b.get("layer")
+            if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
+                raise DualbrainError(f"manifest.json: block {b['name']!r} has a bad layer index")
+            blocks.append(BlockInfo(
+                name=b["name"], kind=b["kind"], file=b.get("file"),
+                inputs=tuple(_tensor(t, b["name"]) for t in _list(b.get("inputs"), b["name"])),
+                outputs=tuple(_tensor(t, b["name"]) for t in _list(b.get("outputs"), b["name"])),
+                layer=layer,
+                state=tuple(_state(s, b["name"]) for s in _list(b.get("state", []), b["name"])),
+            ))
+        files = d["files"]
+        tok = d.get("tokenizer_files", [])
+        linked = d.get("linked")
+        man = Manifest(model=d["model"], dtype=d["dtype"], opset=d["opset"], max_context=d["max_context"],
+                       window=d["window"], blocks=tuple(blocks), files=files,
+                       tokenizer_files=tuple(_list(tok, "tokenizer_files")),
+                       linked=linked if isinstance(linked, str) else None,
+                       source=d.get("source") if isinstance(d.get("source"), dict) else {})
+    except KeyError as e:
+        raise DualbrainError(f"manifest.json: missing field {e.args[0]!r}") from None
+    verify_files(root, man, hashes=verify_hashes)
+    return man
+
+
+def _list(x: Any, what: str) -> list:
+    if not isinstance(x, list):
+        raise DualbrainError(f"manifest.json: expected a list in {what}")
+    return x
+
+
+def verify_files(root: Path, man: Manifest, *, hashes: bool) -> None:
+    """Every listed file exists inside `root` with its recorded size (and hash, if asked)."""
+    for b in man.blocks:
+        if b.file not in man.files:
+            raise DualbrainError(f"manifest.json: block {b.name!r} file {b.file!r} is not listed in files")
+    for rel, info in man.files.items():
+        p = safe_child(root, rel, "manifest.json")
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int):
+            raise DualbrainError(f"manifest.json: bad file entry for {rel!r}")
+        if not p.is_file():
+            raise DualbrainError(f"missing file {rel} listed in manifest.json")
+        size = p.stat().st_size
+        if size != info["size"]:
+            raise DualbrainError(f"file {rel} is {size} bytes, manifest.json records {info['size']}: truncated or modified")
+        if hashes and file_digest(p)["sha256"] != info.get("sha256"):
+            raise DualbrainError(f"file {rel} does not match its sha256 in manifest.json: corrupted or modified")
