@@ -16,6 +16,7 @@ from typing import Callable
 from dualbrain.artifacts import atomic_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.exporter.checkpoint import Checkpoint
+from dualbrain.exporter.link import link_blocks
 from dualbrain.exporter.spec import LINEAR, ModelSpec
 from dualbrain.runtime.manifest import (
     BlockInfo, Manifest, StateInfo, TensorInfo, file_digest,
@@ -133,7 +134,7 @@ def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", window: bool = False,
-                      max_context: int | None = None,
+                      max_context: int | None = None, linked: bool = True,
                       progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export `checkpoint` to `out`; returns `out`. Raises DualbrainError on bad input."""
     import torch
@@ -190,9 +191,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
             if (root / f).is_file():
                 shutil.copyfile(root / f, part / f)
                 tok_files.append(f)
+        man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
+                       blocks=tuple(blocks), files={})
+        linked_file = link_blocks(part, man) if linked else None
         files = {p.name: file_digest(p) for p in sorted(part.iterdir()) if p.is_file()}
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
-                       blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files),
+                       blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files), linked=linked_file,
                        source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
                                "torch": torch.__version__})
         man.write(part)

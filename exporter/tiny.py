@@ -114,7 +114,8 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(do_sample=True, temperature=0.6, top_
 # ------------------------------------------------------------------------------------------------
 def build_tokenizer():
     """Train the tiny byte-level BPE tokenizer (deterministic: same tokenizer.json bytes every run)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
     from tokenizers.models import BPE
 
     tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -139,7 +140,8 @@ def build_tokenizer():
         raise RuntimeError(f"BPE training produced {tok.get_vocab_size()} tokens, expected {BPE_VOCAB_SIZE}")
     # Appended one at a time so the ids follow SPECIAL_TOKENS order.
     for content, special in SPECIAL_TOKENS:
-        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
+                           single_word=False)
         if special:
             tok.add_special_tokens([token])
         else:
@@ -186,6 +188,16 @@ def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     }
 
 
+def write_tokenizer(directory: str | os.PathLike, *,
+                    model_max_length: int = TINY_TEXT["max_position_embeddings"]) -> None:
+    """Write tokenizer.json + tokenizer_config.json (with the chat template) into an existing directory."""
+    d = Path(directory)
+    (d / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(model_max_length), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +219,9 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size):
         raise DualbrainError(f"make_tiny: num_layers must be a positive integer, got {num_layers!r}")
     n_tok = BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)
     if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < n_tok):
-        raise DualbrainError(f"make_tiny: vocab_size must be an integer >= the tokenizer's {n_tok}, got {vocab_size!r}")
+        raise DualbrainError(
+            f"make_tiny: vocab_size must be an integer >= the tokenizer's {n_tok}, got {vocab_size!r}"
+        )
 
 
 def text_config_dict(*, family: str, num_layers: int = 4, vocab_size: int | None = None,
@@ -309,11 +323,13 @@ def _init_tiny_weights(model, seed: int, tie_embeddings: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 # Safetensors post-processing: expert format, mtp head, sharding
 # ------------------------------------------------------------------------------------------------
-_PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 
 
 def _to_stacked(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Per-expert `experts.{N}.{gate,up,down}_proj.weight` -> stacked `experts.gate_up_proj` / `experts.down_proj`."""
+    """Per-expert `experts.{N}.{gate,up,down}_proj.weight` -> stacked `experts.gate_up_proj`/`down_proj`."""
     import torch
 
     groups: dict[str, dict[str, dict[int, Any]]] = {}
@@ -334,7 +350,7 @@ def _to_stacked(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _to_per_expert(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Stacked `experts.gate_up_proj` [E,2I,H] / `experts.down_proj` [E,H,I] -> per-expert `.weight` tensors."""
+    """Stacked `experts.gate_up_proj` [E,2I,H] / `experts.down_proj` [E,H,I] -> per-expert `.weight`s."""
     out: dict[str, Any] = {}
     for k, v in tensors.items():
         if k.endswith(".mlp.experts.gate_up_proj"):
@@ -385,7 +401,8 @@ def _mtp_tensors(text_cfg: dict[str, Any], family: str, torch_dtype, seed: int) 
             "mtp.layers.0.mlp.down_proj.weight": r(H, inter),
         })
     else:
-        E, inter, sh = text_cfg["num_experts"], text_cfg["moe_intermediate_size"], text_cfg["shared_expert_intermediate_size"]
+        E, inter = text_cfg["num_experts"], text_cfg["moe_intermediate_size"]
+        sh = text_cfg["shared_expert_intermediate_size"]
         t.update({
             "mtp.layers.0.mlp.gate.weight": r(E, H),
             "mtp.layers.0.mlp.experts.gate_up_proj": r(E, 2 * inter, H),
@@ -398,7 +415,8 @@ def _mtp_tensors(text_cfg: dict[str, Any], family: str, torch_dtype, seed: int) 
     return t
 
 
-def _read_all_safetensors(d: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_all_safetensors(d: Path) -> dict[str, Any]:
+    """Load every tensor saved in `d` and delete the files (they are rewritten by `_write_shards`)."""
     from safetensors.torch import load_file
 
     tensors: dict[str, Any] = {}
@@ -409,11 +427,11 @@ def _read_all_safetensors(d: Path) -> tuple[dict[str, Any], dict[str, str]]:
     idx = d / "model.safetensors.index.json"
     if idx.exists():
         idx.unlink()
-    return tensors, {}
+    return tensors
 
 
 def _write_shards(d: Path, tensors: dict[str, Any], shards: int) -> None:
-    """Write `model.safetensors`, or exactly `shards` `model-0000X-of-0000N.safetensors` + index (HF naming)."""
+    """Write `model.safetensors`, or exactly `shards` `model-0000X-of-0000N.safetensors` + index."""
     from safetensors.torch import save_file
 
     keys = sorted(tensors)
@@ -473,7 +491,6 @@ def make_tiny(
     from transformers import GenerationConfig
 
     torch_dtype = getattr(torch, dtype)
-    tok = build_tokenizer()
     ids = special_token_ids()
     text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
                                 tie_embeddings=tie_embeddings)
@@ -487,15 +504,14 @@ def make_tiny(
         model.config.use_cache = True
         model.save_pretrained(str(part), safe_serialization=True, max_shard_size="10GB")
 
-        tensors, _ = _read_all_safetensors(part)
-        if family == "moe":
-            # transformers 5.x save_pretrained writes per-expert tensors (reverse of its qwen2_moe
-            # converter); normalise to stacked, then convert to the requested format.
-            tensors = _to_stacked(tensors)
-            if experts == "per_expert":
-                tensors = _to_per_expert(tensors)
+        tensors = _read_all_safetensors(part)
+        # transformers 5.x save_pretrained writes MoE experts per-expert (the reverse of its qwen2_moe
+        # weight converter); normalise to stacked, add the mtp head, then emit the requested format.
+        tensors = _to_stacked(tensors)
         if layout == "conditional":
             tensors.update(_mtp_tensors(text_cfg, family, torch_dtype, seed))
+        if family == "moe" and experts == "per_expert":
+            tensors = _to_per_expert(tensors)
         _write_shards(part, tensors, shards)
 
         GenerationConfig(
@@ -504,11 +520,7 @@ def make_tiny(
             pad_token_id=ids["<|endoftext|>"],
             **GENERATION_DEFAULTS,
         ).save_pretrained(str(part))
-        (part / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
-        (part / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(text_cfg["max_position_embeddings"]), indent=2, ensure_ascii=False) + "\n",
-            encoding="utf-8",
-        )
+        write_tokenizer(part, model_max_length=text_cfg["max_position_embeddings"])
         for stray in ("chat_template.jinja", "special_tokens_map.json"):
             (part / stray).unlink(missing_ok=True)
     return out
@@ -518,6 +530,8 @@ __all__ = [
     "make_tiny",
     "build_tokenizer",
     "tokenizer_json",
+    "tokenizer_config",
+    "write_tokenizer",
     "special_token_ids",
     "text_config_dict",
     "TINY_PRESETS",

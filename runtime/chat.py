@@ -46,7 +46,8 @@ def _compile(template: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Like transformers: no HTML escaping, and the usual json.dumps options.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
@@ -111,7 +112,7 @@ def _plain(value: Any, where: str) -> Any:
         return {_plain(k, where): _plain(v, where) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, where) for v in value]
-    raise DualbrainError(f"{where}: unsupported value of type {type(value).__name__} (only JSON data is allowed)")
+    raise DualbrainError(f"{where}: unsupported value of type {type(value).__name__} (only JSON data)")
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
@@ -120,11 +121,15 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     Reasoning given as ``thinking``/``reasoning`` is aliased to ``reasoning_content`` (as transformers does).
     """
     if not isinstance(messages, (list, tuple)):
-        raise DualbrainError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+        raise DualbrainError(
+            f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
+        )
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
-            raise DualbrainError(f"message {i} must be a dict with 'role' and 'content', got {type(msg).__name__}")
+            raise DualbrainError(
+                f"message {i} must be a dict with 'role' and 'content', got {type(msg).__name__}"
+            )
         for key in ("role", "content"):
             if key not in msg:
                 raise DualbrainError(f"message {i} has no {key!r}")

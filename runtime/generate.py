@@ -75,6 +75,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     eos = set(model.eos_ids)
     gens = [Generation(list(p)) for p in prompts]
     decoders = None
+    texts = [""] * len(prompts)   # streamed text so far, for stop strings
     if params.stop or on_token is not None:
         decoders = [model.tokenizer.stream_decoder() for _ in prompts]
     sampler = Sampler(params, len(prompts))
@@ -94,11 +95,12 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
             g.new_ids.append(tok)
             stats.new_tokens += 1
             delta = decoders[i].push(tok) if decoders else ""
+            texts[i] += delta
             if on_token:
                 on_token(int(i), tok, delta)
             if tok in eos:
                 g.finish_reason = "eos"
-            elif params.stop and _hit_stop(decoders[i].text, params.stop):
+            elif params.stop and _hit_stop(texts[i], params.stop):
                 g.finish_reason = "stop"
             elif len(g.new_ids) >= params.max_new_tokens or state.length + 1 > model.max_context:
                 g.finish_reason = "length"
@@ -107,8 +109,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
         if not active.any():
             break
         logits = decode_one(model, state, tokens)
-    stats.decode_s = time.perf_counter() - t1 - (0 if stats.new_tokens else 0)
-    # decode time excludes the first token, which prefill's logits produced
+    # the first token came from prefill's logits: decode time is everything after it
+    stats.decode_s = time.perf_counter() - t1
     for g in gens:
         g.text = model.tokenizer.decode(g.new_ids, skip_special_tokens=True) if model.manifest.tokenizer_files else ""
         if g.finish_reason == "stop":

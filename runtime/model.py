@@ -52,6 +52,7 @@ class Model:
         self.embed = manifest.block("embed")
         self.head = manifest.block("head")
         self.layers = manifest.layers
+        self._has_attention = any(b.kind == "full_attention" for b in self.layers)
         self._tokenizer = None
         gen = model_dir / "generation_config.json"
         self.generation_config = _read_json_or_none(gen)
@@ -116,6 +117,31 @@ class Model:
         # positions count only real tokens; padding gets position 0 (it is masked anyway)
         pos = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
         pos = np.where(new_mask > 0, pos, 0).astype(np.int64)
+        if not all_logits and getattr(self.backend, "has_linked", False):
+            logits = self._forward_linked(ids, mask, pos, state)
+        else:
+            logits = self._forward_blocks(ids, mask, pos, state, all_logits)
+        state.mask = mask
+        state.positions = state.positions + new_mask.sum(axis=1)
+        return logits
+
+    def _forward_linked(self, ids, mask, pos, state: State) -> np.ndarray:
+        """One call of the whole-model graph; returns last-position logits (B, V)."""
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self._has_attention:
+            feeds["position_ids"] = pos
+        outputs = ["logits"]
+        for block, st in zip(self.layers, state.layers):
+            for s in block.state:
+                feeds[f"{block.name}.{s.input}"] = st[s.input]
+                outputs.append(f"{block.name}.{s.output}")
+        out = self.backend.run_linked(feeds, outputs)
+        for block, st in zip(self.layers, state.layers):
+            for s in block.state:
+                st[s.input] = out[f"{block.name}.{s.output}"]
+        return out["logits"][:, -1]
+
+    def _forward_blocks(self, ids, mask, pos, state: State, all_logits: bool) -> np.ndarray:
         hidden = self.backend.run(self.embed, {"input_ids": ids})["hidden"]
         for block, st in zip(self.layers, state.layers):
             feeds = {"hidden": hidden, "attention_mask": mask, **st}
@@ -125,8 +151,6 @@ class Model:
             hidden = out["hidden_out"]
             for s in block.state:
                 st[s.input] = out[s.output]
-        state.mask = mask
-        state.positions = state.positions + new_mask.sum(axis=1)
         if not all_logits:
             hidden = np.ascontiguousarray(hidden[:, -1:])
         logits = self.backend.run(self.head, {"hidden": hidden})["logits"]

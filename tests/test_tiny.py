@@ -111,17 +111,24 @@ def test_layout_and_keys(tiny_dirs, variant):
     if family == "moe":
         stacked = [k for k in keys if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))
                    and not k.startswith("mtp.")]
-        per_expert = [k for k in keys if ".mlp.experts.0." in k]
+        per_expert = [k for k in keys if ".mlp.experts.0." in k and not k.startswith("mtp.")]
+        mtp_experts = [k for k in keys if k.startswith("mtp.layers.0.mlp.experts.")]
+        if layout == "conditional":  # the mtp head follows the same expert format
+            assert len(mtp_experts) == (2 if experts == "stacked" else 3 * 16)
         if experts == "stacked":
             assert len(stacked) == 8 and not per_expert
             with safe_open(str(path / "model.safetensors"), "pt") as h:
-                assert list(h.get_slice(f"{text}layers.0.mlp.experts.gate_up_proj").get_shape()) == [16, 64, 64]
-                assert list(h.get_slice(f"{text}layers.0.mlp.experts.down_proj").get_shape()) == [16, 64, 32]
+                def shape(k):
+                    return list(h.get_slice(f"{text}layers.0.mlp.experts.{k}").get_shape())
+                assert shape("gate_up_proj") == [16, 64, 64]
+                assert shape("down_proj") == [16, 64, 32]
         else:
             assert not stacked and len(per_expert) == 3 * 4
             with safe_open(str(path / "model.safetensors"), "pt") as h:
-                assert list(h.get_slice(f"{text}layers.0.mlp.experts.7.gate_proj.weight").get_shape()) == [32, 64]
-                assert list(h.get_slice(f"{text}layers.0.mlp.experts.7.down_proj.weight").get_shape()) == [64, 32]
+                def shape(k):
+                    return list(h.get_slice(f"{text}layers.0.mlp.experts.7.{k}.weight").get_shape())
+                assert shape("gate_proj") == shape("up_proj") == [32, 64]
+                assert shape("down_proj") == [64, 32]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
@@ -219,7 +226,8 @@ def test_tie_embeddings_shards_dtype(tmp_path, tie):
 
 
 def test_vocab_size_and_layers(tmp_path):
-    path = make_tiny(tmp_path / "v", family="moe", layout="causal", vocab_size=1024, num_layers=8, dtype="float16")
+    path = make_tiny(tmp_path / "v", family="moe", layout="causal", vocab_size=1024, num_layers=8,
+                     dtype="float16")
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["vocab_size"] == 1024 and cfg["num_hidden_layers"] == 8
     assert cfg["layer_types"] == (["linear_attention"] * 3 + ["full_attention"]) * 2

@@ -9,6 +9,8 @@ import numpy as np
 from dualbrain.errors import DualbrainError
 from dualbrain.runtime.manifest import BlockInfo, Manifest, safe_child
 
+LINKED = "__linked__"
+
 
 def check_external_data(model_dir: Path, model) -> None:
     """Refuse external-data locations that are absolute or escape the model directory."""
@@ -62,7 +64,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, linked: bool = True):
         import onnx
         import onnxruntime as ort
 
@@ -75,8 +77,11 @@ class OrtBackend:
         providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict[str, object] = {}
         self.convert_bf16 = manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]
-        for b in manifest.blocks:
-            path = safe_child(self.model_dir, b.file, "manifest.json")
+        graphs = [(b.name, b.file) for b in manifest.blocks]
+        if manifest.linked and linked:
+            graphs.append((LINKED, manifest.linked))
+        for name, file in graphs:
+            path = safe_child(self.model_dir, file, "manifest.json")
             try:
                 model = onnx.load(str(path), load_external_data=False)
                 check_external_data(self.model_dir, model)
@@ -84,13 +89,20 @@ class OrtBackend:
                     onnx.load_external_data_for_model(model, str(self.model_dir))
                     bf16_to_fp32(model)
                     src = model.SerializeToString()
-                    self.sessions[b.name] = ort.InferenceSession(src, opts, providers=providers)
+                    self.sessions[name] = ort.InferenceSession(src, opts, providers=providers)
                 else:
-                    self.sessions[b.name] = ort.InferenceSession(str(path), opts, providers=providers)
+                    self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             except DualbrainError:
                 raise
             except Exception as e:  # onnx / onnxruntime raise assorted types on corrupt files
-                raise DualbrainError(f"cannot load block {b.name} ({b.file}): {str(e).splitlines()[0]}") from None
+                raise DualbrainError(f"cannot load {name} ({file}): {str(e).splitlines()[0]}") from None
+
+    @property
+    def has_linked(self) -> bool:
+        return LINKED in self.sessions
+
+    def run_linked(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self.sessions[LINKED].run(outputs, feeds)))
 
     def compute_dtype(self, dtype: str) -> str:
         return "float32" if dtype == "bfloat16" and self.convert_bf16 else dtype

@@ -1,0 +1,250 @@
+"""The `dualbrain` command line.
+
+Every user-caused problem is a `DualbrainError`: printed on one line, exit code 2, no traceback
+(`--debug` shows one). Heavy frameworks are imported inside the commands that need them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dualbrain.errors import DualbrainError
+
+
+class _Group(click.Group):
+    """Turns DualbrainError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DualbrainError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="dualbrain")
+@click.pass_context
+def main(ctx, debug):
+    """dualbrain: export, run and check the Qwen3.5 / Qwen3.6 hybrid model family.
+
+    \b
+    Typical flow:
+      dualbrain make-tiny ckpt              # a small random checkpoint to try things on
+      dualbrain export ckpt -o out          # one ONNX graph per block + manifest
+      dualbrain generate out --prompt "Hi"  # run it with ONNX Runtime
+      dualbrain diff ckpt out               # per-block accuracy vs transformers
+    """
+    ctx.obj = {"debug": debug}
+
+
+def _progress():
+    """A rich progress bar for block-by-block work, as a (callback, context manager) pair."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty())
+    task = None
+
+    def update(name: str, done: int, total: int):
+        nonlocal task
+        if task is None:
+            task = bar.add_task("exporting", total=total)
+        bar.update(task, completed=done, description=f"exporting {name}")
+
+    return update, bar
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Precision of the exported graphs and weights.")
+@click.option("--max-context", type=int, default=None,
+              help="Longest sequence the runtime will accept (default: the config's max_position_embeddings).")
+@click.option("--window", is_flag=True, help="Also output every position's GDN state (for speculative rollback).")
+def export(checkpoint, out, dtype, max_context, window):
+    """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX."""
+    from dualbrain.exporter.export import export_checkpoint
+
+    update, bar = _progress()
+    with bar:
+        export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, progress=update)
+    click.echo(f"exported {checkpoint} -> {out} ({dtype})")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise DualbrainError(f"--ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise DualbrainError("--ids is empty")
+    return ids
+
+
+def _read_messages(path: Path) -> list:
+    try:
+        msgs = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DualbrainError(f"messages file not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DualbrainError(f"messages file {path} is not valid JSON: {e}") from None
+    return msgs
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", help="One user message, rendered through the chat template.")
+@click.option("--messages", type=click.Path(path_type=Path), help='JSON file: a list of {"role", "content"} messages.')
+@click.option("--ids", help="Comma-separated token ids (bypasses tokenizer and chat template).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--greedy", is_flag=True, help="Greedy decoding (ignores the sampling options).")
+@click.option("--temperature", type=float, default=None, help="Default: generation_config.json, else Qwen's preset.")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--presence-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--think/--no-think", default=True, show_default=True, help="enable_thinking in the chat template.")
+@click.option("--preserve-thinking", is_flag=True, help="Keep earlier turns' reasoning in the prompt.")
+@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (new_ids, text, speeds).")
+def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty,
+             seed, stop, think, preserve_thinking, backend, as_json):
+    """Generate text from an export in MODEL_DIR."""
+    from dualbrain.runtime.generate import GenerationStats
+    from dualbrain.runtime.generate import generate as run_generate
+    from dualbrain.runtime.model import Model
+    from dualbrain.runtime.sampling import default_params
+
+    given = [x is not None for x in (prompt, messages, ids)]
+    if sum(given) != 1:
+        raise DualbrainError("give exactly one of --prompt, --messages or --ids")
+    overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                     seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop) or None, greedy=greedy or None)
+    default_params(None, think).replace(**overrides)  # reject bad parameters before loading anything
+    model = Model.load(model_dir, backend=backend)
+    params = default_params(model.generation_config, think).replace(**overrides)
+    if ids is not None:
+        prompt_ids = _parse_ids(ids)
+    else:
+        msgs = [{"role": "user", "content": prompt}] if prompt is not None else _read_messages(messages)
+        tok = model.tokenizer
+        prompt_ids = tok.encode(tok.render(msgs, enable_thinking=think, preserve_thinking=preserve_thinking))
+
+    stats = GenerationStats()
+    stream = None
+    if not as_json:
+        def stream(row, tok, delta):
+            click.echo(delta, nl=False)
+            sys.stdout.flush()
+    gen = run_generate(model, [prompt_ids], params, on_token=stream, stats=stats)[0]
+    if as_json:
+        click.echo(json.dumps({
+            "new_ids": gen.new_ids, "text": gen.text, "finish_reason": gen.finish_reason,
+            "prompt_tokens": len(prompt_ids),
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+        }))
+    else:
+        click.echo()
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--tolerance", type=float, default=None,
+              help="Max allowed max|out-ref|/max|ref| (default: 1e-5 for fp32/bf16, 2e-2 for fp16).")
+@click.option("--prompt-len", type=int, default=11, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {block, output, max_abs, rel, tolerance, ok}.")
+def diff(checkpoint, model_dir, tolerance, prompt_len, as_json):
+    """Compare every exported block of MODEL_DIR with transformers on CHECKPOINT; exit 1 when over tolerance."""
+    from dualbrain.exporter.diff import diff as run_diff
+    from dualbrain.exporter.diff import first_failure
+
+    rows = run_diff(checkpoint, model_dir, tolerance=tolerance, prompt_len=prompt_len)
+    bad = first_failure(rows)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("block", "output", "step", "max_abs", "rel", "tolerance", "ok")
+        for r in rows:
+            table.add_row(r.block, r.output, r.step, f"{r.max_abs:.3g}", f"{r.rel:.3g}", f"{r.tolerance:g}",
+                          "ok" if r.ok else "[red]OVER[/red]")
+        Console().print(table)
+        click.echo(f"first block over tolerance: {bad.block} ({bad.output}, {bad.step})" if bad
+                   else "all blocks within tolerance")
+    if bad:
+        sys.exit(1)
+
+
+@main.command("make-tiny")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--family", type=click.Choice(["dense", "moe"]), default="dense", show_default=True)
+@click.option("--layout", type=click.Choice(["conditional", "causal"]), default="conditional", show_default=True,
+              help="conditional = published *ForConditionalGeneration; causal = text-only *ForCausalLM.")
+@click.option("--experts", type=click.Choice(["stacked", "per-expert"]), default="stacked", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--shards", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny(out, family, layout, experts, dtype, shards, seed):
+    """Write a small random-weight checkpoint in the published layout, with a real tokenizer."""
+    from dualbrain.exporter.tiny import make_tiny as run
+
+    run(out, family=family, layout=layout, experts=experts.replace("-", "_"), dtype=dtype, shards=shards, seed=seed)
+    click.echo(f"wrote {family}/{layout} tiny checkpoint to {out}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--family", type=click.Choice(["dense", "moe"]), default="moe", show_default=True)
+def demo(workdir, family):
+    """End to end on a tiny checkpoint: make-tiny -> export -> diff -> generate."""
+    from dualbrain.exporter.diff import diff as run_diff
+    from dualbrain.exporter.diff import first_failure
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.exporter.tiny import make_tiny as run_tiny
+    from dualbrain.runtime.generate import GenerationStats
+    from dualbrain.runtime.generate import generate as run_generate
+    from dualbrain.runtime.model import Model
+    from dualbrain.runtime.sampling import SamplingParams
+
+    ckpt, out = workdir / f"tiny-{family}", workdir / f"tiny-{family}-onnx"
+    click.echo(f"1/4 make-tiny {ckpt}")
+    run_tiny(ckpt, family=family, layout="conditional", experts="stacked")
+    click.echo(f"2/4 export {ckpt} -> {out}")
+    update, bar = _progress()
+    with bar:
+        export_checkpoint(ckpt, out, progress=update)
+    click.echo("3/4 diff against transformers")
+    rows = run_diff(ckpt, out)
+    bad = first_failure(rows)
+    worst = max(rows, key=lambda r: r.rel)
+    click.echo(f"    {len(rows)} block outputs, worst rel error {worst.rel:.2e} ({worst.block}.{worst.output})"
+               + (f"; OVER tolerance at {bad.block}" if bad else ", all within tolerance"))
+    click.echo("4/4 generate (greedy, random weights: expect gibberish)")
+    model = Model.load(out)
+    tok = model.tokenizer
+    ids = tok.encode(tok.render([{"role": "user", "content": "Hello! Who are you?"}], enable_thinking=False))
+    stats = GenerationStats()
+    gen = run_generate(model, [ids], SamplingParams(greedy=True, max_new_tokens=32), stats=stats)[0]
+    click.echo(f"    {gen.text!r}")
+    click.echo(f"    prefill {stats.prefill_tokens_per_s:.0f} tok/s, decode {stats.decode_tokens_per_s:.0f} tok/s")
+    if bad:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

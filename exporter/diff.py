@@ -1,0 +1,151 @@
+"""Per-block accuracy diff: exported blocks vs transformers' own modeling code.
+
+Each exported block is fed the reference's own inputs to that block, captured from transformers
+during a prefill step and a decode step (hidden states entering each decoder layer, and the
+cache the reference held before the step); its outputs (hidden states, new conv / recurrent
+state, present K/V, logits) are compared with the reference's. The error reported is
+`max|out - ref| / max|ref|`; the pass/fail decision is polygraphy's comparator with
+`atol = tolerance * max|ref|` on the max error.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dualbrain.errors import DualbrainError
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "float16": 2e-2}
+
+
+@dataclass
+class DiffRow:
+    block: str
+    output: str
+    step: str
+    max_abs: float
+    rel: float
+    tolerance: float
+    ok: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _compare(name: str, out: np.ndarray, ref: np.ndarray, tol: float) -> tuple[float, float, bool]:
+    from polygraphy.comparator import SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if out.shape != ref.shape:
+        raise DualbrainError(f"diff: output {name} has shape {out.shape}, reference {ref.shape}")
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    max_abs = float(np.abs(out - ref).max()) if ref.size else 0.0
+    rel = max_abs / scale if scale > 0 else max_abs
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    compare = SimpleCompareFunc(atol={name: tol * max(scale, 1e-30)}, rtol={name: 0.0}, check_error_stat="max",
+                                 check_shapes=True)
+    result = compare(IterationResult({name: out}, runner_name="dualbrain"),
+                     IterationResult({name: ref}, runner_name="transformers"))
+    return max_abs, rel, bool(result[name])
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy().copy()  # the cache mutates its tensors in place
+
+
+def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11, batch: int = 2, seed: int = 0,
+         tolerance: float | None = None, backend: str = "onnxruntime") -> list[DiffRow]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dualbrain.exporter.spec import LINEAR, ModelSpec
+    from dualbrain.runtime.model import Model
+
+    model = Model.load(export_dir, backend=backend)
+    spec = ModelSpec.from_dir(checkpoint)
+    if ModelSpec.from_json(model.spec) != spec:
+        raise DualbrainError("the export was made from a different model configuration than this checkpoint")
+    dtype = model.manifest.dtype
+    tol = tolerance if tolerance is not None else TOLERANCE[dtype]
+    # bf16 exports compute in fp32 on ONNX Runtime's CPU build: the reference uses the same bf16 weights in fp32
+    load_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=load_dtype).eval()
+    if dtype == "bfloat16" and model.dtype == "float32":
+        ref = ref.float()
+    lm = ref.model.language_model if hasattr(ref.model, "language_model") else ref.model
+    captured: dict[int, tuple] = {}
+
+    def hook(i):
+        def fn(mod, args, kwargs, output):
+            captured[i] = (kwargs.get("hidden_states", args[0] if args else None), output)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (batch, prompt_len), generator=g)
+    nxt = torch.randint(0, spec.vocab_size, (batch, 1), generator=g)
+    rows: list[DiffRow] = []
+
+    def add(block, output, step, out, refv):
+        max_abs, rel, ok = _compare(f"{block}.{output}", out, refv, tol)
+        rows.append(DiffRow(block, output, step, max_abs, rel, tol, ok))
+
+    def states_of(cache):
+        snap = {}
+        for i, kind in enumerate(spec.layer_types):
+            if kind == LINEAR:
+                conv = cache.get_conv_state(i)
+                snap[i] = {"conv_state": _np(conv[..., -(spec.linear_conv_kernel - 1):]),
+                           "recurrent_state": _np(cache.get_recurrent_state(i))}
+            else:
+                snap[i] = {"past_key": _np(cache.layers[i].keys), "past_value": _np(cache.layers[i].values)}
+        return snap
+
+    try:
+        with torch.no_grad():
+            steps = []
+            out = ref(input_ids=ids, use_cache=True)
+            steps.append(("prefill", ids, dict(captured), None, states_of(out.past_key_values), out.logits))
+            cache = out.past_key_values
+            before = states_of(cache)
+            out2 = ref(input_ids=nxt, past_key_values=cache, use_cache=True)
+            steps.append(("decode", nxt, dict(captured), before, states_of(out2.past_key_values), out2.logits))
+    finally:
+        for h in handles:
+            h.remove()
+
+    cdt = np.float16 if model.dtype == "float16" else np.float32
+    for step, step_ids, caps, before, after, logits in steps:
+        b, t = step_ids.shape
+        past = 0 if before is None else prompt_len
+        emb = model.backend.run(model.embed, {"input_ids": step_ids.numpy()})["hidden"]
+        add("embed", "hidden", step, emb, _np(caps[0][0]))
+        mask = np.ones((b, past + t), np.int64)
+        pos = np.broadcast_to(np.arange(past, past + t, dtype=np.int64), (b, t)).copy()
+        for i, block in enumerate(model.layers):
+            feeds = {"hidden": _np(caps[i][0]).astype(cdt), "attention_mask": mask}
+            for s in block.state:
+                if before is None:
+                    shape = tuple(b if d == "batch" else 0 if d == "past" else d for d in s.shape)
+                    feeds[s.input] = np.zeros(shape, model._np(s.dtype))
+                else:
+                    feeds[s.input] = before[i][s.input].astype(model._np(s.dtype))
+            if block.kind != LINEAR:
+                feeds["position_ids"] = pos
+            res = model.backend.run(block, feeds)
+            add(block.name, "hidden_out", step, res["hidden_out"], _np(caps[i][1]))
+            for s in block.state:
+                add(block.name, s.output, step, res[s.output], after[i][s.input])
+        # the head sees the last layer's output, before the final norm
+        last_hidden = _np(caps[len(model.layers) - 1][1]).astype(cdt)
+        res = model.backend.run(model.head, {"hidden": last_hidden})
+        add("head", "logits", step, res["logits"], _np(logits))
+    return rows
+
+
+def first_failure(rows: list[DiffRow]) -> DiffRow | None:
+    return next((r for r in rows if not r.ok), None)

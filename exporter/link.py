@@ -1,0 +1,98 @@
+"""Link the per-block graphs into one whole-model graph (`model.onnx`) for speed.
+
+The linked graph reuses the blocks' external-data files (initializers keep their locations and
+offsets), so linking costs no extra disk and no weight copies. Inputs: `input_ids`,
+`attention_mask`, `position_ids` and every layer's state as `{block}.{state input}`; outputs:
+`logits` of the LAST position only (B, 1, V) and every layer's new state as `{block}.{state output}`.
+One session.run per step instead of one per block.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dualbrain.runtime.manifest import Manifest
+
+LINKED = "model.onnx"
+
+
+def state_name(block: str, name: str) -> str:
+    return f"{block}.{name}"
+
+
+def _rename_graph(graph, prefix: str, keep: dict[str, str]) -> None:
+    """Prefix every value / initializer / node name in `graph` except those mapped in `keep`."""
+    def rn(name: str) -> str:
+        if not name:
+            return name
+        return keep.get(name, f"{prefix}/{name}")
+
+    for t in graph.initializer:
+        t.name = rn(t.name)
+    for n in graph.node:
+        n.name = rn(n.name) if n.name else n.name
+        n.input[:] = [rn(x) for x in n.input]
+        n.output[:] = [rn(x) for x in n.output]
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        vi.name = rn(vi.name)
+
+
+def link_blocks(out_dir: Path, manifest: Manifest) -> str:
+    """Write `out_dir/model.onnx` from the blocks in `manifest`; returns its file name."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph([], "dualbrain_linked", [], [])
+    functions: dict[tuple[str, str], onnx.FunctionProto] = {}
+    opsets: dict[str, int] = {}
+    inputs: dict[str, onnx.ValueInfoProto] = {}
+    prev_hidden = None
+    for block in manifest.blocks:
+        m = onnx.load(str(out_dir / block.file), load_external_data=False)
+        keep = {"attention_mask": "attention_mask", "position_ids": "position_ids", "input_ids": "input_ids"}
+        if prev_hidden is not None:
+            keep["hidden"] = prev_hidden
+        if block.kind == "head":
+            keep["logits"] = "logits"
+        for s in block.state:
+            keep[s.input] = state_name(block.name, s.input)
+            keep[s.output] = state_name(block.name, s.output)
+        g = m.graph
+        _rename_graph(g, block.name, keep)
+        out_hidden = {"embed": "hidden", "head": "logits"}.get(block.kind, "hidden_out")
+        hidden_name = keep.get(out_hidden, f"{block.name}/{out_hidden}")
+        if block.kind == "head":
+            # only the last position's logits are needed while generating
+            nodes = [
+                helper.make_node("Constant", [], ["head/_last_start"], value=helper.make_tensor(
+                    "s", onnx.TensorProto.INT64, [1], [-1])),
+                helper.make_node("Constant", [], ["head/_last_end"], value=helper.make_tensor(
+                    "e", onnx.TensorProto.INT64, [1], [2**62])),
+                helper.make_node("Constant", [], ["head/_last_axis"], value=helper.make_tensor(
+                    "a", onnx.TensorProto.INT64, [1], [1])),
+                helper.make_node("Slice", [prev_hidden, "head/_last_start", "head/_last_end", "head/_last_axis"],
+                                 ["head/_last_hidden"]),
+            ]
+            graph.node.extend(nodes)
+            for n in g.node:
+                n.input[:] = ["head/_last_hidden" if x == prev_hidden else x for x in n.input]
+        graph.node.extend(g.node)
+        graph.initializer.extend(g.initializer)
+        graph.value_info.extend(v for v in g.value_info)
+        for vi in g.input:
+            if vi.name in keep.values() and vi.name != prev_hidden and vi.name not in inputs:
+                inputs[vi.name] = vi
+        for vi in g.output:
+            if vi.name.startswith(block.name + ".") or vi.name == "logits":
+                graph.output.append(vi)
+        for f in m.functions:
+            functions.setdefault((f.domain, f.name), f)
+        for o in m.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+        prev_hidden = hidden_name
+    graph.input.extend(inputs.values())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="dualbrain")
+    model.ir_version = 10
+    model.functions.extend(functions.values())
+    onnx.save(model, str(out_dir / LINKED))
+    return LINKED
