@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -101,20 +100,26 @@ def library_dir(flavour: str = "tensorrt-rtx") -> Path | None:
         raise DualbrainError(f"TensorRT-RTX installation is incomplete: {target} is missing")
     import hashlib
 
+    import tempfile
+
     tag = hashlib.sha1(str(target.resolve()).encode()).hexdigest()[:12]
-    d = _cache_root() / "trt-libs" / tag
-    link = d / "libtensorrt_rtx.so"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        if not (link.is_symlink() and os.readlink(link) == str(target)):
-            tmp = d / f".link-{os.getpid()}"
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
-            tmp.symlink_to(target)
-            os.replace(tmp, link)        # atomic: concurrent builds never see a half-made link
-    except OSError as e:
-        raise DualbrainError(f"cannot create the TensorRT-RTX library link in {d}: {e}") from None
-    return d
+    error = None
+    for root in (_cache_root(), Path(tempfile.gettempdir()) / f"dualbrain-{os.getuid()}"):
+        d = root / "trt-libs" / tag
+        link = d / "libtensorrt_rtx.so"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if not (link.is_symlink() and os.readlink(link) == str(target)):
+                tmp = d / f".link-{os.getpid()}"
+                if tmp.is_symlink() or tmp.exists():
+                    tmp.unlink()
+                tmp.symlink_to(target)
+                os.replace(tmp, link)        # atomic: concurrent builds never see a half-made link
+            return d
+        except OSError as e:
+            error = error or f"{d}: {e}"
+    raise DualbrainError(f"cannot create the TensorRT-RTX library link ({error}); set DUALBRAIN_CACHE "
+                         "to a writable directory")
 
 
 def library_env(flavour: str = "tensorrt-rtx") -> dict[str, str]:
@@ -412,7 +417,3 @@ def write_tensorrt_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     onnx.save(tensorrt_onnx(src), str(dst))
     return dst
 
-
-def is_main_process_safe() -> bool:
-    """Whether parsing plugin layers in this process is safe (see :func:`library_env`)."""
-    return sys.platform != "linux" or library_env_active()

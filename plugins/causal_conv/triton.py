@@ -27,23 +27,6 @@ __all__ = ["causal_conv1d", "causal_conv1d_triton", "causal_conv1d_kernel"]
 
 
 @triton.jit
-def _load_xc(x_ptr, s_ptr, u, cols, mask_c, T,
-             sxt, sxc, ssc, ssk, K: tl.constexpr):
-    """Element(s) of the concatenation [conv_state, x] at x-relative time u (u < 0: the state).
-
-    u: (BT,) int tensor, cols: (BC,) channel indices.  Returns (BT, BC) in x's dtype.
-    x_ptr / s_ptr are already offset to the batch row."""
-    u2 = u[:, None]
-    c2 = cols[None, :]
-    m = mask_c[None, :]
-    in_x = (u2 >= 0) & (u2 < T) & m
-    in_s = (u2 < 0) & (u2 >= -(K - 1)) & m
-    xv = tl.load(x_ptr + u2 * sxt + c2 * sxc, mask=in_x, other=0.0)
-    sv = tl.load(s_ptr + (u2 + (K - 1)) * ssk + c2 * ssc, mask=in_s, other=0.0)
-    return tl.where(in_x, xv, sv.to(xv.dtype))
-
-
-@triton.jit
 def causal_conv1d_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, ns_ptr, ss_ptr,
     T, C,
@@ -66,10 +49,22 @@ def causal_conv1d_kernel(
     sb = s_ptr + pid_b * ssb
     dt = x_ptr.dtype.element_ty
 
+    # The time concatenation [conv_state, x] is addressed by x-relative time u: u < 0 is state column
+    # u + K-1.  (Loads are written out inline: a nested @jit helper is free on GPU but costs a lot
+    # per call under TRITON_INTERPRET.)
+    c2 = cols[None, :]
+    mc2 = mask_c[None, :]
+    x_c = xb + c2 * sxc
+    s_c = sb + c2 * ssc
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(K):
         # y[t] uses concatenation columns t .. t+K-1, i.e. x-relative times t + j - (K-1)
-        xv = _load_xc(xb, sb, t + (j - (K - 1)), cols, mask_c, T, sxt, sxc, ssc, ssk, K)
+        u = t[:, None] + (j - (K - 1))
+        in_x = (u >= 0) & (u < T) & mc2
+        xv = tl.load(x_c + u * sxt, mask=in_x, other=0.0)
+        if j < K - 1:  # only the first K-1 rows of the first time block can reach the state
+            in_s = (u < 0) & mc2
+            xv = tl.where(in_x, xv, tl.load(s_c + (u + (K - 1)) * ssk, mask=in_s, other=0.0).to(dt))
         w = tl.load(w_ptr + cols * swc + j * swk, mask=mask_c, other=0.0).to(dt).to(tl.float32)
         acc += xv.to(tl.float32) * w[None, :]
     y = acc / (1.0 + tl.exp(-acc))
@@ -80,7 +75,11 @@ def causal_conv1d_kernel(
     if WINDOW:
         # states[t, :, i] = concatenation column t + 1 + i  ->  x-relative time t + 1 + i - (K-1)
         for i in tl.static_range(K - 1):
-            sv = _load_xc(xb, sb, t + (1 + i - (K - 1)), cols, mask_c, T, sxt, sxc, ssc, ssk, K)
+            u = t[:, None] + (1 + i - (K - 1))
+            in_x = (u >= 0) & (u < T) & mc2
+            in_s = (u < 0) & mc2
+            sv = tl.where(in_x, tl.load(x_c + u * sxt, mask=in_x, other=0.0),
+                          tl.load(s_c + (u + (K - 1)) * ssk, mask=in_s, other=0.0).to(dt))
             tl.store(ss_ptr + pid_b * sqb + t[:, None] * sqt + cols[None, :] * sqc + i * sqk,
                      sv.to(ss_ptr.dtype.element_ty), mask=m2)
 
@@ -88,10 +87,14 @@ def causal_conv1d_kernel(
         # new_state[:, i] = concatenation column T + i  ->  x-relative time T + i - (K-1).
         # Loads of the old state (only when T < K-1) all happen before the stores: aliasing is safe.
         ii = tl.arange(0, KP)
-        nv = _load_xc(xb, sb, T + ii - (K - 1), cols, mask_c, T, sxt, sxc, ssc, ssk, K)
-        mk = (ii[:, None] < (K - 1)) & mask_c[None, :]
+        u = T + ii[:, None] - (K - 1)
+        mk = (ii[:, None] < (K - 1)) & mc2
+        in_x = (u >= 0) & mk
+        in_s = (u < 0) & mk
+        nv = tl.where(in_x, tl.load(x_c + u * sxt, mask=in_x, other=0.0),
+                      tl.load(s_c + (u + (K - 1)) * ssk, mask=in_s, other=0.0).to(dt))
         tl.debug_barrier()
-        tl.store(ns_ptr + pid_b * snb + ii[:, None] * snk + cols[None, :] * snc,
+        tl.store(ns_ptr + pid_b * snb + ii[:, None] * snk + c2 * snc,
                  nv.to(ns_ptr.dtype.element_ty), mask=mk)
 
 

@@ -47,6 +47,15 @@ __all__ = ["CHUNK", "RECURRENT_MAX_T", "chunk_workspace_numel", "gated_delta_rul
 CHUNK = 64
 RECURRENT_MAX_T = 16
 
+try:  # tl.sum == tl.reduce(x, axis, _sum_combine); calling reduce directly with this combine_fn
+    # compiles identically and lets TRITON_INTERPRET=1 take its numpy fast path without the
+    # per-call re-patching that every nested @jit call (tl.sum itself) costs in the interpreter.
+    from triton.language.standard import _sum_combine as _add
+except ImportError:  # pragma: no cover - other triton versions
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
 
 # ----------------------------------------------------------------------------- recurrent
 @triton.jit
@@ -77,27 +86,34 @@ def gdn_recurrent_kernel(
 
     S = tl.load(s_ptr + b * ssb + h * ssh + rk[:, None] * ssk + rv[None, :] * ssv,
                 mask=m2, other=0.0).to(tl.float32)
-    q_base = q_ptr + b * sqb + hk * sqh + rk * sqd
-    k_base = k_ptr + b * skb + hk * skh + rk * skd
-    v_base = v_ptr + b * svb + h * svh + rv * svd
-    g_base = g_ptr + b * sgb + h * sgh
-    b_base = b_ptr + b * sbb + h * sbh
-    o_base = o_ptr + b * sob + h * soh + rv * sod
-    w_base = ss_ptr + b * swb + h * swh + rk[:, None] * swk + rv[None, :] * swv
-    for t in range(T):
-        kt = tl.load(k_base + t * skt, mask=mk, other=0.0).to(tl.float32)
-        qt = tl.load(q_base + t * sqt, mask=mk, other=0.0).to(tl.float32)
-        vt = tl.load(v_base + t * svt, mask=mv, other=0.0).to(tl.float32)
-        gt = tl.load(g_base + t * sgt).to(tl.float32)
-        bt = tl.load(b_base + t * sbt).to(tl.float32)
+    q_cur = q_ptr + b * sqb + hk * sqh + rk * sqd
+    k_cur = k_ptr + b * skb + hk * skh + rk * skd
+    v_cur = v_ptr + b * svb + h * svh + rv * svd
+    g_cur = g_ptr + b * sgb + h * sgh
+    b_cur = b_ptr + b * sbb + h * sbh
+    o_cur = o_ptr + b * sob + h * soh + rv * sod
+    w_cur = ss_ptr + b * swb + h * swh + rk[:, None] * swk + rv[None, :] * swv
+    for _ in range(T):  # pointers advance by one time step per iteration
+        kt = tl.load(k_cur, mask=mk, other=0.0).to(tl.float32)
+        qt = tl.load(q_cur, mask=mk, other=0.0).to(tl.float32)
+        vt = tl.load(v_cur, mask=mv, other=0.0).to(tl.float32)
+        gt = tl.load(g_cur).to(tl.float32)
+        bt = tl.load(b_cur).to(tl.float32)
         S = S * tl.exp(gt)
-        kv = tl.sum(S * kt[:, None], axis=0)
+        kv = tl.reduce(S * kt[:, None], 0, _add)
         delta = bt * (vt - kv)
         S = S + kt[:, None] * delta[None, :]
-        ot = tl.sum(S * qt[:, None], axis=0)
-        tl.store(o_base + t * sot, ot.to(o_ptr.dtype.element_ty), mask=mv)
+        ot = tl.reduce(S * qt[:, None], 0, _add)
+        tl.store(o_cur, ot.to(o_ptr.dtype.element_ty), mask=mv)
         if WINDOW:
-            tl.store(w_base + t * swt, S.to(ss_ptr.dtype.element_ty), mask=m2)
+            tl.store(w_cur, S.to(ss_ptr.dtype.element_ty), mask=m2)
+            w_cur += swt
+        q_cur += sqt
+        k_cur += skt
+        v_cur += svt
+        g_cur += sgt
+        b_cur += sbt
+        o_cur += sot
     tl.store(ns_ptr + b * snb + h * snh + rk[:, None] * snk + rv[None, :] * snv,
              S.to(ns_ptr.dtype.element_ty), mask=m2)
 
@@ -135,7 +151,7 @@ def gdn_chunk_prep_kernel(
                  mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
     gc = tl.load(g_ptr + b * sgb + h * sgh + rt * sgt, mask=mt, other=0.0).to(tl.float32)
     bc = tl.load(b_ptr + b * sbb + h * sbh + rt * sbt, mask=mt, other=0.0).to(tl.float32)
-    G = tl.cumsum(gc, axis=0)
+    G = tl.associative_scan(gc, 0, _add)
 
     ii = tl.arange(0, BT)
     lower = ii[:, None] > ii[None, :]
@@ -143,9 +159,9 @@ def gdn_chunk_prep_kernel(
     dG = G[:, None] - G[None, :]
     # A = -L (strictly lower); forward substitution gives A <- (I + L)^-1 - I row by row
     A = tl.where(lower, -(bc[:, None] * kk) * tl.exp(tl.where(lower, dG, 0.0)), 0.0)
-    for i in range(1, BT):
-        row = tl.sum(tl.where(ii[:, None] == i, A, 0.0), axis=0)  # (BT,), zero for cols >= i
-        new = row + tl.sum(row[:, None] * A, axis=0)
+    for i in range(1, tl.minimum(T - t0, BT)):  # padded rows stay identity rows
+        row = tl.reduce(tl.where(ii[:, None] == i, A, 0.0), 0, _add)  # (BT,), zero for cols >= i
+        new = row + tl.reduce(row[:, None] * A, 0, _add)
         A = tl.where(ii[:, None] == i, new[None, :], A)
     M = A + tl.where(ii[:, None] == ii[None, :], 1.0, 0.0)
 
@@ -199,8 +215,8 @@ def gdn_chunk_fwd_kernel(
         gc = tl.load(g_ptr + b * sgb + h * sgh + rt * sgt, mask=mt, other=0.0).to(tl.float32)
         Wc = tl.load(wbase + rt[:, None] * DK + rk[None, :], mask=mtk, other=0.0)
         Uc = tl.load(ubase + rt[:, None] * DV + rv[None, :], mask=mtv, other=0.0)
-        G = tl.cumsum(gc, axis=0)
-        g_last = tl.sum(gc, axis=0)  # padded rows have g = 0
+        G = tl.associative_scan(gc, 0, _add)
+        g_last = tl.reduce(gc, 0, _add)  # padded rows have g = 0
 
         Vn = Uc - tl.dot(Wc, S, input_precision=PREC)  # (BT, BV)
         qk = tl.dot(qc, tl.trans(kc), input_precision=PREC)  # (BT, BT)
@@ -279,7 +295,8 @@ def gated_delta_rule_triton(q, k, v, g, beta, state, out_o, out_state, out_state
             k, v, g, beta, ws_w, ws_u,
             T, Hv, dk, dv, R,
             *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
-            BT=CHUNK, BK=BK, BVP=BVP, PREC=input_precision, num_warps=num_warps or 4,
+            BT=CHUNK, BK=BK, BVP=BVP, PREC=input_precision,
+            num_warps=num_warps or (8 if max(BK, BVP) >= 128 else 4),
         )
         gdn_chunk_fwd_kernel[(triton.cdiv(dv, BV), B * Hv)](
             q, k, g, ws_w, ws_u, state, out_o, out_state,

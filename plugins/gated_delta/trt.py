@@ -30,18 +30,32 @@ def _supports(pos, types, num_inputs, f, trt):
     return types[pos] == trt.DataType.FLOAT
 
 
+def workspace_size(ins, outs, f) -> int:
+    """float32 scratch of the chunked kernel (:func:`.triton.chunk_workspace_numel`), 0 without Triton."""
+    try:
+        from .triton import chunk_workspace_numel
+    except ImportError:           # building engines needs no Triton; enqueue does
+        return 0
+    (B, T, Hv, dv), (_, _, dk, _) = ins[2], ins[5]
+    return 4 * int(chunk_workspace_numel(max(B, 0), max(T, 0), Hv, dk, dv))
+
+
 def _launch(window: bool):
     def launch(ins, outs, workspace, f):
+        import torch
+
         from .triton import gated_delta_rule
 
         q, k, v, g, beta, state = ins
-        gated_delta_rule(q, k, v, g, beta, state, *outs)
+        ws = workspace.view(torch.float32) if workspace is not None else None
+        gated_delta_rule(q, k, v, g, beta, state, window=window, out=tuple(outs), workspace=ws)
     return launch
 
 
 DESCS = [
     OpDesc(name=OP_TYPE_WINDOW if w else OP_TYPE, num_outputs=3 if w else 2,
            fields=(("num_k_heads", "int"), ("num_v_heads", "int")),
-           output_dtypes=_dtypes(w), output_shapes=_shapes(w), supports=_supports, launch=_launch(w))
+           output_dtypes=_dtypes(w), output_shapes=_shapes(w), supports=_supports, launch=_launch(w),
+           workspace=workspace_size)
     for w in (False, True)
 ]

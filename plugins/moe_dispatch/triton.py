@@ -8,16 +8,18 @@ x / fc1 / fc2 / out share one dtype (float32, float16 or bfloat16); router logit
 
 Kernels
 -------
-* ``_route_kernel``         one program per token: fp32 softmax, iterative arg-max top-k, renorm.
+* ``_route_kernel``         one program per BLOCK_T tokens: fp32 softmax, k arg-max passes (lowest
+                            index among equal probabilities), renormalisation -> w fp32, idx int32.
 * decode path (few tokens, weight-bandwidth bound GEMV):
   ``_decode_fc1_kernel``    grid (N*k, cdiv(I, BLOCK_I)): gated up-projection + SwiGLU of one
                             (token, chosen expert) pair into the fp32 workspace ``act[N*k, I]``;
   ``_decode_fc2_kernel``    grid (N, cdiv(H, BLOCK_H)): down projection, weighted and summed over
                             the k slots in order 0..k-1 inside the program -> ``out`` (no atomics).
 * prefill path (grouped GEMM):
-  expert grouping with torch ops on device (bincount / stable argsort / cumsum / searchsorted; no
-  host synchronisation) -> a tile schedule of ``cdiv(N*k, BLOCK_M) + min(E, N*k)`` M-tiles (upper
-  bound; unused tiles exit at once), each tile = up to BLOCK_M (token, slot) rows of one expert;
+  expert grouping with torch ops on device (stable sort / searchsorted / cumsum; no host
+  synchronisation) -> a tile schedule of ``cdiv(N*k, BLOCK_M) + min(E, N*k)`` M-tiles (an upper
+  bound, so the grid needs no sync; unused tiles exit at once), each tile = up to BLOCK_M
+  (token, slot) rows of one expert;
   ``_grouped_fc1_kernel``   grid (tiles, cdiv(I, BLOCK_N)): x rows gathered, ``tl.dot`` against
                             the expert's gate and up rows, SwiGLU -> ``act`` (rows in sorted order);
   ``_grouped_fc2_kernel``   grid (tiles, cdiv(H, BLOCK_N)): act @ fc2[e]^T, times the routing
@@ -38,7 +40,11 @@ Public API
 ``path="auto"`` picks decode for ``N <= DECODE_MAX_TOKENS`` (8) and prefill otherwise.  The prefill
 launcher runs a few torch ops on the current torch stream (the plugin must make the TensorRT stream
 current, e.g. ``with torch.cuda.stream(torch.cuda.ExternalStream(stream))``); they allocate
-O(N*k) int64 temporaries from torch's caching allocator, everything else lives in ``workspace``.
+O(N*k) int64 temporaries from torch's caching allocator, everything else lives in ``workspace``
+(256-byte aligned segments: w fp32 [N*k], idx int32 [N*k], act [N*k, I] -- fp32 for decode, the
+model dtype for fp16/bf16 prefill, whose tensor-core GEMM consumes it -- and, prefill only, the
+fp32 per-slot outputs [N*k, H]).  Block sizes / warps: :data:`DEFAULT_CONFIG` (H100-oriented,
+untuned), overridable per call with ``config``.
 """
 from __future__ import annotations
 
@@ -55,44 +61,49 @@ _ALIGN = 256
 
 DEFAULT_CONFIG = {
     # routing
-    "route_warps": 4,
+    "route_block_t": 8, "route_warps": 4,
     # decode GEMV
-    "dec1_block_i": 16, "dec1_block_h": 256, "dec1_warps": 4,
-    "dec2_block_h": 16, "dec2_block_i": 128, "dec2_warps": 4,
+    "dec1_block_i": 16, "dec1_block_h": 256, "dec1_warps": 8,
+    "dec2_block_h": 16, "dec2_block_i": 256, "dec2_warps": 8,
     # prefill grouped GEMM
     "block_m": 64,
-    "pre1_block_n": 64, "pre1_block_k": 64, "pre1_warps": 4, "pre1_stages": 3,
-    "pre2_block_n": 128, "pre2_block_k": 64, "pre2_warps": 4, "pre2_stages": 3,
+    "pre1_block_n": 64, "pre1_block_k": 64, "pre1_warps": 8, "pre1_stages": 3,
+    "pre2_block_n": 128, "pre2_block_k": 64, "pre2_warps": 8, "pre2_stages": 3,
     "comb_block_h": 256, "comb_warps": 4,
 }
 
 
 # ============================================================================ kernels
 @triton.jit
-def _route_kernel(logits_ptr, w_ptr, idx_ptr, E,
-                  K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, NORMALIZE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _route_kernel(logits_ptr, w_ptr, idx_ptr, N, E,
+                  K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                  NORMALIZE: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mt = offs_t < N
+    offs_t = offs_t.to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
-    m = offs < E
-    lg = tl.load(logits_ptr + t * E + offs, mask=m, other=-float("inf")).to(tl.float32)
-    ex = tl.exp(lg - tl.max(lg, axis=0))
-    ex = tl.where(m, ex, 0.0)
-    p = ex / tl.sum(ex, axis=0)
-    p = tl.where(m, p, -1.0)  # padding lanes are never chosen (probabilities are >= 0)
+    m = mt[:, None] & (offs < E)[None, :]
+    lg = tl.load(logits_ptr + offs_t[:, None] * E + offs[None, :], mask=m, other=-float("inf")).to(tl.float32)
+    lg = tl.where(mt[:, None], lg, 0.0)  # padding tokens: finite rows, results discarded
+    me = (offs < E)[None, :]
+    ex = tl.exp(lg - tl.max(lg, axis=1)[:, None])
+    ex = tl.where(me, ex, 0.0)
+    p = ex / tl.sum(ex, axis=1)[:, None]
+    p = tl.where(me, p, -1.0)  # padding lanes are never chosen (probabilities are >= 0)
     ks = tl.arange(0, BLOCK_K)
-    wv = tl.zeros([BLOCK_K], tl.float32)
-    iv = tl.zeros([BLOCK_K], tl.int32)
+    wv = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    iv = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for j in tl.static_range(K):
-        best = tl.max(p, axis=0)
-        arg = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)  # lowest index among ties
-        wv = tl.where(ks == j, best, wv)
-        iv = tl.where(ks == j, arg, iv)
-        p = tl.where(offs == arg, -1.0, p)
+        best = tl.max(p, axis=1)[:, None]
+        arg = tl.min(tl.where(p == best, offs[None, :], BLOCK_E), axis=1)[:, None]  # lowest index among ties
+        wv = tl.where(ks[None, :] == j, best, wv)
+        iv = tl.where(ks[None, :] == j, arg, iv)
+        p = tl.where(offs[None, :] == arg, -1.0, p)
     if NORMALIZE:
-        wv = wv / tl.sum(wv, axis=0)  # padding lanes hold 0
-    km = ks < K
-    tl.store(w_ptr + t * K + ks, wv, mask=km)
-    tl.store(idx_ptr + t * K + ks, iv, mask=km)
+        wv = wv / tl.sum(wv, axis=1)[:, None]  # padding lanes hold 0
+    om = mt[:, None] & (ks < K)[None, :]
+    tl.store(w_ptr + offs_t[:, None] * K + ks[None, :], wv, mask=om)
+    tl.store(idx_ptr + offs_t[:, None] * K + ks[None, :], iv, mask=om)
 
 
 @triton.jit
@@ -102,24 +113,21 @@ def _decode_fc1_kernel(x_ptr, fc1_ptr, idx_ptr, act_ptr, H, I,
     pid_i = tl.program_id(1)
     t = ts // K
     e = tl.load(idx_ptr + ts).to(tl.int64)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    mi = offs_i < I
-    gate_rows = fc1_ptr + e * (2 * I) * H + (2 * offs_i).to(tl.int64)[:, None] * H  # [BI, 1]
-    acc_g = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
-    acc_u = tl.zeros([BLOCK_I, BLOCK_H], tl.float32)
+    # the 2*BLOCK_I interleaved rows (gate_i, up_i, gate_i+1, ...) form one contiguous [2BI, H] block
+    offs_r = 2 * pid_i * BLOCK_I + tl.arange(0, 2 * BLOCK_I)
+    mr = offs_r < 2 * I
+    rows = fc1_ptr + e * (2 * I) * H + offs_r.to(tl.int64)[:, None] * H  # [2BI, 1]
+    acc = tl.zeros([2 * BLOCK_I, BLOCK_H], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mh = offs_h < H
-        xv = tl.load(x_ptr + t * H + offs_h, mask=mh, other=0.0).to(tl.float32)[None, :]
-        wm = mi[:, None] & mh[None, :]
-        wg = tl.load(gate_rows + offs_h[None, :], mask=wm, other=0.0).to(tl.float32)
-        wu = tl.load(gate_rows + H + offs_h[None, :], mask=wm, other=0.0).to(tl.float32)
-        acc_g += wg * xv
-        acc_u += wu * xv
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
+        xv = tl.load(x_ptr + t * H + offs_h, mask=mh, other=0.0).to(tl.float32)
+        wt = tl.load(rows + offs_h[None, :], mask=mr[:, None] & mh[None, :], other=0.0).to(tl.float32)
+        acc += wt * xv[None, :]
+    g, u = tl.split(tl.reshape(tl.sum(acc, axis=1), [BLOCK_I, 2]))
     a = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_ptr + ts * I + offs_i, a, mask=mi)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    tl.store(act_ptr + ts * I + offs_i, a, mask=offs_i < I)
 
 
 @triton.jit
@@ -128,20 +136,19 @@ def _decode_fc2_kernel(act_ptr, fc2_ptr, idx_ptr, w_ptr, out_ptr, H, I,
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mh = offs_h < H
-    y = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_I], tl.float32)
     for s in range(K):  # fixed order -> deterministic
         ts = t * K + s
         e = tl.load(idx_ptr + ts).to(tl.int64)
         w = tl.load(w_ptr + ts).to(out_ptr.dtype.element_ty).to(tl.float32)  # router weight in model dtype
         rows = fc2_ptr + e * H * I + offs_h.to(tl.int64)[:, None] * I  # [BH, 1]
-        acc = tl.zeros([BLOCK_H, BLOCK_I], tl.float32)
         for i0 in range(0, I, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mi = offs_i < I
-            a = tl.load(act_ptr + ts * I + offs_i, mask=mi, other=0.0)
+            a = tl.load(act_ptr + ts * I + offs_i, mask=mi, other=0.0) * w
             wt = tl.load(rows + offs_i[None, :], mask=mh[:, None] & mi[None, :], other=0.0).to(tl.float32)
             acc += wt * a[None, :]
-        y += w * tl.sum(acc, axis=1)
+    y = tl.sum(acc, axis=1)
     tl.store(out_ptr + t * H + offs_h, y.to(out_ptr.dtype.element_ty), mask=mh)
 
 
@@ -157,26 +164,29 @@ def _grouped_fc1_kernel(x_ptr, fc1_ptr, sched_ptr, sorted_ptr, act_ptr, H, I, ma
     e = tl.load(sched_ptr + tile).to(tl.int64)
     rows = r0 + tl.arange(0, BLOCK_M)
     mr = rows < r1
-    ts = tl.load(sorted_ptr + rows, mask=mr, other=0)
-    tok = (ts // K).to(tl.int64)
+    ts = tl.load(sorted_ptr + rows, mask=mr, other=0)  # rows past the group read token 0 (never stored)
+    tok = ts // K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < I
-    gate_cols = fc1_ptr + e * (2 * I) * H + (2 * offs_n).to(tl.int64)[None, :] * H  # [1, BN]
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * H + offs_k[None, :]  # [BM, BK]
+    g_ptrs = fc1_ptr + e * (2 * I) * H + (2 * offs_n)[None, :] * H + offs_k[:, None]  # gate rows [BK, BN]
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < H
-        a = tl.load(x_ptr + tok[:, None] * H + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        mk = offs_k < H - k0
+        a = tl.load(a_ptrs, mask=mk[None, :], other=0.0)
         bm = mk[:, None] & mn[None, :]
-        bg = tl.load(gate_cols + offs_k[:, None], mask=bm, other=0.0)  # [BK, BN]
-        bu = tl.load(gate_cols + H + offs_k[:, None], mask=bm, other=0.0)
+        bg = tl.load(g_ptrs, mask=bm, other=0.0)
+        bu = tl.load(g_ptrs + H, mask=bm, other=0.0)  # up row 2i+1 follows gate row 2i
         if DOT_IEEE:
             acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
             acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
         else:
             acc_g = tl.dot(a, bg, acc_g)
             acc_u = tl.dot(a, bu, acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * I + offs_n[None, :], act.to(act_ptr.dtype.element_ty),
              mask=mr[:, None] & mn[None, :])
@@ -194,24 +204,27 @@ def _grouped_fc2_kernel(act_ptr, fc2_ptr, sched_ptr, sorted_ptr, w_ptr, partial_
     e = tl.load(sched_ptr + tile).to(tl.int64)
     rows = r0 + tl.arange(0, BLOCK_M)
     mr = rows < r1
-    ts = tl.load(sorted_ptr + rows, mask=mr, other=0).to(tl.int64)
+    rows = tl.where(mr, rows, r0)  # rows past the group re-read the first row (never stored)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < H
-    b_cols = fc2_ptr + e * H * I + offs_n.to(tl.int64)[None, :] * I  # [1, BN]
-    a_rows = act_ptr + rows.to(tl.int64)[:, None] * I  # [BM, 1]
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + rows.to(tl.int64)[:, None] * I + offs_k[None, :]  # [BM, BK]
+    b_ptrs = fc2_ptr + e * H * I + offs_n[None, :] * I + offs_k[:, None]  # [BK, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, I, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < I
-        b = tl.load(b_cols + offs_k[:, None], mask=mk[:, None] & mn[None, :], other=0.0)  # [BK, BN]
-        a = tl.load(a_rows + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0).to(b.dtype)
+        mk = offs_k < I - k0
+        b = tl.load(b_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mk[None, :], other=0.0).to(b.dtype)
         if DOT_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    w = tl.load(w_ptr + ts, mask=mr, other=0.0).to(fc2_ptr.dtype.element_ty).to(tl.float32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    ts = tl.load(sorted_ptr + rows)
+    w = tl.load(w_ptr + ts).to(fc2_ptr.dtype.element_ty).to(tl.float32)  # router weight in model dtype
     acc = acc * w[:, None]
-    tl.store(partial_ptr + ts[:, None] * H + offs_n[None, :], acc, mask=mr[:, None] & mn[None, :])
+    tl.store(partial_ptr + ts.to(tl.int64)[:, None] * H + offs_n[None, :], acc, mask=mr[:, None] & mn[None, :])
 
 
 @triton.jit
@@ -287,8 +300,9 @@ def _route_into(router_logits, top_k, normalize, w, idx, cfg):
     N, E = router_logits.shape
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k={top_k} must be in [1, E={E}]")
-    _route_kernel[(N,)](router_logits, w, idx, E, K=top_k, BLOCK_K=_np2(top_k), BLOCK_E=_np2(E),
-                        NORMALIZE=bool(normalize), num_warps=cfg["route_warps"])
+    bt = min(cfg["route_block_t"], _np2(N))
+    _route_kernel[(triton.cdiv(N, bt),)](router_logits, w, idx, N, E, K=top_k, BLOCK_K=_np2(top_k), BLOCK_E=_np2(E),
+                                         BLOCK_T=bt, NORMALIZE=bool(normalize), num_warps=cfg["route_warps"])
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True, config: dict | None = None):
@@ -310,10 +324,13 @@ def _prefill_schedule(idx_flat: torch.Tensor, E: int, block_m: int):
     = flat (token*k + slot) ids ordered by expert, stable; max_tiles)."""
     nk = idx_flat.numel()
     dev = idx_flat.device
-    counts = torch.bincount(idx_flat, minlength=E)[:E]
-    sorted_ts = torch.argsort(idx_flat, stable=True).to(torch.int32)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
+    # (torch.bincount would synchronise with the host on CUDA; sort + searchsorted does not)
+    sorted_e, order = torch.sort(idx_flat, stable=True)
+    sorted_ts = order.to(torch.int32)
+    experts = torch.arange(E, device=dev, dtype=sorted_e.dtype)
+    starts = torch.searchsorted(sorted_e, experts)
+    ends = torch.searchsorted(sorted_e, experts, right=True)
+    counts = ends - starts
     ntiles = (counts + (block_m - 1)) // block_m
     tile_ends = torch.cumsum(ntiles, 0)
     max_tiles = triton.cdiv(nk, block_m) + min(E, nk)

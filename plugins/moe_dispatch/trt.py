@@ -32,7 +32,15 @@ def workspace_size(ins, outs, f) -> int:
     align = 256
     routing = n * k * (4 + 8)                 # float32 weights + int64 expert ids
     act = n * k * inter * 4                   # float32 SwiGLU activations
-    return sum(-(-b // align) * align for b in (routing, act))
+    size = sum(-(-b // align) * align for b in (routing, act))
+    try:                          # the kernel's own sizing when Triton (and torch) are importable
+        import torch
+
+        from .triton import workspace_bytes
+    except ImportError:
+        return size
+    H, E = int(ins[0][1]), int(ins[1][1])
+    return max(size, int(workspace_bytes(n, H, inter, E, k, dtype=torch.float32)))
 
 
 def _launch(ins, outs, workspace, f):

@@ -13,7 +13,8 @@ import numpy as np
 from dualbrain.errors import DualbrainError
 from dualbrain.runtime.manifest import BlockInfo
 
-BACKENDS = {"onnxruntime": "dualbrain.runtime.backends.onnxruntime"}
+BACKENDS = {"onnxruntime": "dualbrain.runtime.backends.onnxruntime",
+            "tensorrt": "dualbrain.runtime.backends.tensorrt"}
 
 
 class Backend(Protocol):

@@ -251,7 +251,7 @@ def clear_hwm():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
-STACK = ["startup"]
+STACK = ["other"]
 BLOCK = ["startup"]
 def boundary():
     # close the running segment: its peak belongs to the innermost active step
@@ -461,14 +461,13 @@ def main(argv=None) -> int:
         if args.profile:
             shutil.rmtree(out, ignore_errors=True)
             print("profiling the export step by step ...", file=sys.stderr, flush=True)
-            prc, pru, psecs, pev, _, ptail = run_child(CHILD_PROFILE, ckpt, out)
+            prc, _, _, pev, _, ptail = run_child(CHILD_PROFILE, ckpt, out)
             print(f"{'block':10} {'step':48} {'peak':>11} {'before':>11} {'after':>11}", file=sys.stderr)
             for row in profile_table(pev):
                 print(f"{row['block']:10} {row['step']:48} {fmt(row['peak_rss'])} "
                       f"{fmt(row.get('rss_before', 0))} {fmt(row.get('rss_after', 0))}", file=sys.stderr)
             if prc != 0:
                 print(ptail, file=sys.stderr)
-            result["profile_ru_maxrss_bytes"] = pru
         print(json.dumps(result))
         if rc != 0:
             return 2

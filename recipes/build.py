@@ -1,0 +1,377 @@
+"""`dualbrain build`: an export + a recipe -> one serialized TensorRT engine per block + engines.json.
+
+The parent process validates everything it can without TensorRT (recipe, export manifest,
+precision, flavour availability, profiles), then runs the TensorRT part (parse with our plugins,
+build, serialize) in a child process started with the LD_LIBRARY_PATH the TensorRT-RTX parser needs
+(see :func:`dualbrain.plugins.tensorrt.library_env`); a process already started with it builds
+in-process. The child reports progress as JSON lines on stdout. Output goes through
+:func:`atomic_output_dir`: ENGINES appears only when every block was built.
+
+TensorRT-RTX builds ahead of time without a GPU: networks are strongly typed (precision comes from
+the ONNX graph), targets are set with ``IBuilderConfig.num_compute_capabilities`` +
+``set_compute_capability(ComputeCapability.SM89, i)``; its timing cache calls are no-ops.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from dualbrain.artifacts import atomic_output_dir
+from dualbrain.errors import DualbrainError
+from dualbrain.recipes.schema import Recipe, load_recipe
+from dualbrain.runtime.manifest import MANIFEST, Manifest, file_digest, load_manifest, safe_child
+
+ENGINE_MANIFEST = "engines.json"
+ENGINE_FORMAT = "dualbrain-engines"
+ENGINE_VERSION = 1
+TIMING_CACHE = "timing.cache"
+PROFILE_NAMES = ("prefill", "decode")
+
+Progress = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def profile_dims(recipe: Recipe, export_max_context: int) -> dict[str, dict[str, list[int]]]:
+    """{profile name: {dim: [min, opt, max]}} for the symbolic dims batch, seq, past, total.
+
+    The recipe's max_context is clamped to the export's. prefill: seq 1..max_prefill from any past;
+    decode (if the recipe asks): seq = 1.
+    """
+    p = recipe.profile
+    ctx = min(p.max_context, export_max_context)
+    max_seq = min(p.max_prefill, ctx)
+    opt_seq = min(p.opt_prefill, max_seq)
+    opt_ctx = min(p.opt_context, ctx)
+    batch = [p.min_batch, p.opt_batch, p.max_batch]
+    prefill = {"batch": batch, "seq": [1, opt_seq, max_seq], "past": [0, 0, ctx - 1],
+               "total": [1, opt_seq, ctx]}
+    out = {"prefill": prefill}
+    if p.decode_profile:
+        opt_past = min(opt_ctx, ctx - 1)
+        out["decode"] = {"batch": batch, "seq": [1, 1, 1], "past": [0, opt_past, ctx - 1],
+                         "total": [1, opt_past + 1, ctx]}
+    return out
+
+
+def input_shapes(shape: tuple, dims: dict[str, list[int]]) -> list[tuple[int, ...]]:
+    """(min, opt, max) concrete shapes of a manifest shape under one profile's dims."""
+    out = []
+    for j in range(3):
+        out.append(tuple(dims[d][j] if isinstance(d, str) else int(d) for d in shape))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent side
+
+
+def check_compatible(recipe: Recipe, man: Manifest) -> None:
+    recipe.check_precision(man.dtype)
+    if recipe.linked:
+        raise DualbrainError(f"recipe {recipe.name}: linked = true (one engine for the whole model) "
+                             "is not supported yet; set linked = false")
+
+
+def check_flavour(recipe: Recipe) -> None:
+    from dualbrain.plugins.tensorrt import available_flavours
+
+    have = available_flavours()
+    if recipe.flavour in have:
+        return
+    if recipe.flavour == "tensorrt":
+        raise DualbrainError(
+            f"recipe {recipe.name} needs enterprise TensorRT (module `tensorrt`, target {recipe.target}), "
+            + (f"but only {', '.join(have)} is installed" if have else "which is not installed")
+            + "; TensorRT-RTX cannot build for this target")
+    raise DualbrainError(f"recipe {recipe.name} needs TensorRT-RTX, which is not installed: "
+                         "pip install 'dualbrain[rtx]'")
+
+
+def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, engines_dir: str | os.PathLike, *,
+          progress: Progress | None = None, in_process: bool | None = None) -> dict[str, Any]:
+    """Build engines for every block of `export_dir` into `engines_dir`; returns the engine manifest."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    export_dir, engines_dir = Path(export_dir), Path(engines_dir)
+    man = load_manifest(export_dir)
+    check_compatible(recipe, man)
+    check_flavour(recipe)
+    if engines_dir.resolve() == export_dir.resolve():
+        raise DualbrainError("the engines directory must not be the export directory")
+    profiles = profile_dims(recipe, man.max_context)
+    blocks = [{"name": b.name, "onnx": str(safe_child(export_dir, b.file, MANIFEST).resolve()),
+               "inputs": [[t.name, list(t.shape)] for t in b.inputs]} for b in man.blocks]
+    with atomic_output_dir(engines_dir) as part:
+        old_cache = engines_dir / TIMING_CACHE
+        if recipe.timing_cache and recipe.flavour == "tensorrt" and old_cache.is_file():
+            shutil.copyfile(old_cache, part / TIMING_CACHE)
+        job = {"kind": "build", "flavour": recipe.flavour, "recipe": recipe.to_json(), "profiles": profiles,
+               "blocks": blocks, "out": str(part.resolve())}
+        results = run_job(job, progress=progress, in_process=in_process)
+        done = results["built"]
+        man_digest = file_digest(export_dir / MANIFEST)
+        engine_manifest = {
+            "format": ENGINE_FORMAT, "version": ENGINE_VERSION,
+            "flavour": recipe.flavour, "tensorrt_version": results["tensorrt_version"],
+            "compute_capabilities": list(recipe.compute_capabilities), "target": recipe.target,
+            "recipe": recipe.to_json(),
+            "profiles": [{"name": n, "dims": d} for n, d in profiles.items()],
+            "timing_cache": results.get("timing_cache"),
+            "export": {"path": str(export_dir.resolve()), "dtype": man.dtype, "max_context": man.max_context,
+                       "window": man.window, "manifest_sha256": man_digest["sha256"], "model": man.model},
+            "blocks": [],
+        }
+        for b in man.blocks:
+            r = done[b.name]
+            engine_manifest["blocks"].append({
+                "name": b.name, "kind": b.kind, "layer": b.layer, "onnx": b.file,
+                "engine": r["file"], "size": r["size"], "sha256": r["sha256"], "build_seconds": r["seconds"],
+                "plugins": r["plugins"],
+                "inputs": [asdict(t) for t in b.inputs], "outputs": [asdict(t) for t in b.outputs],
+                "state": [asdict(s) for s in b.state],
+            })
+        text = json.dumps(engine_manifest, indent=1)
+        (part / ENGINE_MANIFEST).write_text(text, encoding="utf-8")
+    return json.loads(text)
+
+
+def inspect_plugins(export_dir: str | os.PathLike, flavour: str = "tensorrt-rtx",
+                    in_process: bool | None = None) -> dict[str, list[dict]]:
+    """Parse every block of `export_dir` with our plugins registered (no build); per block, the
+    plugin layers found: {"layer", "type" (e.g. PLUGIN_V3), "plugin", "namespace", "fields"}."""
+    export_dir = Path(export_dir)
+    man = load_manifest(export_dir)
+    blocks = [{"name": b.name, "onnx": str(safe_child(export_dir, b.file, MANIFEST).resolve())} for b in man.blocks]
+    res = run_job({"kind": "inspect", "flavour": flavour, "blocks": blocks}, in_process=in_process)
+    return res["plugins"]
+
+
+def run_job(job: dict, *, progress: Progress | None = None, in_process: bool | None = None) -> dict:
+    """Run a TensorRT job in this process if it is safe to parse plugins here, else in a child."""
+    from dualbrain.plugins.tensorrt import library_env, library_env_active
+
+    flavour = job["flavour"]
+    if in_process is None:
+        in_process = library_env_active(flavour)
+    if in_process:
+        return _Worker(job, lambda ev: _on_event(ev, progress)).run()
+    env = library_env(flavour)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "dualbrain.recipes.build"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(json.dumps(job))
+    proc.stdin.close()
+    import threading
+
+    err_lines: list[str] = []
+
+    def drain():
+        for line in proc.stderr:
+            err_lines.append(line.rstrip())
+            del err_lines[:-40]
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    result, error = None, None
+    try:
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line) if line.startswith("{") else None
+            except json.JSONDecodeError:
+                ev = None
+            if not isinstance(ev, dict) or "event" not in ev:
+                continue
+            if ev["event"] == "result":
+                result = ev["result"]
+            elif ev["event"] == "error":
+                error = ev["message"]
+            else:
+                _on_event(ev, progress)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        rc = proc.wait()
+        t.join(timeout=5)
+    if error:
+        raise DualbrainError(error)
+    if rc != 0 or result is None:
+        tail = next((ln for ln in reversed(err_lines) if ln.strip()), "no message")
+        raise DualbrainError(f"TensorRT worker failed (exit code {rc}): {tail}")
+    return result
+
+
+def _on_event(ev: dict, progress: Progress | None) -> None:
+    if progress and ev["event"] == "progress":
+        progress(ev["name"], ev["done"], ev["total"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Child side: everything that touches TensorRT
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Worker:
+    def __init__(self, job: dict, emit: Callable[[dict], None]):
+        self.job = job
+        self.emit = emit
+
+    def run(self) -> dict:
+        from dualbrain.plugins.tensorrt import import_tensorrt, register_plugins
+
+        self.trt, self.flavour = import_tensorrt(self.job["flavour"])
+        register_plugins(self.trt)
+        self.logger = self.trt.Logger(self.trt.Logger.ERROR)
+        return self.build() if self.job["kind"] == "build" else self.inspect()
+
+    # parsing -----------------------------------------------------------------------------------
+    def parse(self, builder, onnx_path: str):
+        from dualbrain.plugins.tensorrt import tensorrt_onnx
+
+        trt = self.trt
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        model = tensorrt_onnx(onnx_path)
+        if not parser.parse(model.SerializeToString(), path=onnx_path):
+            errs = [str(parser.get_error(i)).strip().splitlines()[0] for i in range(parser.num_errors)]
+            raise DualbrainError(f"TensorRT cannot parse {Path(onnx_path).name}: {errs[0] if errs else 'unknown error'}")
+        expected = sum(1 for n in model.graph.node if n.domain == "dualbrain")
+        layers = self.plugin_layers(network)
+        found = sum(1 for x in layers if x["namespace"] == "dualbrain")
+        if found != expected:
+            raise DualbrainError(f"{Path(onnx_path).name}: {expected} dualbrain nodes but {found} dualbrain plugin "
+                                 "layers after parsing (the parser inlined the ONNX functions?)")
+        return network, parser, layers
+
+    def plugin_layers(self, network) -> list[dict]:
+        trt = self.trt
+        kinds = {trt.LayerType.PLUGIN_V3: trt.IPluginV3Layer, trt.LayerType.PLUGIN_V2: trt.IPluginV2Layer}
+        out = []
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type not in kinds and layer.type != trt.LayerType.PLUGIN:
+                continue
+            info = {"layer": layer.name, "type": layer.type.name, "plugin": None, "namespace": None, "fields": {}}
+            if layer.type == trt.LayerType.PLUGIN_V3:
+                layer.__class__ = trt.IPluginV3Layer
+                plugin = layer.plugin
+                core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE) \
+                    if hasattr(plugin, "get_capability_interface") else plugin
+                info["plugin"] = getattr(core, "plugin_name", None)
+                info["namespace"] = getattr(core, "plugin_namespace", None)
+                info["fields"] = dict(getattr(plugin, "values", {}))
+            out.append(info)
+        return out
+
+    def inspect(self) -> dict:
+        builder = self.trt.Builder(self.logger)
+        res = {}
+        for i, b in enumerate(self.job["blocks"]):
+            self.emit({"event": "progress", "name": b["name"], "done": i, "total": len(self.job["blocks"])})
+            _, _, layers = self.parse(builder, b["onnx"])
+            res[b["name"]] = layers
+        return {"plugins": res, "tensorrt_version": self.trt.__version__}
+
+    # building ----------------------------------------------------------------------------------
+    def config(self, builder, network, recipe: dict):
+        trt = self.trt
+        cfg = builder.create_builder_config()
+        cfg.builder_optimization_level = int(recipe["optimization_level"])
+        cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(recipe["workspace_mib"]) << 20)
+        if self.flavour == "tensorrt-rtx":
+            ccs = recipe["compute_capabilities"]
+            cfg.num_compute_capabilities = len(ccs)
+            for i, cc in enumerate(ccs):
+                enum = getattr(trt.ComputeCapability, "SM" + cc.replace(".", ""), None)
+                if enum is None or not cfg.set_compute_capability(enum, i):
+                    raise DualbrainError(f"TensorRT-RTX {trt.__version__} cannot target compute capability {cc}")
+        # Enterprise TensorRT builds for the GPU it runs on (untested here: not installable).
+        inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+        for pname, dims in self.job["profiles"].items():
+            prof = builder.create_optimization_profile()
+            for name, shape in self.block["inputs"]:
+                if name not in inputs:
+                    continue
+                mn, opt, mx = input_shapes(shape, dims)
+                prof.set_shape(name, mn, opt, mx)
+            if cfg.add_optimization_profile(prof) < 0:
+                raise DualbrainError(f"TensorRT refused the {pname} profile of block {self.block['name']}")
+        return cfg
+
+    def build(self) -> dict:
+        trt = self.trt
+        recipe = self.job["recipe"]
+        out = Path(self.job["out"])
+        blocks = self.job["blocks"]
+        builder = trt.Builder(self.logger)
+        cache = None
+        cache_path = out / TIMING_CACHE
+        use_cache = bool(recipe["timing_cache"]) and self.flavour == "tensorrt"   # a no-op in TensorRT-RTX
+        built = {}
+        for i, b in enumerate(blocks):
+            self.block = b
+            self.emit({"event": "progress", "name": b["name"], "done": i, "total": len(blocks)})
+            t0 = time.perf_counter()
+            network, parser, layers = self.parse(builder, b["onnx"])
+            cfg = self.config(builder, network, recipe)
+            if use_cache:
+                if cache is None:
+                    cache = cfg.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+                cfg.set_timing_cache(cache, True)
+            try:
+                plan = builder.build_serialized_network(network, cfg)
+            except Exception as e:  # noqa: BLE001 - TensorRT raises assorted types
+                raise DualbrainError(f"TensorRT failed to build block {b['name']}: {str(e).splitlines()[0]}") from None
+            if plan is None:
+                raise DualbrainError(f"TensorRT failed to build block {b['name']} (see the log above)")
+            path = out / f"{b['name']}.engine"
+            with open(path, "wb") as f:
+                f.write(memoryview(plan))
+            del plan, network, parser, cfg
+            built[b["name"]] = {"file": path.name, "size": path.stat().st_size, "sha256": _sha256(path),
+                                "seconds": round(time.perf_counter() - t0, 3), "plugins": layers}
+        self.emit({"event": "progress", "name": "done", "done": len(blocks), "total": len(blocks)})
+        timing = None
+        if use_cache and cache is not None:
+            cache_path.write_bytes(memoryview(cache.serialize()))
+            timing = TIMING_CACHE
+        return {"built": built, "tensorrt_version": trt.__version__, "timing_cache": timing}
+
+
+def _child_main() -> int:
+    """Entry point of the worker process: a JSON job on stdin, JSON lines on stdout."""
+    job = json.loads(sys.stdin.read())
+    out = sys.stdout
+
+    def emit(ev):
+        out.write(json.dumps(ev) + "\n")
+        out.flush()
+    # TensorRT logs go to stderr through its logger; keep stdout for our JSON lines only.
+    try:
+        emit({"event": "result", "result": _Worker(job, emit).run()})
+    except DualbrainError as e:
+        emit({"event": "error", "message": str(e)})
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

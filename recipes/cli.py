@@ -1,0 +1,43 @@
+"""`dualbrain build`: the click command (registered by the main CLI with ``main.add_command(build)``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), disable=not sys.stderr.isatty())
+    task = None
+
+    def update(name: str, done: int, total: int):
+        nonlocal task
+        if task is None:
+            task = bar.add_task("building", total=total)
+        bar.update(task, completed=done, description=f"building {name}")
+
+    return update, bar
+
+
+@click.command("build")
+@click.argument("export_dir", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--recipe", required=True, metavar="NAME|PATH",
+              help="A bundled recipe name (e.g. rtx4090-fp16) or a recipe .toml file.")
+@click.option("-o", "--out", "engines", required=True, type=click.Path(path_type=Path),
+              help="Engines directory (written atomically).")
+def build(export_dir, recipe, engines):
+    """Build TensorRT engines (one per block) for the export in OUT, following a recipe."""
+    from dualbrain.recipes.build import build as run_build
+    from dualbrain.recipes.schema import load_recipe
+
+    r = load_recipe(recipe)
+    update, bar = _progress()
+    with bar:
+        man = run_build(export_dir, r, engines, progress=update)
+    total = sum(b["size"] for b in man["blocks"])
+    click.echo(f"built {len(man['blocks'])} engines for {r.target} ({', '.join(r.compute_capabilities)}) with "
+               f"{man['flavour']} {man['tensorrt_version']}: {engines} ({total / 2**20:.1f} MiB)")

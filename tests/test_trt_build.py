@@ -1,0 +1,254 @@
+"""TensorRT-RTX: our custom nodes become plugin layers, every RTX recipe builds engines for a matching
+tiny export, the engine manifest says what was built, and the tensorrt backend refuses engines from
+another TensorRT or for another GPU before it needs one.
+
+Runs without a GPU (TensorRT-RTX builds ahead of time); running engines needs one and is skipped.
+The exports come from the session-wide `artifacts` cache with the same keys other tests use, so a
+full run makes no extra export (alone, this file makes five: ~40 s each).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+trt = pytest.importorskip("tensorrt_rtx")
+
+from dualbrain.errors import DualbrainError  # noqa: E402
+from dualbrain.recipes.build import ENGINE_MANIFEST, build, inspect_plugins  # noqa: E402
+from dualbrain.recipes.schema import RECIPE_DIR, bundled_recipes, load_recipe  # noqa: E402
+from dualbrain.runtime.backends import load_backend  # noqa: E402
+from dualbrain.runtime.manifest import load_manifest  # noqa: E402
+
+# Checkpoint keys shared with test_errors / test_parity / test_runtime (fp32) and test_precision.
+CKPT = {("dense", "float32"): dict(family="dense", layout="causal", tie=True),
+        ("moe", "float32"): dict(family="moe", layout="conditional"),
+        ("dense", "float16"): dict(family="dense"),
+        ("moe", "float16"): dict(family="moe"),
+        ("moe", "bfloat16"): dict(family="moe")}
+RTX_RECIPES = [n for n in bundled_recipes() if load_recipe(n).flavour == "tensorrt-rtx"]
+BUILDS = [(r, fam) for r in RTX_RECIPES for fam in ("dense", "moe")
+          if (fam, load_recipe(r).precision) in CKPT]
+
+
+@pytest.fixture(scope="module")
+def export(artifacts):
+    def get(family: str, dtype: str) -> Path:
+        return artifacts.export(artifacts.checkpoint(**CKPT[(family, dtype)]), dtype=dtype)
+    return get
+
+
+@pytest.fixture(scope="module")
+def engines(export, tmp_path_factory):
+    """Engines per (recipe, family), built once."""
+    root = tmp_path_factory.mktemp("engines")
+    cache: dict = {}
+
+    def get(recipe: str, family: str):
+        if (recipe, family) not in cache:
+            out = root / f"{recipe}-{family}"
+            man = build(export(family, load_recipe(recipe).precision), recipe, out)
+            cache[(recipe, family)] = (out, man)
+        return cache[(recipe, family)]
+    return get
+
+
+def test_every_buildable_rtx_recipe_is_covered():
+    precisions = {load_recipe(r).precision for r, _ in BUILDS}
+    assert precisions == {"float32", "float16", "bfloat16"}
+    assert {load_recipe(r).precision for r in RTX_RECIPES} - precisions == {"int4-weight-only"}
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_custom_nodes_become_plugin_v3_layers(export, family):
+    out = export(family, "float32")
+    layers = inspect_plugins(out)
+    man = load_manifest(out)
+    seen = set()
+    for b in man.blocks:
+        nodes = [n for n in onnx.load(str(out / b.file), load_external_data=False).graph.node
+                 if n.domain == "dualbrain"]
+        got = layers[b.name]
+        assert [x["type"] for x in got] == ["PLUGIN_V3"] * len(nodes), b.name
+        assert [(x["namespace"], x["plugin"]) for x in got] == [("dualbrain", n.op_type) for n in nodes]
+        for x, n in zip(got, nodes):
+            assert x["fields"] == {a.name: a.i for a in n.attribute}
+        seen.update(x["plugin"] for x in got)
+    want = {"CausalConv1d", "GatedDeltaRule"} | ({"MoEDispatch"} if family == "moe" else set())
+    assert seen == want
+
+
+@pytest.mark.parametrize("recipe, family", BUILDS)
+def test_build_engines(engines, export, recipe, family):
+    r = load_recipe(recipe)
+    out, man = engines(recipe, family)
+    src = export(family, r.precision)
+    exp = load_manifest(src)
+    assert not out.with_name(out.name + ".partial").exists()
+    assert json.loads((out / ENGINE_MANIFEST).read_text()) == man
+    assert man["format"] == "dualbrain-engines" and man["flavour"] == "tensorrt-rtx"
+    assert man["tensorrt_version"] == trt.__version__
+    assert man["compute_capabilities"] == list(r.compute_capabilities) and man["recipe"]["name"] == recipe
+    assert man["export"]["dtype"] == r.precision and man["export"]["path"] == str(src.resolve())
+    profiles = {p["name"]: p["dims"] for p in man["profiles"]}
+    ctx = min(r.profile.max_context, exp.max_context)
+    assert profiles["prefill"]["total"][2] == ctx and profiles["decode"]["seq"] == [1, 1, 1]
+    assert [b["name"] for b in man["blocks"]] == [b.name for b in exp.blocks]
+    for b, eb in zip(exp.blocks, man["blocks"]):
+        data = (out / eb["engine"]).read_bytes()
+        assert len(data) == eb["size"] > 0 and hashlib.sha256(data).hexdigest() == eb["sha256"]
+        assert [t["name"] for t in eb["inputs"]] == [t.name for t in b.inputs]
+        assert [t["shape"] for t in eb["outputs"]] == [list(t.shape) for t in b.outputs]
+        assert len(eb["state"]) == len(b.state)
+        kinds = {p["plugin"] for p in eb["plugins"]}
+        if b.kind == "linear_attention":
+            assert {"CausalConv1d", "GatedDeltaRule"} <= kinds
+        if family == "moe" and b.layer is not None:
+            assert "MoEDispatch" in kinds
+
+
+def test_build_command_with_recipe_path(export, tmp_path):
+    from click.testing import CliRunner
+
+    from dualbrain.cli import _Group
+    from dualbrain.recipes.cli import build as build_cmd
+
+    recipe = tmp_path / "small.toml"
+    recipe.write_text((RECIPE_DIR / "rtx4090-fp32.toml").read_text().replace(
+        'name = "rtx4090-fp32"', 'name = "small"').replace("max_batch = 2", "max_batch = 1"))
+    out = tmp_path / "engines"
+    res = CliRunner().invoke(_Group(commands={"build": build_cmd}),
+                             ["build", str(export("dense", "float32")), "--recipe", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "built 6 engines for rtx4090 (8.9)" in res.output
+    man = json.loads((out / ENGINE_MANIFEST).read_text())
+    assert man["recipe"]["name"] == "small" and man["profiles"][0]["dims"]["batch"] == [1, 1, 1]
+
+
+def test_wrong_precision_export_is_refused(export, tmp_path):
+    with pytest.raises(DualbrainError, match="expects a float16 export, this export is float32"):
+        build(export("dense", "float32"), "rtx4090-fp16", tmp_path / "e")
+    with pytest.raises(DualbrainError, match="--quant int4-weight-only"):
+        build(export("dense", "float32"), "rtx5090-int4", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_plugin_marked_onnx_copy(export, tmp_path):
+    from dualbrain.plugins.tensorrt import tensorrt_onnx, write_tensorrt_onnx
+
+    src = export("moe", "float32") / "layer_000.onnx"
+    model = tensorrt_onnx(src)
+    marked = [n for n in model.graph.node if n.domain == "dualbrain"]
+    assert len(marked) == 3 and not model.functions
+    assert all({a.name: a for a in n.attribute}["plugin_namespace"].s == b"dualbrain" for n in marked)
+    locs = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locs == {"layer_000.onnx.data"}              # still relative to the export directory
+    with pytest.raises(DualbrainError, match="same directory"):
+        write_tensorrt_onnx(src, tmp_path / "x.onnx")
+
+
+# --- the tensorrt backend: refusals happen before any GPU is needed ---------------------------------
+
+def _engines_copy(engines, tmp_path, **changes) -> tuple[Path, Path]:
+    out, man = engines("rtx4090-fp32", "dense")
+    dst = tmp_path / "engines"
+    shutil.copytree(out, dst)
+    m = json.loads((dst / ENGINE_MANIFEST).read_text())
+    m.update(changes)
+    (dst / ENGINE_MANIFEST).write_text(json.dumps(m))
+    return Path(man["export"]["path"]), dst
+
+
+def test_backend_refuses_other_tensorrt_version(engines, tmp_path):
+    src, dst = _engines_copy(engines, tmp_path, tensorrt_version="1.6.0.1")
+    with pytest.raises(DualbrainError, match=r"built with TensorRT-RTX 1\.6\.0\.1, installed is "):
+        load_backend("tensorrt", src, load_manifest(src), engines=dst)
+
+
+def test_backend_refuses_other_gpu(engines, tmp_path):
+    src, dst = _engines_copy(engines, tmp_path)
+    with pytest.raises(DualbrainError, match="engines target compute capability 8.9, this GPU is 8.6"):
+        load_backend("tensorrt", src, load_manifest(src), engines=dst, device_capability=(8, 6))
+
+
+def test_backend_refuses_other_flavour_and_export(engines, export, tmp_path):
+    src, dst = _engines_copy(engines, tmp_path, flavour="tensorrt")
+    with pytest.raises(DualbrainError, match="enterprise TensorRT"):
+        load_backend("tensorrt", src, load_manifest(src), engines=dst, device_capability="8.9")
+    _, dst2 = _engines_copy(engines, tmp_path / "b")
+    other = export("dense", "float16")
+    with pytest.raises(DualbrainError, match="built from a float32 export, this export is float16"):
+        load_backend("tensorrt", other, load_manifest(other), engines=dst2, device_capability="8.9")
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="running TensorRT engines needs a CUDA GPU (CI has none); "
+                                           "also needs the plugins' Triton kernels (pip install 'dualbrain[triton]')")
+def test_engines_match_onnxruntime_on_gpu(engines):
+    from dualbrain.runtime.model import Model
+
+    out, man = engines("rtx4090-fp32", "moe")
+    src = Path(man["export"]["path"])
+    ids = np.array([[1, 2, 3, 4, 5]], dtype=np.int64)
+    ref, ours = Model.load(src), Model.load(src, backend="tensorrt", engines=out)
+    a = ref.forward(ids, ref.new_state(1), all_logits=True)
+    b = ours.forward(ids, ours.new_state(1), all_logits=True)
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
+
+
+def _window_export(root: Path) -> Path:
+    """A one-block 'export' whose graph holds just the two window ops (no torch export needed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dualbrain.runtime.manifest import file_digest
+
+    f32 = TensorProto.FLOAT
+    C, K, Hk, Hv, dk, dv = 8, 4, 2, 4, 4, 6
+    ins = {"x": ("batch", "seq", C), "conv_state": ("batch", C, K - 1), "q": ("batch", "seq", Hk, dk),
+           "k": ("batch", "seq", Hk, dk), "v": ("batch", "seq", Hv, dv), "g": ("batch", "seq", Hv),
+           "beta": ("batch", "seq", Hv), "state": ("batch", Hv, dk, dv)}
+    outs = {"y": ("batch", "seq", C), "conv_out": ("batch", C, K - 1), "conv_states": ("batch", "seq", C, K - 1),
+            "o": ("batch", "seq", Hv, dv), "state_out": ("batch", Hv, dk, dv),
+            "states": ("batch", "seq", Hv, dk, dv)}
+    nodes = [
+        helper.make_node("CausalConv1dWindow", ["x", "w", "conv_state"], ["y", "conv_out", "conv_states"],
+                         domain="dualbrain", channels=C),
+        helper.make_node("GatedDeltaRuleWindow", ["q", "k", "v", "g", "beta", "state"], ["o", "state_out", "states"],
+                         domain="dualbrain", num_k_heads=Hk, num_v_heads=Hv),
+    ]
+    graph = helper.make_graph(
+        nodes, "window", [helper.make_tensor_value_info(n, f32, s) for n, s in ins.items()],
+        [helper.make_tensor_value_info(n, f32, s) for n, s in outs.items()],
+        [numpy_helper.from_array(np.ones((C, K), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("dualbrain", 1)])
+    root.mkdir()
+    onnx.save(model, str(root / "win.onnx"))
+    t = lambda d: [{"name": n, "dtype": "float32", "shape": list(s)} for n, s in d.items()]  # noqa: E731
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "dualbrain-export", "version": 1, "model": {}, "dtype": "float32", "opset": 18, "max_context": 32,
+        "window": True, "files": {"win.onnx": file_digest(root / "win.onnx")},
+        "blocks": [{"name": "win", "kind": "linear_attention", "file": "win.onnx", "layer": 0,
+                    "inputs": t(ins), "outputs": t(outs)}]}))
+    return root
+
+
+def test_window_variants_build(tmp_path):
+    src = _window_export(tmp_path / "export")
+    man = build(src, "rtx4090-fp32", tmp_path / "engines")
+    (b,) = man["blocks"]
+    assert [(p["type"], p["plugin"]) for p in b["plugins"]] == [
+        ("PLUGIN_V3", "CausalConv1dWindow"), ("PLUGIN_V3", "GatedDeltaRuleWindow")]
+    assert b["plugins"][1]["fields"] == {"num_k_heads": 2, "num_v_heads": 4}
+    assert man["profiles"][0]["dims"]["total"] == [1, 32, 32]      # clamped to the export's max_context
