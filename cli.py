@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from dualbrain.console import progress_bar
 from dualbrain.errors import DualbrainError
 
 
@@ -47,23 +48,6 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-def _progress():
-    """A rich progress bar for block-by-block work, as a (callback, context manager) pair."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty())
-    task = None
-
-    def update(name: str, done: int, total: int):
-        nonlocal task
-        if task is None:
-            task = bar.add_task("exporting", total=total)
-        bar.update(task, completed=done, description=f"exporting {name}")
-
-    return update, bar
-
-
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
@@ -76,7 +60,7 @@ def export(checkpoint, out, dtype, max_context, window):
     """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX."""
     from dualbrain.exporter.export import export_checkpoint
 
-    update, bar = _progress()
+    update, bar = progress_bar("exporting")
     with bar:
         export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, progress=update)
     click.echo(f"exported {checkpoint} -> {out} ({dtype})")
@@ -117,10 +101,13 @@ def _read_messages(path: Path) -> list:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--think/--no-think", default=True, show_default=True, help="enable_thinking in the chat template.")
 @click.option("--preserve-thinking", is_flag=True, help="Keep earlier turns' reasoning in the prompt.")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt needs a GPU, TensorRT (or TensorRT-RTX) and engines from `dualbrain build`.")
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="Engine directory for --backend tensorrt (default: MODEL_DIR/engines).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (new_ids, text, speeds).")
 def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty,
-             seed, stop, think, preserve_thinking, backend, as_json):
+             seed, stop, think, preserve_thinking, backend, engines, as_json):
     """Generate text from an export in MODEL_DIR."""
     from dualbrain.runtime.generate import GenerationStats
     from dualbrain.runtime.generate import generate as run_generate
@@ -133,7 +120,8 @@ def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperatu
     overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                      seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop) or None, greedy=greedy or None)
     default_params(None, think).replace(**overrides)  # reject bad parameters before loading anything
-    model = Model.load(model_dir, backend=backend)
+    options = {"engines": engines} if backend == "tensorrt" and engines is not None else {}
+    model = Model.load(model_dir, backend=backend, **options)
     params = default_params(model.generation_config, think).replace(**overrides)
     if ids is not None:
         prompt_ids = _parse_ids(ids)
@@ -225,7 +213,7 @@ def demo(workdir, family):
     click.echo(f"1/4 make-tiny {ckpt}")
     run_tiny(ckpt, family=family, layout="conditional", experts="stacked")
     click.echo(f"2/4 export {ckpt} -> {out}")
-    update, bar = _progress()
+    update, bar = progress_bar("exporting")
     with bar:
         export_checkpoint(ckpt, out, progress=update)
     click.echo("3/4 diff against transformers")
@@ -245,6 +233,14 @@ def demo(workdir, family):
     if bad:
         sys.exit(1)
 
+
+def _register_build() -> None:
+    from dualbrain.recipes.cli import build
+
+    main.add_command(build)
+
+
+_register_build()
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,16 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER = 100 * 1024 * 1024
 
 
+class _TorchDtypes:
+    def __getitem__(self, st: str):
+        import torch
+
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[st]
+
+
+_TORCH_DTYPES = _TorchDtypes()
+
+
 def read_header(path: Path) -> dict[str, dict]:
     """Parse and validate a safetensors header without mapping the file."""
     try:
@@ -118,8 +128,13 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return self.prefix + name in self.where
 
-    def get(self, name: str, shape: tuple[int, ...], *, absolute: bool = False) -> "torch.Tensor":
-        """One tensor, shape-checked; `name` is relative to the language-model prefix."""
+    def get(self, name: str, shape: tuple[int, ...], *, absolute: bool = False, dtype=None) -> "torch.Tensor":
+        """One tensor, shape-checked, cast to `dtype`; `name` is relative to the language-model prefix."""
+        full = self._checked(name, shape, absolute)
+        t = self._handle(self.where[full]).get_tensor(full)
+        return t if dtype is None else t.to(dtype)
+
+    def _checked(self, name: str, shape: tuple[int, ...], absolute: bool = False) -> str:
         full = name if absolute else self.prefix + name
         if full not in self.where:
             raise DualbrainError(f"checkpoint is missing tensor {full!r}")
@@ -130,7 +145,7 @@ class Checkpoint:
             )
         if info["dtype"] not in FLOAT_DTYPES:
             raise DualbrainError(f"tensor {full!r} has dtype {info['dtype']}, expected a float type")
-        return self._handle(self.where[full]).get_tensor(full)
+        return full
 
     def _handle(self, path: Path):
         h = self._handles.get(path)
@@ -138,7 +153,11 @@ class Checkpoint:
             from safetensors import safe_open
 
             try:
-                h = safe_open(str(path), framework="pt")
+                # pread: tensors own their memory, so nothing keeps a whole shard mapped and resident
+                try:
+                    h = safe_open(str(path), framework="pt", backend="pread")
+                except TypeError:  # older safetensors
+                    h = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types
                 raise DualbrainError(f"cannot read safetensors file {path.name}: {e}") from None
             self._handles[path] = h
@@ -157,52 +176,68 @@ class Checkpoint:
         return max(counts, key=counts.get) if counts else "F32"
 
     # ---- model blocks -----------------------------------------------------------------------------------
-    def embed_weight(self) -> "torch.Tensor":
+    def embed_weight(self, dtype=None) -> "torch.Tensor":
         s = self.spec
-        return self.get("embed_tokens.weight", (s.vocab_size, s.hidden_size))
+        return self.get("embed_tokens.weight", (s.vocab_size, s.hidden_size), dtype=dtype)
 
-    def head_weights(self) -> dict[str, "torch.Tensor"]:
+    def head_weights(self, dtype=None) -> dict[str, "torch.Tensor"]:
         s = self.spec
-        norm = self.get("norm.weight", (s.hidden_size,))
+        norm = self.get("norm.weight", (s.hidden_size,), dtype=dtype)
         if s.tie_word_embeddings or "lm_head.weight" not in self.where:
             if not s.tie_word_embeddings:
                 raise DualbrainError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
-            lm_head = self.embed_weight()
+            lm_head = self.embed_weight(dtype)
         else:
-            lm_head = self.get("lm_head.weight", (s.vocab_size, s.hidden_size), absolute=True)
+            lm_head = self.get("lm_head.weight", (s.vocab_size, s.hidden_size), absolute=True, dtype=dtype)
         return {"norm.weight": norm, "lm_head.weight": lm_head}
 
-    def layer_weights(self, i: int) -> dict[str, "torch.Tensor"]:
-        """All tensors of decoder layer `i`, names relative to the layer, experts stacked."""
+    def layer_weights(self, i: int, dtype=None) -> dict[str, "torch.Tensor"]:
+        """All tensors of decoder layer `i` (cast to `dtype`), names relative to the layer, experts stacked."""
         out = {}
         for name, shape in expected_layer_shapes(self.spec, i).items():
             if name.startswith("mlp.experts."):
                 continue
-            out[name] = self.get(f"layers.{i}.{name}", shape)
+            out[name] = self.get(f"layers.{i}.{name}", shape, dtype=dtype)
         if self.spec.is_moe:
-            out.update(self._experts(i))
+            out.update(self._experts(i, dtype))
         return out
 
-    def _experts(self, i: int) -> dict[str, "torch.Tensor"]:
+    def _experts(self, i: int, dtype=None) -> dict[str, "torch.Tensor"]:
+        """Stacked gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I], from either layout.
+
+        Filled one expert at a time, so the peak is the stacked result plus one expert, whatever
+        the on-disk layout and dtype.
+        """
         import torch
 
         s = self.spec
         e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
         base = f"layers.{i}.mlp.experts."
-        if self.has(base + "gate_up_proj"):
-            return {"mlp.experts.gate_up_proj": self.get(base + "gate_up_proj", (e, 2 * inter, h)),
-                    "mlp.experts.down_proj": self.get(base + "down_proj", (e, h, inter))}
-        if not self.has(base + "0.gate_proj.weight"):
+        stacked = self.has(base + "gate_up_proj")
+        if stacked:
+            gu_name = self._checked(base + "gate_up_proj", (e, 2 * inter, h))
+            dn_name = self._checked(base + "down_proj", (e, h, inter))
+            gu_slice = self._handle(self.where[gu_name]).get_slice(gu_name)
+            dn_slice = self._handle(self.where[dn_name]).get_slice(dn_name)
+            first = gu_name
+        elif self.has(base + "0.gate_proj.weight"):
+            first = self._checked(base + "0.gate_proj.weight", (inter, h))
+        else:
             raise DualbrainError(
                 f"checkpoint is missing tensor {self.prefix + base + 'gate_up_proj'!r} "
                 "(nor per-expert mlp.experts.N.gate_proj.weight tensors)"
             )
-        gate_up = torch.empty((e, 2 * inter, h), dtype=self.get(base + "0.gate_proj.weight", (inter, h)).dtype)
-        down = torch.empty((e, h, inter), dtype=gate_up.dtype)
+        dtype = dtype or _TORCH_DTYPES[self.meta[first]["dtype"]]
+        gate_up = torch.empty((e, 2 * inter, h), dtype=dtype)
+        down = torch.empty((e, h, inter), dtype=dtype)
         for j in range(e):
-            gate_up[j, :inter] = self.get(f"{base}{j}.gate_proj.weight", (inter, h))
-            gate_up[j, inter:] = self.get(f"{base}{j}.up_proj.weight", (inter, h))
-            down[j] = self.get(f"{base}{j}.down_proj.weight", (h, inter))
+            if stacked:
+                gate_up[j] = gu_slice[j]
+                down[j] = dn_slice[j]
+            else:
+                gate_up[j, :inter] = self.get(f"{base}{j}.gate_proj.weight", (inter, h))
+                gate_up[j, inter:] = self.get(f"{base}{j}.up_proj.weight", (inter, h))
+                down[j] = self.get(f"{base}{j}.down_proj.weight", (h, inter))
         return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
 
     def validate(self) -> None:

@@ -119,7 +119,9 @@ def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, p
     with torch.no_grad():
         prog = torch.onnx.export(
             module, args, dynamo=True, input_names=[t.name for t in ins], output_names=[t.name for t in outs],
-            dynamic_shapes=dyn, verbose=False, optimize=True,
+            # optimize=False: onnxscript's rewriter keeps the last matched graph (and so this block's
+            # weights) alive, doubling peak memory on big models; ONNX Runtime optimizes at load anyway
+            dynamic_shapes=dyn, verbose=False, optimize=False,
         )
     prog.save(str(path), external_data=True)
     del prog
@@ -158,9 +160,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     tdt = _torch_dtype(dtype)
     from dualbrain.exporter.blocks.layers import DecoderLayer, Embedding, Head
 
-    def cast(w: dict) -> dict:
-        return {k: v.to(tdt) for k, v in w.items()}
-
     names = ["embed"] + [f"layer_{i:03d}" for i in range(spec.num_layers)] + ["head"]
     blocks: list[BlockInfo] = []
     opset = 18
@@ -170,14 +169,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                 progress(name, step, len(names))
             if name == "embed":
                 kind, layer = "embed", None
-                module = Embedding(ckpt.embed_weight().to(tdt))
+                module = Embedding(ckpt.embed_weight(tdt))
             elif name == "head":
                 kind, layer = "head", None
-                module = Head(spec, cast(ckpt.head_weights()))
+                module = Head(spec, ckpt.head_weights(tdt))
             else:
                 layer = step - 1
                 kind = spec.layer_types[layer]
-                module = DecoderLayer(spec, layer, cast(ckpt.layer_weights(layer)), window=window)
+                module = DecoderLayer(spec, layer, ckpt.layer_weights(layer, tdt), window=window)
+            ckpt.close()  # drop file handles: nothing from this shard stays resident
             module.eval()
             opset = export_block(module, spec, kind, dtype, window, part / f"{name}.onnx")
             del module

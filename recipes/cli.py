@@ -6,21 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _progress():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), disable=not sys.stderr.isatty())
-    task = None
-
-    def update(name: str, done: int, total: int):
-        nonlocal task
-        if task is None:
-            task = bar.add_task("building", total=total)
-        bar.update(task, completed=done, description=f"building {name}")
-
-    return update, bar
+from dualbrain.console import progress_bar
 
 
 @click.command("build")
@@ -35,7 +21,7 @@ def build(export_dir, recipe, engines):
     from dualbrain.recipes.schema import load_recipe
 
     r = load_recipe(recipe)
-    update, bar = _progress()
+    update, bar = progress_bar("building")
     with bar:
         man = run_build(export_dir, r, engines, progress=update)
     total = sum(b["size"] for b in man["blocks"])

@@ -28,9 +28,9 @@ from dualbrain.runtime.manifest import load_manifest  # noqa: E402
 # Checkpoint keys shared with test_errors / test_parity / test_runtime (fp32) and test_precision.
 CKPT = {("dense", "float32"): dict(family="dense", layout="causal", tie=True),
         ("moe", "float32"): dict(family="moe", layout="conditional"),
-        ("dense", "float16"): dict(family="dense"),
-        ("moe", "float16"): dict(family="moe"),
-        ("moe", "bfloat16"): dict(family="moe")}
+        ("dense", "float16"): dict(family="dense", dtype="bfloat16"),
+        ("moe", "float16"): dict(family="moe", dtype="bfloat16"),
+        ("moe", "bfloat16"): dict(family="moe", dtype="bfloat16")}
 RTX_RECIPES = [n for n in bundled_recipes() if load_recipe(n).flavour == "tensorrt-rtx"]
 BUILDS = [(r, fam) for r in RTX_RECIPES for fam in ("dense", "moe")
           if (fam, load_recipe(r).precision) in CKPT]

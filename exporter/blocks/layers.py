@@ -17,7 +17,7 @@ from dualbrain.exporter.blocks.norms import (
 from dualbrain.exporter.spec import LINEAR, ModelSpec
 from dualbrain.plugins.causal_conv.op import causal_conv1d
 from dualbrain.plugins.gated_delta.op import gated_delta_rule
-from dualbrain.plugins.moe_dispatch.op import interleave_gate_up, moe_dispatch
+from dualbrain.plugins.moe_dispatch.op import interleave_gate_up_, moe_dispatch
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -143,7 +143,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = spec.num_experts_per_tok
         self.router = _frozen(w["mlp.gate.weight"])
-        self.fc1 = _frozen(interleave_gate_up(w["mlp.experts.gate_up_proj"]))
+        self.fc1 = _frozen(interleave_gate_up_(w["mlp.experts.gate_up_proj"]))  # in place: no second copy
         self.fc2 = _frozen(w["mlp.experts.down_proj"])
         self.shared = DenseMLP(w["mlp.shared_expert.gate_proj.weight"], w["mlp.shared_expert.up_proj.weight"],
                                w["mlp.shared_expert.down_proj.weight"])

@@ -25,6 +25,13 @@ def interleave_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
     return gate_up.reshape(E, 2, two_i // 2, H).transpose(1, 2).reshape(E, two_i, H).contiguous()
 
 
+def interleave_gate_up_(gate_up: torch.Tensor) -> torch.Tensor:
+    """In-place `interleave_gate_up`, one expert at a time: extra memory is one expert, not a copy of all."""
+    for e in range(gate_up.shape[0]):
+        gate_up[e] = interleave_gate_up(gate_up[e:e + 1])[0]
+    return gate_up
+
+
 def deinterleave_gate_up(fc1: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`interleave_gate_up`."""
     E, two_i, H = fc1.shape
