@@ -62,7 +62,8 @@ def export(checkpoint, out, dtype, max_context, window):
 
     update, bar = progress_bar("exporting")
     with bar:
-        export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, progress=update)
+        export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, progress=update,
+                          log=lambda msg: click.echo(msg, err=True))
     click.echo(f"exported {checkpoint} -> {out} ({dtype})")
 
 

@@ -80,7 +80,7 @@ def read_header(path: Path) -> dict[str, dict]:
             )
         if end - start != count * DTYPE_SIZES[dtype]:
             raise DualbrainError(f"corrupt safetensors header in {path.name}: size mismatch for {name!r}")
-        tensors[name] = {"dtype": dtype, "shape": shape}
+        tensors[name] = {"dtype": dtype, "shape": shape, "offset": 8 + n + start}
     return tensors
 
 
@@ -163,6 +163,22 @@ class Checkpoint:
             self._handles[path] = h
         return h
 
+    def _read_row(self, full: str, j: int) -> "torch.Tensor":
+        """`tensor[j]` read straight from the file (safetensors' slicing reads far more than a row)."""
+        import torch
+
+        info = self.meta[full]
+        shape = info["shape"][1:]
+        count = 1
+        for d in shape:
+            count *= d
+        size = count * DTYPE_SIZES[info["dtype"]]
+        with open(self.where[full], "rb") as f:
+            buf = bytearray(os.pread(f.fileno(), size, info["offset"] + j * size))
+        if len(buf) != size:
+            raise DualbrainError(f"truncated safetensors file {self.where[full].name} reading {full!r}")
+        return torch.frombuffer(buf, dtype=_TORCH_DTYPES[info["dtype"]]).reshape(shape)
+
     def close(self) -> None:
         self._handles.clear()
 
@@ -217,8 +233,6 @@ class Checkpoint:
         if stacked:
             gu_name = self._checked(base + "gate_up_proj", (e, 2 * inter, h))
             dn_name = self._checked(base + "down_proj", (e, h, inter))
-            gu_slice = self._handle(self.where[gu_name]).get_slice(gu_name)
-            dn_slice = self._handle(self.where[dn_name]).get_slice(dn_name)
             first = gu_name
         elif self.has(base + "0.gate_proj.weight"):
             first = self._checked(base + "0.gate_proj.weight", (inter, h))
@@ -232,8 +246,8 @@ class Checkpoint:
         down = torch.empty((e, h, inter), dtype=dtype)
         for j in range(e):
             if stacked:
-                gate_up[j] = gu_slice[j]
-                down[j] = dn_slice[j]
+                gate_up[j] = self._read_row(gu_name, j)
+                down[j] = self._read_row(dn_name, j)
             else:
                 gate_up[j, :inter] = self.get(f"{base}{j}.gate_proj.weight", (inter, h))
                 gate_up[j, inter:] = self.get(f"{base}{j}.up_proj.weight", (inter, h))

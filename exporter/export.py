@@ -8,18 +8,19 @@ written into `OUT.partial/` and renamed to `OUT` only at the end.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from dualbrain.artifacts import atomic_output_dir
+from dualbrain.artifacts import JOURNAL, resumable_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.exporter.checkpoint import Checkpoint
 from dualbrain.exporter.link import link_blocks
 from dualbrain.exporter.spec import LINEAR, ModelSpec
 from dualbrain.runtime.manifest import (
-    BlockInfo, Manifest, StateInfo, TensorInfo, file_digest,
+    MANIFEST, BlockInfo, Manifest, StateInfo, TensorInfo, file_digest,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -111,6 +112,9 @@ def attach_functions(path: Path) -> int:
 def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, path: Path) -> int:
     import torch
 
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     ins, outs, _ = block_io(spec, kind, dtype, window)
     args = _example_inputs(spec, ins)
     dyn = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, str)} for t in ins)
@@ -135,10 +139,28 @@ def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     return params * DTYPES[dtype]
 
 
+def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, window: bool, max_context: int) -> str:
+    """What an interrupted export must share with this one for its finished blocks to be reused."""
+    from dualbrain import __version__
+
+    h = hashlib.sha256()
+    h.update(json.dumps([__version__, str(root.resolve()), dtype, window, max_context]).encode())
+    h.update((root / "config.json").read_bytes())
+    for f in ckpt.files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", window: bool = False,
                       max_context: int | None = None, linked: bool = True,
-                      progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Export `checkpoint` to `out`; returns `out`. Raises DualbrainError on bad input."""
+                      progress: Callable[[str, int, int], None] | None = None,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """Export `checkpoint` to `out`; returns `out`. Raises DualbrainError on bad input.
+
+    Resumable: after an interruption, `OUT.partial/` keeps the finished blocks, and the same
+    command reuses those whose files still match their recorded sha256.
+    """
     import torch
 
     if dtype not in DTYPES:
@@ -162,39 +184,49 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
     names = ["embed"] + [f"layer_{i:03d}" for i in range(spec.num_layers)] + ["head"]
     blocks: list[BlockInfo] = []
-    opset = 18
-    with atomic_output_dir(out) as part:
+    with resumable_output_dir(out, _resume_key(root, ckpt, dtype, window, max_context)) as (part, journal):
+        reused = 0
         for step, name in enumerate(names):
             if progress:
                 progress(name, step, len(names))
-            if name == "embed":
-                kind, layer = "embed", None
-                module = Embedding(ckpt.embed_weight(tdt))
-            elif name == "head":
-                kind, layer = "head", None
-                module = Head(spec, ckpt.head_weights(tdt))
+            layer = None if name in ("embed", "head") else step - 1
+            kind = name if layer is None else spec.layer_types[layer]
+            if journal.finished(name) is not None:
+                reused += 1
             else:
-                layer = step - 1
-                kind = spec.layer_types[layer]
-                module = DecoderLayer(spec, layer, ckpt.layer_weights(layer, tdt), window=window)
-            ckpt.close()  # drop file handles: nothing from this shard stays resident
-            module.eval()
-            opset = export_block(module, spec, kind, dtype, window, part / f"{name}.onnx")
-            del module
-            gc.collect()
+                if name == "embed":
+                    module = Embedding(ckpt.embed_weight(tdt))
+                elif name == "head":
+                    module = Head(spec, ckpt.head_weights(tdt))
+                else:
+                    module = DecoderLayer(spec, layer, ckpt.layer_weights(layer, tdt), window=window)
+                ckpt.close()  # drop file handles: nothing from this shard stays resident
+                module.eval()
+                export_block(module, spec, kind, dtype, window, part / f"{name}.onnx")
+                del module
+                gc.collect()
+                journal.record(name, {f: file_digest(part / f) for f in (f"{name}.onnx", f"{name}.onnx.data")
+                                      if (part / f).is_file()})
             ins, outs, state = block_io(spec, kind, dtype, window)
             blocks.append(BlockInfo(name=name, kind=kind, file=f"{name}.onnx", inputs=ins, outputs=outs,
                                     layer=layer, state=state))
+        if reused and log:
+            log(f"resumed {part.name}: reused {reused} finished block(s) whose sha256 still matched")
         ckpt.close()
         tok_files = []
         for f in TOKENIZER_FILES:
             if (root / f).is_file():
                 shutil.copyfile(root / f, part / f)
                 tok_files.append(f)
+        import onnx
+
+        opset = next(o.version for o in onnx.load(str(part / "embed.onnx"), load_external_data=False).opset_import
+                     if o.domain in ("", "ai.onnx"))
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
                        blocks=tuple(blocks), files={})
         linked_file = link_blocks(part, man) if linked else None
-        files = {p.name: file_digest(p) for p in sorted(part.iterdir()) if p.is_file()}
+        files = {p.name: file_digest(p) for p in sorted(part.iterdir())
+                 if p.is_file() and p.name not in (JOURNAL, MANIFEST)}
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
                        blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files), linked=linked_file,
                        source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
