@@ -56,15 +56,18 @@ def main(ctx, debug):
 @click.option("--max-context", type=int, default=None,
               help="Longest sequence the runtime will accept (default: the config's max_position_embeddings).")
 @click.option("--window", is_flag=True, help="Also output every position's GDN state (for speculative rollback).")
-def export(checkpoint, out, dtype, max_context, window):
+@click.option("--quant", type=click.Choice(["int4-weight-only"]), default=None,
+              help="Quantize the linear layers' weights (blockwise int4, symmetric; needs --dtype float16 or "
+                   "bfloat16). Embeddings, norms and MoE experts keep the export dtype.")
+def export(checkpoint, out, dtype, max_context, window, quant):
     """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX."""
     from dualbrain.exporter.export import export_checkpoint
 
     update, bar = progress_bar("exporting")
     with bar:
-        export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, progress=update,
-                          log=lambda msg: click.echo(msg, err=True))
-    click.echo(f"exported {checkpoint} -> {out} ({dtype})")
+        export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, quant=quant,
+                          progress=update, log=lambda msg: click.echo(msg, err=True))
+    click.echo(f"exported {checkpoint} -> {out} ({dtype}{', ' + quant if quant else ''})")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -132,12 +135,11 @@ def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperatu
         prompt_ids = tok.encode(tok.render(msgs, enable_thinking=think, preserve_thinking=preserve_thinking))
 
     stats = GenerationStats()
-    stream = None
-    if not as_json:
-        def stream(row, tok, delta):
-            click.echo(delta, nl=False)
-            sys.stdout.flush()
-    gen = run_generate(model, [prompt_ids], params, on_token=stream, stats=stats)[0]
+    def stream(row, tok, delta):
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+
+    gen = run_generate(model, [prompt_ids], params, on_token=None if as_json else stream, stats=stats)[0]
     if as_json:
         click.echo(json.dumps({
             "new_ids": gen.new_ids, "text": gen.text, "finish_reason": gen.finish_reason,
@@ -154,13 +156,19 @@ def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperatu
 @click.option("--tolerance", type=float, default=None,
               help="Max allowed max|out-ref|/max|ref| (default: 1e-5 for fp32/bf16, 2e-2 for fp16).")
 @click.option("--prompt-len", type=int, default=11, show_default=True)
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="Instead of transformers vs ONNX, compare ONNX Runtime with these TensorRT engines per block "
+                   "(needs a GPU that runs them).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {block, output, max_abs, rel, tolerance, ok}.")
-def diff(checkpoint, model_dir, tolerance, prompt_len, as_json):
+def diff(checkpoint, model_dir, tolerance, prompt_len, engines, as_json):
     """Compare every exported block of MODEL_DIR with transformers on CHECKPOINT; exit 1 when over tolerance."""
     from dualbrain.exporter.diff import diff as run_diff
-    from dualbrain.exporter.diff import first_failure
+    from dualbrain.exporter.diff import diff_backends, first_failure
 
-    rows = run_diff(checkpoint, model_dir, tolerance=tolerance, prompt_len=prompt_len)
+    if engines is not None:
+        rows = diff_backends(model_dir, engines, tolerance=tolerance)
+    else:
+        rows = run_diff(checkpoint, model_dir, tolerance=tolerance, prompt_len=prompt_len)
     bad = first_failure(rows)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in rows], indent=1))

@@ -10,3 +10,21 @@ class DualbrainError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
     exit_code = 2
+
+
+def read_json_object(path, what: str | None = None) -> dict:
+    """Read a JSON object from `path`; anything wrong is a one-line DualbrainError naming the file."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    what = what or path.name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DualbrainError(f"missing {what} ({path})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DualbrainError(f"invalid {what} in {path.parent}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DualbrainError(f"invalid {what} in {path.parent}: not a JSON object")
+    return data

@@ -149,3 +149,42 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
 
 def first_failure(rows: list[DiffRow]) -> DiffRow | None:
     return next((r for r in rows if not r.ok), None)
+
+
+def random_feeds(model, block, *, batch: int = 2, seq: int = 5, past: int = 3, seed: int = 0) -> dict:
+    """Random inputs of the right shapes/dtypes for one block (for backend-vs-backend comparisons)."""
+    rng = np.random.default_rng(seed)
+    sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+    feeds = {}
+    for t in block.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
+        if t.name == "input_ids":
+            feeds[t.name] = rng.integers(0, model.vocab_size, shape).astype(np.int64)
+        elif t.name == "attention_mask":
+            feeds[t.name] = np.ones(shape, np.int64)
+        elif t.name == "position_ids":
+            feeds[t.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), shape).copy()
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(model._np(t.dtype))
+    return feeds
+
+
+def diff_backends(export_dir: str | Path, engines: str | Path, *, tolerance: float | None = None) -> list[DiffRow]:
+    """ONNX Runtime vs TensorRT engines, block by block, on the same random inputs.
+
+    Needs a GPU that can run the engines (TensorRT-RTX engines do not run on Hopper).
+    """
+    from dualbrain.runtime.model import Model
+
+    ort_model = Model.load(export_dir, linked=False)
+    trt_model = Model.load(export_dir, backend="tensorrt", engines=engines)
+    tol = tolerance if tolerance is not None else TOLERANCE[ort_model.manifest.dtype]
+    rows = []
+    for block in ort_model.manifest.blocks:
+        feeds = random_feeds(ort_model, block)
+        ref = ort_model.backend.run(block, feeds)
+        out = trt_model.backend.run(block, feeds)
+        for name, r in ref.items():
+            max_abs, rel, ok = _compare(f"{block.name}.{name}", out[name], r, tol)
+            rows.append(DiffRow(block.name, name, "random", max_abs, rel, tol, ok))
+    return rows

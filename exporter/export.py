@@ -109,7 +109,9 @@ def attach_functions(path: Path) -> int:
     return opset
 
 
-def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, path: Path) -> int:
+def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, path: Path,
+                 opset: int | None = None) -> int:
+    """Export one block to `path` (+ `path`.data); `opset` = default-domain opset (None: torch's)."""
     import torch
 
     import logging
@@ -124,12 +126,75 @@ def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, p
         prog = torch.onnx.export(
             module, args, dynamo=True, input_names=[t.name for t in ins], output_names=[t.name for t in outs],
             # optimize=False: onnxscript's rewriter keeps the last matched graph (and so this block's
-            # weights) alive, doubling peak memory on big models; ONNX Runtime optimizes at load anyway
+            # weights) alive, doubling peak memory on big models. Constant folding alone (below) is
+            # what TensorRT needs (static ReduceMean axes, Split instead of SplitToSequence).
             dynamic_shapes=dyn, verbose=False, optimize=False,
+            **({"opset_version": opset} if opset is not None else {}),
         )
+    import onnx_ir
+    from onnxscript.optimizer import fold_constants
+
+    # Weights are hidden from the folder: no copies of them, and they keep their parameter names
+    # (so later layers of the same kind can be re-weighted instead of traced).
+    weights = {name: v.const_value for name, v in prog.model.graph.initializers.items()
+               if name in dict(module.named_parameters())}
+    for name in weights:
+        prog.model.graph.initializers[name].const_value = None
+    fold_constants(prog.model)
+    onnx_ir.passes.common.RemoveUnusedNodesPass()(prog.model)
+    for name, tensor in weights.items():
+        prog.model.graph.initializers[name].const_value = tensor
     prog.save(str(path), external_data=True)
     del prog
     return attach_functions(path)
+
+
+def reweight_block(template: Path, module, path: Path) -> bool:
+    """Write `path` as a copy of the traced `template` graph with `module`'s weights.
+
+    Decoder layers of one kind share a graph; only their weights differ. Tracing is the slow part
+    of an export (seconds per block), so each kind is traced once and later layers are re-weighted.
+    Initializers are matched by parameter name and shape; returns False (caller traces instead)
+    when they do not match exactly.
+    """
+    import onnx
+    import torch
+
+    model = onnx.load(str(template), load_external_data=False)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    inits = {t.name: t for t in model.graph.initializer}
+    onnx_dtype = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+                  torch.bfloat16: onnx.TensorProto.BFLOAT16}
+    if set(params) - set(inits) or any(tuple(inits[k].dims) != tuple(v.shape)
+                                       or inits[k].data_type != onnx_dtype.get(v.dtype) for k, v in params.items()):
+        return False
+    data_name = path.name + ".data"
+    src = template.with_name(template.name + ".data")
+    with open(path.with_name(data_name), "wb") as out, open(src, "rb") as old:
+        for t in model.graph.initializer:
+            external = t.data_location == onnx.TensorProto.EXTERNAL
+            if not external and t.name not in params:
+                continue  # an inline constant of the graph itself
+            info = {e.key: e.value for e in t.external_data}
+            if t.name in params:  # small parameters may be inline in the template: move them out too
+                t.ClearField("raw_data")
+                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(f)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                p = params[t.name].contiguous()
+                raw = (p.view(torch.int16) if p.dtype == torch.bfloat16 else p).numpy().tobytes()
+            else:  # a constant of the graph itself: identical for every layer of this kind
+                old.seek(int(info.get("offset", 0)))
+                raw = old.read(int(info["length"]))
+            pad = (-out.tell()) % 64
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(raw)
+            del t.external_data[:]
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=k, value=v)
+    onnx.save(model, str(path))
+    return True
 
 
 def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
@@ -139,12 +204,14 @@ def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     return params * DTYPES[dtype]
 
 
-def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, window: bool, max_context: int) -> str:
+def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, window: bool, max_context: int,
+                quant: str | None = None) -> str:
     """What an interrupted export must share with this one for its finished blocks to be reused."""
     from dualbrain import __version__
 
     h = hashlib.sha256()
-    h.update(json.dumps([__version__, str(root.resolve()), dtype, window, max_context]).encode())
+    h.update(json.dumps([__version__, str(root.resolve()), dtype, window, max_context]
+                        + ([quant] if quant else [])).encode())
     h.update((root / "config.json").read_bytes())
     for f in ckpt.files:
         st = f.stat()
@@ -153,18 +220,28 @@ def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, window: bool, max_cont
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", window: bool = False,
-                      max_context: int | None = None, linked: bool = True,
+                      max_context: int | None = None, linked: bool = True, quant: str | None = None,
                       progress: Callable[[str, int, int], None] | None = None,
                       log: Callable[[str], None] | None = None) -> Path:
     """Export `checkpoint` to `out`; returns `out`. Raises DualbrainError on bad input.
 
     Resumable: after an interruption, `OUT.partial/` keeps the finished blocks, and the same
     command reuses those whose files still match their recorded sha256.
+
+    `quant="int4-weight-only"` quantizes every block's linear weights after export (see
+    `exporter.quantize`; needs dtype float16 or bfloat16; the graphs use opset 21).
     """
     import torch
 
+    from dualbrain.exporter.quantize import MIN_OPSET, QUANT_MODES, quantize_block
+
     if dtype not in DTYPES:
         raise DualbrainError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if quant is not None and quant not in QUANT_MODES:
+        raise DualbrainError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_MODES)})")
+    if quant is not None and dtype == "float32":
+        raise DualbrainError(f"--quant {quant} needs --dtype float16 or bfloat16: int4 weight-only is a GPU "
+                             "fp16/bf16 format (its scales and activations are in the export dtype)")
     root = Path(checkpoint)
     spec = ModelSpec.from_dir(root)
     ckpt = Checkpoint(root, spec)
@@ -184,8 +261,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
     names = ["embed"] + [f"layer_{i:03d}" for i in range(spec.num_layers)] + ["head"]
     blocks: list[BlockInfo] = []
-    with resumable_output_dir(out, _resume_key(root, ckpt, dtype, window, max_context)) as (part, journal):
+    with resumable_output_dir(out, _resume_key(root, ckpt, dtype, window, max_context, quant)) as (part, journal):
         reused = 0
+        traced: dict[str, Path] = {}   # layer kind -> the first traced graph of that kind
         for step, name in enumerate(names):
             if progress:
                 progress(name, step, len(names))
@@ -202,9 +280,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                     module = DecoderLayer(spec, layer, ckpt.layer_weights(layer, tdt), window=window)
                 ckpt.close()  # drop file handles: nothing from this shard stays resident
                 module.eval()
-                export_block(module, spec, kind, dtype, window, part / f"{name}.onnx")
+                path = part / f"{name}.onnx"
+                if not (kind in traced and reweight_block(traced[kind], module, path)):
+                    export_block(module, spec, kind, dtype, window, path, opset=MIN_OPSET if quant else None)
+                    traced[kind] = path
                 del module
                 gc.collect()
+                if quant:
+                    quantize_block(part / f"{name}.onnx", quant)
                 journal.record(name, {f: file_digest(part / f) for f in (f"{name}.onnx", f"{name}.onnx.data")
                                       if (part / f).is_file()})
             ins, outs, state = block_io(spec, kind, dtype, window)
@@ -223,19 +306,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         opset = next(o.version for o in onnx.load(str(part / "embed.onnx"), load_external_data=False).opset_import
                      if o.domain in ("", "ai.onnx"))
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
-                       blocks=tuple(blocks), files={})
+                       blocks=tuple(blocks), files={}, quant=quant)
         linked_file = link_blocks(part, man) if linked else None
         files = {p.name: file_digest(p) for p in sorted(part.iterdir())
                  if p.is_file() and p.name not in (JOURNAL, MANIFEST)}
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
                        blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files), linked=linked_file,
+                       quant=quant,
                        source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
                                "torch": torch.__version__})
         man.write(part)
         if progress:
             progress("done", len(names), len(names))
     return out
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))

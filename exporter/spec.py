@@ -8,13 +8,14 @@ flat config, weights under `model.`).
 from __future__ import annotations
 
 import dataclasses
-import json
+import types
+import typing
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_json_object
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -95,13 +96,28 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ModelSpec":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+    def from_json(cls, d: Any) -> "ModelSpec":
+        """Read back `to_json()` (e.g. from a manifest), checking every field's type."""
+        if not isinstance(d, dict):
+            raise DualbrainError("model spec must be an object")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
-            raise DualbrainError(f"model spec has unknown fields: {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+            raise DualbrainError(f"model spec has unknown fields: {sorted(map(str, unknown))}")
+        out = {}
+        for name, f in fields.items():
+            if name not in d:
+                if f.default is dataclasses.MISSING:
+                    raise DualbrainError(f"model spec is missing field {name!r}")
+                continue
+            v = d[name]
+            if not _matches(v, hints[name]):
+                raise DualbrainError(f"model spec field {name!r} has the wrong type: {v!r}")
+            out[name] = tuple(v) if isinstance(v, list) else v
+        if out["num_layers"] != len(out["layer_types"]) or any(t not in (LINEAR, FULL) for t in out["layer_types"]):
+            raise DualbrainError("model spec: layer_types does not match num_layers")
+        return cls(**out)
 
     # ---- parsing transformers' config.json ---------------------------------------------------------
     @classmethod
@@ -111,28 +127,19 @@ class ModelSpec:
             raise DualbrainError(f"checkpoint path does not exist: {path}")
         if not path.is_dir():
             raise DualbrainError(f"checkpoint path is not a directory: {path}")
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
+        if not (path / "config.json").is_file():
             raise DualbrainError(f"no config.json in checkpoint directory {path}")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DualbrainError(f"invalid config.json in {path}: {e}") from None
-        gen = {}
+        config = read_json_object(path / "config.json")
         gen_path = path / "generation_config.json"
-        if gen_path.is_file():
-            try:
-                gen = json.loads(gen_path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                gen = {}
-        return cls.from_config(config, generation_config=gen if isinstance(gen, dict) else {})
+        gen = read_json_object(gen_path) if gen_path.is_file() else {}
+        return cls.from_config(config, generation_config=gen)
 
     @classmethod
     def from_config(cls, config: Any, generation_config: dict | None = None) -> "ModelSpec":
         if not isinstance(config, dict):
             raise DualbrainError("config.json must hold a JSON object")
         model_type = config.get("model_type")
-        if model_type not in MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
             raise DualbrainError(
                 f"unknown model_type {model_type!r} in config.json (supported: {', '.join(MODEL_TYPES)})"
             )
@@ -222,6 +229,24 @@ class ModelSpec:
         if kw["linear_num_value_heads"] % kw["linear_num_key_heads"]:
             raise DualbrainError("config.json: linear_num_value_heads must be a multiple of linear_num_key_heads")
         return cls(**kw)
+
+
+def _matches(v: Any, hint: Any) -> bool:
+    """isinstance for the simple annotations ModelSpec uses (int, float, str, bool, tuples, | None)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(v, a) for a in args)
+    if hint is type(None):
+        return v is None
+    if typing.get_origin(hint) is tuple:
+        return isinstance(v, (list, tuple)) and all(_matches(x, args[0]) for x in v)
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return _is_num(v)
+    return isinstance(v, hint)
 
 
 def _is_num(x: Any) -> bool:

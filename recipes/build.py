@@ -77,7 +77,7 @@ def input_shapes(shape: tuple, dims: dict[str, list[int]]) -> list[tuple[int, ..
 
 
 def check_compatible(recipe: Recipe, man: Manifest) -> None:
-    recipe.check_precision(man.dtype)
+    recipe.check_precision(man.dtype, man.quant)
     if recipe.linked:
         raise DualbrainError(f"recipe {recipe.name}: linked = true (one engine for the whole model) "
                              "is not supported yet; set linked = false")

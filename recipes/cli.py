@@ -1,7 +1,6 @@
 """`dualbrain build`: the click command (registered by the main CLI with ``main.add_command(build)``)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click

@@ -44,6 +44,8 @@ RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "10.3", "11.0", "12.0", "12.1")
 PRECISIONS = ("float32", "float16", "bfloat16", "int4-weight-only", "fp8")
 QUANTIZED = ("int4-weight-only", "fp8")
+SUPPORTED_QUANT = ("int4-weight-only",)       # what `dualbrain export --quant` makes (fp8 needs calibration)
+QUANT_BASE_DTYPES = ("float16", "bfloat16")   # export dtypes a quantized export can have
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,27 @@ class Recipe:
         d["compute_capabilities"] = list(self.compute_capabilities)
         return d
 
-    def check_precision(self, export_dtype: str) -> None:
-        """Refuse an export whose precision is not the one this recipe builds."""
+    def check_precision(self, export_dtype: str, export_quant: str | None = None) -> None:
+        """Refuse an export whose precision is not the one this recipe builds.
+
+        A quantized recipe (int4-weight-only) takes an export quantized that way on top of a GPU
+        base dtype (float16 or bfloat16: scales and activations); a plain-dtype recipe takes an
+        unquantized export of exactly its dtype."""
         label = f"recipe {self.name}"
+        have = export_dtype + (f" + {export_quant}" if export_quant else "")
         if self.precision in QUANTIZED:
-            raise DualbrainError(
-                f"{label} expects a {self.precision} export, made with `dualbrain export --quant {self.precision}`, "
-                f"which dualbrain does not support yet; this export is {export_dtype}")
+            if self.precision not in SUPPORTED_QUANT:
+                raise DualbrainError(
+                    f"{label} expects a {self.precision} export, made with `dualbrain export --quant "
+                    f"{self.precision}`, which dualbrain does not support yet; this export is {have}")
+            if export_quant != self.precision or export_dtype not in QUANT_BASE_DTYPES:
+                raise DualbrainError(
+                    f"{label} expects a {self.precision} export, this export is {have} (export again with "
+                    f"`dualbrain export --dtype float16|bfloat16 --quant {self.precision}`)")
+            return
+        if export_quant:
+            raise DualbrainError(f"{label} expects an unquantized {self.precision} export, this export is {have} "
+                                 f"(export again without --quant, or pick a {export_quant} recipe)")
         if export_dtype != self.precision:
             raise DualbrainError(f"{label} expects a {self.precision} export, this export is {export_dtype} "
                                  f"(export again with --dtype {self.precision}, or pick a {export_dtype} recipe)")

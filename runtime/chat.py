@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_json_object
 
 # Names a message's reasoning may be passed under; the first is the one chat templates read
 # (transformers aliases them the same way).
@@ -199,16 +199,6 @@ def _token_content(tok: Any) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DualbrainError(f"cannot read {path}: {_one_line(e)}") from e
-    if not isinstance(data, dict):
-        raise DualbrainError(f"{path} is not a JSON object")
-    return data
-
-
 class Tokenizer:
     """Byte-level BPE tokenizer from a checkpoint / export directory (wraps `tokenizers.Tokenizer`)."""
 
@@ -252,7 +242,7 @@ class Tokenizer:
             backend = _Backend.from_file(str(tj))
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise DualbrainError(f"cannot load {tj}: {_one_line(e)}") from e
-        cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        cfg = read_json_object(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
@@ -263,7 +253,7 @@ class Tokenizer:
         extra_eos: list[int] = []
         gen = d / "generation_config.json"
         if gen.is_file():
-            e = _read_json(gen).get("eos_token_id")
+            e = read_json_object(gen).get("eos_token_id")
             extra_eos = [e] if isinstance(e, int) else [x for x in (e or []) if isinstance(x, int)]
         return cls(
             backend,

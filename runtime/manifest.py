@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_json_object
 
 FORMAT = "dualbrain-export"
 VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTS = ("int4-weight-only",)   # weight-only quantization on top of `dtype` (exporter.quantize)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Manifest:
     tokenizer_files: tuple[str, ...] = ()
     linked: str | None = None                 # optional whole-model graph
     source: dict[str, Any] = field(default_factory=dict)
+    quant: str | None = None                  # e.g. "int4-weight-only": linear weights quantized, rest in dtype
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -128,16 +130,13 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
     path = root / MANIFEST
     if not path.is_file():
         raise DualbrainError(f"no {MANIFEST} in {root}: not a dualbrain export")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DualbrainError(f"manifest.json is not valid JSON: {e}") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    d = read_json_object(path)
+    if d.get("format") != FORMAT:
         raise DualbrainError("manifest.json: not a dualbrain export manifest")
     if d.get("version") != VERSION:
         raise DualbrainError(f"manifest.json: unsupported version {d.get('version')!r} (this dualbrain reads {VERSION})")
     try:
-        if d["dtype"] not in DTYPES:
+        if not isinstance(d["dtype"], str) or d["dtype"] not in DTYPES:
             raise DualbrainError(f"manifest.json: unknown dtype {d['dtype']!r}")
         for key, typ in (("model", dict), ("opset", int), ("max_context", int), ("window", bool),
                          ("blocks", list), ("files", dict)):
@@ -145,6 +144,9 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
                 raise DualbrainError(f"manifest.json: field {key!r} has the wrong type")
         if d["max_context"] < 1:
             raise DualbrainError("manifest.json: max_context must be positive")
+        from dualbrain.exporter.spec import ModelSpec  # stdlib-only module: no torch
+
+        ModelSpec.from_json(d["model"])
         blocks = []
         for i, b in enumerate(d["blocks"]):
             if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not isinstance(b.get("kind"), str):
@@ -152,8 +154,10 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
             layer = b.get("layer")
             if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
                 raise DualbrainError(f"manifest.json: block {b['name']!r} has a bad layer index")
+            if not isinstance(b.get("file"), str):
+                raise DualbrainError(f"manifest.json: block {b['name']!r} has no file")
             blocks.append(BlockInfo(
-                name=b["name"], kind=b["kind"], file=b.get("file"),
+                name=b["name"], kind=b["kind"], file=b["file"],
                 inputs=tuple(_tensor(t, b["name"]) for t in _list(b.get("inputs"), b["name"])),
                 outputs=tuple(_tensor(t, b["name"]) for t in _list(b.get("outputs"), b["name"])),
                 layer=layer,
@@ -162,13 +166,18 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
         files = d["files"]
         tok = d.get("tokenizer_files", [])
         linked = d.get("linked")
+        quant = d.get("quant")          # absent in manifests written before quantized exports
+        if quant is not None and quant not in QUANTS:
+            raise DualbrainError(f"manifest.json: unknown quant {quant!r} (this dualbrain reads "
+                                 f"{', '.join(QUANTS)})")
         man = Manifest(model=d["model"], dtype=d["dtype"], opset=d["opset"], max_context=d["max_context"],
                        window=d["window"], blocks=tuple(blocks), files=files,
                        tokenizer_files=tuple(_list(tok, "tokenizer_files")),
                        linked=linked if isinstance(linked, str) else None,
-                       source=d.get("source") if isinstance(d.get("source"), dict) else {})
+                       source=d.get("source") if isinstance(d.get("source"), dict) else {}, quant=quant)
     except KeyError as e:
         raise DualbrainError(f"manifest.json: missing field {e.args[0]!r}") from None
+    check_structure(man)
     verify_files(root, man, hashes=verify_hashes)
     return man
 
@@ -177,6 +186,17 @@ def _list(x: Any, what: str) -> list:
     if not isinstance(x, list):
         raise DualbrainError(f"manifest.json: expected a list in {what}")
     return x
+
+
+def check_structure(man: Manifest) -> None:
+    """embed, then one block per decoder layer in order (of the spec's kinds), then head."""
+    kinds = [b.kind for b in man.blocks]
+    layer_types = list(man.model["layer_types"])
+    if kinds != ["embed", *layer_types, "head"] or [b.layer for b in man.layers] != list(range(len(layer_types))):
+        raise DualbrainError("manifest.json: blocks do not match the model (embed, one block per layer, head)")
+    names = [b.name for b in man.blocks]
+    if len(set(names)) != len(names):
+        raise DualbrainError("manifest.json: duplicate block names")
 
 
 def verify_files(root: Path, man: Manifest, *, hashes: bool) -> None:

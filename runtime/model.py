@@ -6,7 +6,6 @@ Nothing here imports torch or transformers.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.backends import Backend, load_backend
-from dualbrain.runtime.manifest import BlockInfo, Manifest, load_manifest
+from dualbrain.runtime.manifest import Manifest, load_manifest
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -55,7 +54,7 @@ class Model:
         self._has_attention = any(b.kind == "full_attention" for b in self.layers)
         self._tokenizer = None
         gen = model_dir / "generation_config.json"
-        self.generation_config = _read_json_or_none(gen)
+        self.generation_config = read_json_object(gen) if gen.is_file() else None
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, backend: str = "onnxruntime", *, verify_hashes: bool = False,
@@ -155,17 +154,3 @@ class Model:
             hidden = np.ascontiguousarray(hidden[:, -1:])
         logits = self.backend.run(self.head, {"hidden": hidden})["logits"]
         return logits if all_logits else logits[:, -1]
-
-
-def _read_json_or_none(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-        return d if isinstance(d, dict) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
-def block_by_name(manifest: Manifest, name: str) -> BlockInfo:
-    return manifest.block(name)

@@ -106,8 +106,9 @@ def test_recipe_refuses_other_precision(tmp_path):
     export = fake_export(tmp_path, "float32")
     with pytest.raises(DualbrainError, match="rtx4090-fp16 expects a float16 export, this export is float32"):
         build(export, "rtx4090-fp16", tmp_path / "engines")
-    with pytest.raises(DualbrainError, match=r"int4-weight-only export, made with `dualbrain export --quant "
-                                             r"int4-weight-only`, which dualbrain does not support yet"):
+    with pytest.raises(DualbrainError, match=r"expects a int4-weight-only export, this export is float32 "
+                                             r"\(export again with `dualbrain export --dtype float16\|bfloat16 "
+                                             r"--quant int4-weight-only`\)"):
         build(export, "rtx5090-int4", tmp_path / "engines")
     with pytest.raises(DualbrainError, match="--quant fp8"):
         load_recipe("h100-fp8").check_precision("bfloat16")

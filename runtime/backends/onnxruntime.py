@@ -1,7 +1,6 @@
 """ONNX Runtime backend: one InferenceSession per block, shared by every generation and thread."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

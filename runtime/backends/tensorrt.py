@@ -16,14 +16,13 @@ are imported only when this backend is loaded.
 """
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.manifest import BlockInfo, Manifest, file_digest, safe_child
 
 ENGINE_MANIFEST = "engines.json"
@@ -35,11 +34,8 @@ def read_engine_manifest(engines_dir: Path) -> dict[str, Any]:
     path = Path(engines_dir) / ENGINE_MANIFEST
     if not path.is_file():
         raise DualbrainError(f"no {ENGINE_MANIFEST} in {engines_dir}: not a `dualbrain build` output")
-    try:
-        em = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DualbrainError(f"{ENGINE_MANIFEST} is not valid JSON: {e}") from None
-    if not isinstance(em, dict) or em.get("format") != ENGINE_FORMAT:
+    em = read_json_object(path)
+    if em.get("format") != ENGINE_FORMAT:
         raise DualbrainError(f"{ENGINE_MANIFEST}: not a dualbrain engine manifest")
     if em.get("version") != ENGINE_VERSION:
         raise DualbrainError(f"{ENGINE_MANIFEST}: unsupported version {em.get('version')!r}")
