@@ -40,11 +40,21 @@ def fake_export(tmp_path: Path, dtype: str) -> Path:
     """The smallest directory load_manifest accepts (one empty block file)."""
     d = tmp_path / f"export-{dtype}"
     d.mkdir()
-    (d / "embed.onnx").write_bytes(b"")
+    from dualbrain.exporter.spec import ModelSpec
+    from dualbrain.exporter.tiny import text_config_dict
+
+    spec = ModelSpec.from_config(dict(text_config_dict(family="dense", num_layers=1), model_type="qwen3_5_text",
+                                      layer_types=["full_attention"]))
+    for f in ("embed.onnx", "layer_000.onnx", "head.onnx"):
+        (d / f).write_bytes(b"")
     (d / "manifest.json").write_text(json.dumps({
-        "format": "dualbrain-export", "version": 1, "model": {}, "dtype": dtype, "opset": 18, "max_context": 64,
-        "window": False, "files": {"embed.onnx": {"size": 0}},
-        "blocks": [{"name": "embed", "kind": "embed", "file": "embed.onnx", "inputs": [], "outputs": []}]}))
+        "format": "dualbrain-export", "version": 1, "model": spec.to_json(), "dtype": dtype, "opset": 18,
+        "max_context": 64, "window": False, "files": {f: {"size": 0} for f in ("embed.onnx", "layer_000.onnx",
+                                                                            "head.onnx")},
+        "blocks": [{"name": "embed", "kind": "embed", "file": "embed.onnx", "inputs": [], "outputs": []},
+                   {"name": "layer_000", "kind": "full_attention", "layer": 0, "file": "layer_000.onnx",
+                    "inputs": [], "outputs": []},
+                   {"name": "head", "kind": "head", "file": "head.onnx", "inputs": [], "outputs": []}]}))
     return d
 
 

@@ -208,47 +208,11 @@ def test_engines_match_onnxruntime_on_gpu(engines):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
 
 
-def _window_export(root: Path) -> Path:
-    """A one-block 'export' whose graph holds just the two window ops (no torch export needed)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from dualbrain.runtime.manifest import file_digest
-
-    f32 = TensorProto.FLOAT
-    C, K, Hk, Hv, dk, dv = 8, 4, 2, 4, 4, 6
-    ins = {"x": ("batch", "seq", C), "conv_state": ("batch", C, K - 1), "q": ("batch", "seq", Hk, dk),
-           "k": ("batch", "seq", Hk, dk), "v": ("batch", "seq", Hv, dv), "g": ("batch", "seq", Hv),
-           "beta": ("batch", "seq", Hv), "state": ("batch", Hv, dk, dv)}
-    outs = {"y": ("batch", "seq", C), "conv_out": ("batch", C, K - 1), "conv_states": ("batch", "seq", C, K - 1),
-            "o": ("batch", "seq", Hv, dv), "state_out": ("batch", Hv, dk, dv),
-            "states": ("batch", "seq", Hv, dk, dv)}
-    nodes = [
-        helper.make_node("CausalConv1dWindow", ["x", "w", "conv_state"], ["y", "conv_out", "conv_states"],
-                         domain="dualbrain", channels=C),
-        helper.make_node("GatedDeltaRuleWindow", ["q", "k", "v", "g", "beta", "state"], ["o", "state_out", "states"],
-                         domain="dualbrain", num_k_heads=Hk, num_v_heads=Hv),
-    ]
-    graph = helper.make_graph(
-        nodes, "window", [helper.make_tensor_value_info(n, f32, s) for n, s in ins.items()],
-        [helper.make_tensor_value_info(n, f32, s) for n, s in outs.items()],
-        [numpy_helper.from_array(np.ones((C, K), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("dualbrain", 1)])
-    root.mkdir()
-    onnx.save(model, str(root / "win.onnx"))
-    t = lambda d: [{"name": n, "dtype": "float32", "shape": list(s)} for n, s in d.items()]  # noqa: E731
-    (root / "manifest.json").write_text(json.dumps({
-        "format": "dualbrain-export", "version": 1, "model": {}, "dtype": "float32", "opset": 18, "max_context": 32,
-        "window": True, "files": {"win.onnx": file_digest(root / "win.onnx")},
-        "blocks": [{"name": "win", "kind": "linear_attention", "file": "win.onnx", "layer": 0,
-                    "inputs": t(ins), "outputs": t(outs)}]}))
-    return root
-
-
-def test_window_variants_build(tmp_path):
-    src = _window_export(tmp_path / "export")
+def test_window_variants_build(artifacts, tmp_path):
+    """An export with per-position GDN states (--window) builds with the window plugins."""
+    src = artifacts.export(artifacts.checkpoint("dense", "causal"), window=True)
     man = build(src, "rtx4090-fp32", tmp_path / "engines")
-    (b,) = man["blocks"]
-    assert [(p["type"], p["plugin"]) for p in b["plugins"]] == [
+    gdn = next(b for b in man["blocks"] if b["name"] == "layer_000")
+    assert [(p["type"], p["plugin"]) for p in gdn["plugins"]] == [
         ("PLUGIN_V3", "CausalConv1dWindow"), ("PLUGIN_V3", "GatedDeltaRuleWindow")]
-    assert b["plugins"][1]["fields"] == {"num_k_heads": 2, "num_v_heads": 4}
-    assert man["profiles"][0]["dims"]["total"] == [1, 32, 32]      # clamped to the export's max_context
+    assert gdn["plugins"][1]["fields"] == {"num_k_heads": 2, "num_v_heads": 4}
