@@ -63,7 +63,8 @@ def decode_one(model: Model, state: State, tokens: np.ndarray) -> np.ndarray:
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              on_token: Callable[[int, int, str], None] | None = None,
              stats: GenerationStats | None = None) -> list[Generation]:
-    """Generate for each prompt. `on_token(row, id, text_delta)` streams tokens as they come."""
+    """Generate for each prompt. `on_token(row, id, text_delta)` streams tokens as they come (a row's
+    last token may report a second delta: text held back until the stream ended)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DualbrainError("every prompt needs at least one token")
     for p in prompts:
@@ -106,6 +107,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
                 g.finish_reason = "length"
             if g.finish_reason:
                 active[i] = False
+                tail = decoders[i].flush() if decoders else ""   # bytes held back for a whole character
+                if tail and on_token:
+                    on_token(int(i), tok, tail)
         if not active.any():
             break
         logits = decode_one(model, state, tokens)

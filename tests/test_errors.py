@@ -75,6 +75,28 @@ def test_truncated_safetensors(ckpt, tmp_path):
     assert_user_error(["export", ckpt, "-o", tmp_path / "out"], "truncated", tmp_path / "out")
 
 
+def test_truncated_safetensors_header(ckpt, tmp_path):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:40])          # the 8-byte length survives, the JSON header does not
+    assert_user_error(["export", ckpt, "-o", tmp_path / "out"], "exceeds file size", tmp_path / "out")
+
+
+def test_header_offset_past_end_of_file(ckpt, tmp_path):
+    """A well-formed header whose last tensor points past the end of the data."""
+    import struct
+
+    f = ckpt / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start + 1024, end + 1024]
+    new = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    assert_user_error(["export", ckpt, "-o", tmp_path / "out"], "past the data size", tmp_path / "out")
+
+
 def test_missing_safetensors(ckpt, tmp_path):
     (ckpt / "model.safetensors").unlink()
     assert_user_error(["export", ckpt, "-o", tmp_path / "out"], "no safetensors", tmp_path / "out")
