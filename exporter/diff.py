@@ -60,7 +60,12 @@ def _np(t) -> np.ndarray:
 def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11, batch: int = 2, seed: int = 0,
          tolerance: float | None = None, backend: str = "onnxruntime") -> list[DiffRow]:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    # the reference's "falling back to the PyTorch implementation" notices and load bars are noise here
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     from dualbrain.exporter.spec import LINEAR, ModelSpec
     from dualbrain.runtime.model import Model

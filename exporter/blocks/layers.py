@@ -118,13 +118,15 @@ class GatedAttentionMixer(nn.Module):
         q_idx = torch.arange(t, device=x.device) + (total - t)
         k_idx = torch.arange(total, device=x.device)
         allowed = (k_idx[None, :] <= q_idx[:, None])[None, None] & (mask[:, None, None, :] > 0)
+        # GQA without copying K/V per query head: query heads h = g*rep + r share kv head g, so fold
+        # them into the row dimension (B, nkv, rep*T, hd) and multiply against K/V as they are.
         rep = nh // nkv
-        kr = key[:, :, None].expand(b, nkv, rep, total, hd).reshape(b, nh, total, hd)
-        vr = value[:, :, None].expand(b, nkv, rep, total, hd).reshape(b, nh, total, hd)
-        scores = torch.matmul(q, kr.transpose(2, 3)) * hd ** -0.5
+        qg = q.reshape(b, nkv, rep * t, hd)
+        scores = torch.matmul(qg, key.transpose(2, 3)).reshape(b, nh, t, total) * hd ** -0.5
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, vr).transpose(1, 2).reshape(b, t, nh * hd)
+        out = torch.matmul(probs.reshape(b, nkv, rep * t, total), value).reshape(b, nh, t, hd)
+        out = out.transpose(1, 2).reshape(b, t, nh * hd)
         out = F.linear(out * torch.sigmoid(gate), self.o_proj)
         return out, key, value
 

@@ -63,7 +63,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None, linked: bool = True):
+                 providers: list[str] | None = None, linked: bool = True, cpu_mem_arena: bool = False):
         import onnx
         import onnxruntime as ort
 
@@ -71,6 +71,11 @@ class OrtBackend:
         self.manifest = manifest
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # Sequence lengths grow every decode step; ORT's CPU arena keeps a block for each new size and
+        # grows without bound over long generations (measured: ~9 KB/token). Plain malloc/free does not.
+        opts.enable_cpu_mem_arena = cpu_mem_arena
+        # ORT caches a memory plan per distinct input shape; every decode step is a new shape
+        opts.enable_mem_pattern = False
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
