@@ -28,14 +28,11 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class _TorchDtypes:
-    def __getitem__(self, st: str):
-        import torch
+def _torch_dtype(st: str):
+    """torch dtype of a safetensors float dtype name (torch is imported only when exporting)."""
+    import torch
 
-        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[st]
-
-
-_TORCH_DTYPES = _TorchDtypes()
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[st]
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -177,7 +174,7 @@ class Checkpoint:
             buf = bytearray(os.pread(f.fileno(), size, info["offset"] + j * size))
         if len(buf) != size:
             raise DualbrainError(f"truncated safetensors file {self.where[full].name} reading {full!r}")
-        return torch.frombuffer(buf, dtype=_TORCH_DTYPES[info["dtype"]]).reshape(shape)
+        return torch.frombuffer(buf, dtype=_torch_dtype(info["dtype"])).reshape(shape)
 
     def close(self) -> None:
         self._handles.clear()
@@ -241,7 +238,7 @@ class Checkpoint:
                 f"checkpoint is missing tensor {self.prefix + base + 'gate_up_proj'!r} "
                 "(nor per-expert mlp.experts.N.gate_proj.weight tensors)"
             )
-        dtype = dtype or _TORCH_DTYPES[self.meta[first]["dtype"]]
+        dtype = dtype or _torch_dtype(self.meta[first]["dtype"])
         gate_up = torch.empty((e, 2 * inter, h), dtype=dtype)
         down = torch.empty((e, h, inter), dtype=dtype)
         for j in range(e):

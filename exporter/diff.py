@@ -131,14 +131,12 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
         add("embed", "hidden", step, emb, _np(caps[0][0]))
         mask = np.ones((b, past + t), np.int64)
         pos = np.broadcast_to(np.arange(past, past + t, dtype=np.int64), (b, t)).copy()
+        zeros = model.new_state(b).layers
         for i, block in enumerate(model.layers):
             feeds = {"hidden": _np(caps[i][0]).astype(cdt), "attention_mask": mask}
             for s in block.state:
-                if before is None:
-                    shape = tuple(b if d == "batch" else 0 if d == "past" else d for d in s.shape)
-                    feeds[s.input] = np.zeros(shape, model._np(s.dtype))
-                else:
-                    feeds[s.input] = before[i][s.input].astype(model._np(s.dtype))
+                feeds[s.input] = zeros[i][s.input] if before is None else \
+                    before[i][s.input].astype(model.np_dtype(s.dtype))
             if block.kind != LINEAR:
                 feeds["position_ids"] = pos
             res = model.backend.run(block, feeds)
@@ -170,7 +168,7 @@ def random_feeds(model, block, *, batch: int = 2, seq: int = 5, past: int = 3, s
         elif t.name == "position_ids":
             feeds[t.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), shape).copy()
         else:
-            feeds[t.name] = rng.standard_normal(shape).astype(model._np(t.dtype))
+            feeds[t.name] = rng.standard_normal(shape).astype(model.np_dtype(t.dtype))
     return feeds
 
 

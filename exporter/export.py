@@ -308,7 +308,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
                        blocks=tuple(blocks), files={}, quant=quant)
         linked_file = link_blocks(part, man) if linked else None
-        files = {p.name: file_digest(p) for p in sorted(part.iterdir())
+        # block files were hashed when their block finished (journal); hash only the rest
+        hashed = {f: d for piece in journal.done.values() for f, d in piece.items()}
+        files = {p.name: hashed.get(p.name) or file_digest(p) for p in sorted(part.iterdir())
                  if p.is_file() and p.name not in (JOURNAL, MANIFEST)}
         man = Manifest(model=spec.to_json(), dtype=dtype, opset=opset, max_context=max_context, window=window,
                        blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files), linked=linked_file,

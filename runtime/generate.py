@@ -77,6 +77,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     gens = [Generation(list(p)) for p in prompts]
     decoders = None
     texts = [""] * len(prompts)   # streamed text so far, for stop strings
+    stop_span = max((len(s) for s in params.stop), default=0)   # a new match ends inside the last delta
     if params.stop or on_token is not None:
         decoders = [model.tokenizer.stream_decoder() for _ in prompts]
     sampler = Sampler(params, len(prompts))
@@ -101,7 +102,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
                 on_token(int(i), tok, delta)
             if tok in eos:
                 g.finish_reason = "eos"
-            elif params.stop and _hit_stop(texts[i], params.stop):
+            elif delta and params.stop and _hit_stop(texts[i][-(len(delta) + stop_span):], params.stop):
                 g.finish_reason = "stop"
             elif len(g.new_ids) >= params.max_new_tokens or state.length + 1 > model.max_context:
                 g.finish_reason = "length"

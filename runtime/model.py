@@ -86,11 +86,12 @@ class Model:
             st = {}
             for s in b.state:
                 shape = tuple(batch if d == "batch" else 0 if d == "past" else d for d in s.shape)
-                st[s.input] = np.zeros(shape, dtype=self._np(s.dtype))
+                st[s.input] = np.zeros(shape, dtype=self.np_dtype(s.dtype))
             layers.append(st)
         return State(layers, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64))
 
-    def _np(self, dtype: str):
+    def np_dtype(self, dtype: str):
+        """The numpy dtype this backend feeds/returns for a manifest dtype."""
         if dtype == "bfloat16":
             return np.float32 if self.dtype == "float32" else NP_DTYPES[dtype]
         return NP_DTYPES[dtype]

@@ -248,11 +248,12 @@ def test_fuzz_manifest_parser(manifest_template, tmp_path_factory, key, value, b
                                                 "opt_context", "max_context", "decode_profile", "bogus"]),
                                json_values, max_size=3))
 def test_fuzz_recipe_parser(mutations, profile):
-    from dualbrain.recipes.schema import load_recipe, parse_recipe
-
     import tomllib
 
-    base = tomllib.loads((Path(load_recipe.__code__.co_filename).parent / "rtx4090-fp16.toml").read_text())
+    import dualbrain.recipes
+    from dualbrain.recipes.schema import parse_recipe
+
+    base = tomllib.loads((Path(dualbrain.recipes.__file__).parent / "rtx4090-fp16.toml").read_text())
     doc = {**base, **mutations}
     if isinstance(doc.get("profile"), dict):
         doc["profile"] = {**doc["profile"], **profile}

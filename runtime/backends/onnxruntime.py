@@ -39,8 +39,7 @@ def bf16_to_fp32(model) -> None:
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.tensor_type.elem_type == bf16:
                 vi.type.tensor_type.elem_type = f32
-        for n in g.node:
-            fix_nodes([n])
+        fix_nodes(g.node)
 
     def fix_nodes(nodes):
         for n in nodes:

@@ -37,7 +37,7 @@ def main() -> int:
     model = Model.load(out)
     proc = psutil.Process()
     state, logits = prefill(model, [[5, 17, 300, 42]])
-    kv_per_token = sum(int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(model._np(s.dtype)).itemsize
+    kv_per_token = sum(int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(model.np_dtype(s.dtype)).itemsize
                        for b in model.layers for s in b.state if s.input.startswith("past_"))
     samples = []
     t0 = time.perf_counter()
