@@ -3,7 +3,7 @@
 Each exported block is fed the reference's own inputs to that block, captured from transformers
 during a prefill step and a decode step (hidden states entering each decoder layer, and the
 cache the reference held before the step); its outputs (hidden states, new conv / recurrent
-state, present K/V, logits) are compared with the reference's. The error reported is
+state, the step's K/V, logits) are compared with the reference's. The error reported is
 `max|out - ref| / max|ref|`; the pass/fail decision is polygraphy's comparator with
 `atol = tolerance * max|ref|` on the max error.
 """
@@ -107,7 +107,9 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
                 snap[i] = {"conv_state": _np(conv[..., -(spec.linear_conv_kernel - 1):]),
                            "recurrent_state": _np(cache.get_recurrent_state(i))}
             else:
-                snap[i] = {"past_key": _np(cache.layers[i].keys), "past_value": _np(cache.layers[i].values)}
+                # transformers keeps (B, nkv, T, hd); ours is sequence-major (T, B, nkv, hd)
+                snap[i] = {"past_key": _np(cache.layers[i].keys).transpose(2, 0, 1, 3),
+                           "past_value": _np(cache.layers[i].values).transpose(2, 0, 1, 3)}
         return snap
 
     try:
@@ -131,18 +133,19 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
         add("embed", "hidden", step, emb, _np(caps[0][0]))
         mask = np.ones((b, past + t), np.int64)
         pos = np.broadcast_to(np.arange(past, past + t, dtype=np.int64), (b, t)).copy()
-        zeros = model.new_state(b).layers
+        empty = model.new_state(b)
         for i, block in enumerate(model.layers):
             feeds = {"hidden": _np(caps[i][0]).astype(cdt), "attention_mask": mask}
             for s in block.state:
-                feeds[s.input] = zeros[i][s.input] if before is None else \
+                feeds[s.input] = empty.feeds(i)[s.input] if before is None else \
                     before[i][s.input].astype(model.np_dtype(s.dtype))
             if block.kind != LINEAR:
                 feeds["position_ids"] = pos
             res = model.backend.run(block, feeds)
             add(block.name, "hidden_out", step, res["hidden_out"], _np(caps[i][1]))
             for s in block.state:
-                add(block.name, s.output, step, res[s.output], after[i][s.input])
+                # appended states return only this step's positions: the reference's last t
+                add(block.name, s.output, step, res[s.output], after[i][s.input][-t:] if s.append else after[i][s.input])
         # the head sees the last layer's output, before the final norm
         last_hidden = _np(caps[len(model.layers) - 1][1]).astype(cdt)
         res = model.backend.run(model.head, {"hidden": last_hidden})

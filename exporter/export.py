@@ -59,13 +59,15 @@ def block_io(spec: ModelSpec, kind: str, dtype: str, window: bool):
             outs += (TensorInfo("conv_states", dtype, ("batch", "seq", spec.conv_dim, k1)),
                      TensorInfo("recurrent_states", "float32", ("batch", "seq") + rec_shape[1:]))
         return ins, outs, states
-    kv_past = ("batch", spec.num_kv_heads, "past", spec.head_dim)
-    kv_total = ("batch", spec.num_kv_heads, "total", spec.head_dim)
-    states = (StateInfo("past_key", "present_key", dtype, kv_past),
-              StateInfo("past_value", "present_value", dtype, kv_past))
+    # K/V sequence-major, and only this call's positions out: the runtime appends them to its cache
+    # (runtime.state), so a step never copies or reallocates the whole past.
+    kv_past = ("past", "batch", spec.num_kv_heads, spec.head_dim)
+    kv_new = ("seq", "batch", spec.num_kv_heads, spec.head_dim)
+    states = (StateInfo("past_key", "new_key", dtype, kv_past, append=True),
+              StateInfo("past_value", "new_value", dtype, kv_past, append=True))
     ins = (hidden, mask, TensorInfo("position_ids", "int64", ("batch", "seq")),
            TensorInfo("past_key", dtype, kv_past), TensorInfo("past_value", dtype, kv_past))
-    outs = (hidden_out, TensorInfo("present_key", dtype, kv_total), TensorInfo("present_value", dtype, kv_total))
+    outs = (hidden_out, TensorInfo("new_key", dtype, kv_new), TensorInfo("new_value", dtype, kv_new))
     return ins, outs, states
 
 

@@ -75,6 +75,12 @@ TINY_TEXT: dict[str, Any] = dict(
         mrope_interleaved=True,
     ),
 )
+# `attention="published"`: the attention geometry of Qwen3.6-35B-A3B (16 query heads, 2 KV heads of
+# 256 dims, rotary over 64 of them) on the tiny width, for benchmarks where the KV cache's size
+# relative to the attention's working memory matters (tests/benchmarks/endurance.py).
+ATTENTIONS = ("tiny", "published")
+PUBLISHED_ATTENTION: dict[str, Any] = dict(num_attention_heads=16, num_key_value_heads=2, head_dim=256)
+PUBLISHED_MROPE_SECTION = [11, 11, 10]
 TINY_DENSE: dict[str, Any] = dict(intermediate_size=96)
 TINY_MOE: dict[str, Any] = dict(
     num_experts=16,
@@ -201,7 +207,7 @@ def write_tokenizer(directory: str | os.PathLike, *,
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size):
+def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention="tiny"):
     def bad(name, value, allowed):
         raise DualbrainError(f"make_tiny: {name}={value!r} is not one of {', '.join(allowed)}")
 
@@ -213,6 +219,8 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size):
         bad("experts", experts, EXPERT_FORMATS)
     if dtype not in DTYPES:
         bad("dtype", dtype, DTYPES)
+    if attention not in ATTENTIONS:
+        bad("attention", attention, ATTENTIONS)
     if not isinstance(shards, int) or shards < 1:
         raise DualbrainError(f"make_tiny: shards must be a positive integer, got {shards!r}")
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -225,11 +233,14 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size):
 
 
 def text_config_dict(*, family: str, num_layers: int = 4, vocab_size: int | None = None,
-                     tie_embeddings: bool = False) -> dict[str, Any]:
+                     tie_embeddings: bool = False, attention: str = "tiny") -> dict[str, Any]:
     """The text-model config kwargs of a tiny preset (model_type excluded)."""
     ids = special_token_ids()
     cfg = dict(TINY_TEXT)
     cfg["rope_parameters"] = dict(TINY_TEXT["rope_parameters"])
+    if attention == "published":
+        cfg.update(PUBLISHED_ATTENTION)
+        cfg["rope_parameters"]["mrope_section"] = list(PUBLISHED_MROPE_SECTION)
     cfg.update(TINY_DENSE if family == "dense" else TINY_MOE)
     cfg.update(
         vocab_size=vocab_size or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)),
@@ -480,20 +491,21 @@ def make_tiny(
     num_layers: int = 4,
     vocab_size: int | None = None,
     tie_embeddings: bool = False,
+    attention: str = "tiny",
 ) -> Path:
     """Write a tiny random-weight checkpoint directory to `out` (atomically) and return its path.
 
     `experts` only matters for ``family="moe"``. `vocab_size` (default: the tokenizer's 1000) may be
     larger than the tokenizer (padded embedding rows, as in the published models).
     """
-    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size)
+    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention)
     import torch
     from transformers import GenerationConfig
 
     torch_dtype = getattr(torch, dtype)
     ids = special_token_ids()
     text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
-                                tie_embeddings=tie_embeddings)
+                                tie_embeddings=tie_embeddings, attention=attention)
 
     out = Path(out)
     with atomic_output_dir(out) as part:

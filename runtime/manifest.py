@@ -16,7 +16,7 @@ from typing import Any
 from dualbrain.errors import DualbrainError, read_json_object
 
 FORMAT = "dualbrain-export"
-VERSION = 1
+VERSION = 2   # 2: attention K/V are appended, sequence-major (runtime.state); 1 returned whole present K/V
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTS = ("int4-weight-only",)   # weight-only quantization on top of `dtype` (exporter.quantize)
@@ -31,12 +31,17 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class StateInfo:
-    """A state tensor carried between calls: fed as `input`, returned as `output`."""
+    """A state tensor carried between calls: fed as `input`, returned as `output`.
+
+    `append`: `output` holds only the call's own positions along axis 0 (seq-major), which the runtime
+    appends to a preallocated cache whose valid prefix (axis 0 = "past") is the next `input`.
+    Otherwise `output` replaces `input` whole."""
     input: str
     output: str
     dtype: str
     shape: tuple[int | str, ...]
     window_output: str | None = None   # per-position states (speculative rollback), if exported
+    append: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,12 @@ def _state(d: Any, what: str) -> StateInfo:
             or not isinstance(d.get("shape"), list):
         raise DualbrainError(f"manifest.json: malformed state entry in {what}")
     w = d.get("window_output")
-    return StateInfo(d["input"], d["output"], d["dtype"], tuple(d["shape"]), w if isinstance(w, str) else None)
+    append = d.get("append", False)
+    shape = tuple(d["shape"])
+    if not isinstance(append, bool) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape) \
+            or (append and (not shape or shape[0] != "past")):
+        raise DualbrainError(f"manifest.json: malformed state entry in {what}")
+    return StateInfo(d["input"], d["output"], d["dtype"], shape, w if isinstance(w, str) else None, append)
 
 
 def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) -> Manifest:
@@ -133,6 +143,9 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
     d = read_json_object(path)
     if d.get("format") != FORMAT:
         raise DualbrainError("manifest.json: not a dualbrain export manifest")
+    if d.get("version") == 1:
+        raise DualbrainError("manifest.json: this export was written by an older dualbrain (manifest version 1, "
+                             "whole K/V per step); export the checkpoint again")
     if d.get("version") != VERSION:
         raise DualbrainError(f"manifest.json: unsupported version {d.get('version')!r} (this dualbrain reads {VERSION})")
     try:

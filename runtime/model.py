@@ -7,7 +7,6 @@ Nothing here imports torch or transformers.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -16,27 +15,9 @@ import numpy as np
 from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.backends import Backend, load_backend
 from dualbrain.runtime.manifest import Manifest, load_manifest
+from dualbrain.runtime.state import State
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-
-
-@dataclass
-class State:
-    """Per-generation state: one dict of arrays per layer, plus the attention mask so far.
-
-    `mask` is (B, total) int64 with 0 for left padding; `length` counts positions fed so far.
-    """
-    layers: list[dict[str, np.ndarray]]
-    mask: np.ndarray
-    positions: np.ndarray   # (B,) next position id of each row
-
-    @property
-    def batch(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
 
 
 class Model:
@@ -80,15 +61,11 @@ class Model:
         return tuple(ids)
 
     # ---- state -------------------------------------------------------------------------------------------
-    def new_state(self, batch: int) -> State:
-        layers = []
-        for b in self.layers:
-            st = {}
-            for s in b.state:
-                shape = tuple(batch if d == "batch" else 0 if d == "past" else d for d in s.shape)
-                st[s.input] = np.zeros(shape, dtype=self.np_dtype(s.dtype))
-            layers.append(st)
-        return State(layers, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64))
+    def new_state(self, batch: int, capacity: int | None = None) -> State:
+        """Empty state for `batch` rows. `capacity`: positions to preallocate the KV cache for (a
+        generation knows prompt + new tokens); it grows by doubling up to the export's max_context."""
+        cap = capacity if capacity is not None else min(self.max_context, 1024)
+        return State(self.layers, batch, max(1, cap), self.max_context, self.np_dtype)
 
     def np_dtype(self, dtype: str):
         """The numpy dtype this backend feeds/returns for a manifest dtype."""
@@ -113,45 +90,38 @@ class Model:
                 f"sequence of {state.length + t} tokens exceeds the export's maximum context of {self.max_context}"
             )
         new_mask = np.ones((b, t), np.int64) if pad is None else pad.astype(np.int64)
-        mask = np.concatenate([state.mask, new_mask], axis=1)
-        # positions count only real tokens; padding gets position 0 (it is masked anyway)
-        pos = state.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
-        pos = np.where(new_mask > 0, pos, 0).astype(np.int64)
+        mask, pos = state.begin(new_mask)
         if not all_logits and getattr(self.backend, "has_linked", False):
-            logits = self._forward_linked(ids, mask, pos, state)
+            logits, outputs = self._forward_linked(ids, mask, pos, state)
         else:
-            logits = self._forward_blocks(ids, mask, pos, state, all_logits)
-        state.mask = mask
-        state.positions = state.positions + new_mask.sum(axis=1)
+            logits, outputs = self._forward_blocks(ids, mask, pos, state, all_logits)
+        state.commit(new_mask, outputs)
         return logits
 
-    def _forward_linked(self, ids, mask, pos, state: State) -> np.ndarray:
-        """One call of the whole-model graph; returns last-position logits (B, V)."""
+    def _forward_linked(self, ids, mask, pos, state: State):
+        """One call of the whole-model graph: last-position logits (B, V) and each layer's state outputs."""
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self._has_attention:
             feeds["position_ids"] = pos
         outputs = ["logits"]
-        for block, st in zip(self.layers, state.layers):
-            for s in block.state:
-                feeds[f"{block.name}.{s.input}"] = st[s.input]
-                outputs.append(f"{block.name}.{s.output}")
+        for i, block in enumerate(self.layers):
+            feeds.update({f"{block.name}.{k}": v for k, v in state.feeds(i).items()})
+            outputs += [f"{block.name}.{s.output}" for s in block.state]
         out = self.backend.run_linked(feeds, outputs)
-        for block, st in zip(self.layers, state.layers):
-            for s in block.state:
-                st[s.input] = out[f"{block.name}.{s.output}"]
-        return out["logits"][:, -1]
+        states = [{s.output: out[f"{block.name}.{s.output}"] for s in block.state} for block in self.layers]
+        return out["logits"][:, -1], states
 
-    def _forward_blocks(self, ids, mask, pos, state: State, all_logits: bool) -> np.ndarray:
+    def _forward_blocks(self, ids, mask, pos, state: State, all_logits: bool):
         hidden = self.backend.run(self.embed, {"input_ids": ids})["hidden"]
-        for block, st in zip(self.layers, state.layers):
-            feeds = {"hidden": hidden, "attention_mask": mask, **st}
+        states = []
+        for i, block in enumerate(self.layers):
+            feeds = {"hidden": hidden, "attention_mask": mask, **state.feeds(i)}
             if block.kind == "full_attention":
                 feeds["position_ids"] = pos
             out = self.backend.run(block, feeds)
             hidden = out["hidden_out"]
-            for s in block.state:
-                st[s.input] = out[s.output]
+            states.append({s.output: out[s.output] for s in block.state})
         if not all_logits:
             hidden = np.ascontiguousarray(hidden[:, -1:])
         logits = self.backend.run(self.head, {"hidden": hidden})["logits"]
-        return logits if all_logits else logits[:, -1]
+        return (logits if all_logits else logits[:, -1]), states

@@ -21,14 +21,15 @@ class Artifacts:
         self.cache: dict[tuple, Path] = {}
 
     def checkpoint(self, family: str, layout: str = "conditional", experts: str = "stacked", *,
-                   dtype: str = "float32", shards: int = 1, tie: bool = False, seed: int = 0) -> Path:
+                   dtype: str = "float32", shards: int = 1, tie: bool = False, seed: int = 0,
+                   attention: str = "tiny") -> Path:
         from dualbrain.exporter.tiny import make_tiny
 
-        key = ("ckpt", family, layout, experts, dtype, shards, tie, seed)
+        key = ("ckpt", family, layout, experts, dtype, shards, tie, seed, attention)
         if key not in self.cache:
             out = self.root / "-".join(map(str, key[1:]))
             make_tiny(out, family=family, layout=layout, experts=experts, dtype=dtype, shards=shards, seed=seed,
-                      tie_embeddings=tie)
+                      tie_embeddings=tie, attention=attention)
             self.cache[key] = out
         return self.cache[key]
 
@@ -49,7 +50,8 @@ def artifacts(tmp_path_factory) -> Artifacts:
 
 
 # The fp32 parity matrix: both families, both layouts, both expert formats (MoE), plus sharding and
-# tied embeddings on some of them so those loader paths run end to end.
+# tied embeddings on some of them so those loader paths run end to end, plus the published attention
+# geometry (16 query / 2 KV heads of 256 dims, rotary over 64, M-RoPE sections [11, 11, 10]).
 FP32_CASES = {
     "dense-conditional": dict(family="dense", layout="conditional", shards=2),
     "dense-causal-tied": dict(family="dense", layout="causal", tie=True),
@@ -57,4 +59,5 @@ FP32_CASES = {
     "moe-conditional-per_expert": dict(family="moe", layout="conditional", experts="per_expert", shards=3),
     "moe-causal-stacked": dict(family="moe", layout="causal", experts="stacked"),
     "moe-causal-per_expert": dict(family="moe", layout="causal", experts="per_expert"),
+    "moe-causal-published_attention": dict(family="moe", layout="causal", attention="published"),
 }

@@ -42,13 +42,14 @@ def fake_export(tmp_path: Path, dtype: str) -> Path:
     d.mkdir()
     from dualbrain.exporter.spec import ModelSpec
     from dualbrain.exporter.tiny import text_config_dict
+    from dualbrain.runtime.manifest import VERSION
 
     spec = ModelSpec.from_config(dict(text_config_dict(family="dense", num_layers=1), model_type="qwen3_5_text",
                                       layer_types=["full_attention"]))
     for f in ("embed.onnx", "layer_000.onnx", "head.onnx"):
         (d / f).write_bytes(b"")
     (d / "manifest.json").write_text(json.dumps({
-        "format": "dualbrain-export", "version": 1, "model": spec.to_json(), "dtype": dtype, "opset": 18,
+        "format": "dualbrain-export", "version": VERSION, "model": spec.to_json(), "dtype": dtype, "opset": 18,
         "max_context": 64, "window": False, "files": {f: {"size": 0} for f in ("embed.onnx", "layer_000.onnx",
                                                                             "head.onnx")},
         "blocks": [{"name": "embed", "kind": "embed", "file": "embed.onnx", "inputs": [], "outputs": []},

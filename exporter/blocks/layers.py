@@ -2,7 +2,7 @@
 
 Each block is exported to one ONNX graph. Inputs/outputs are explicit (no cache objects): a GDN
 layer takes and returns its conv + recurrent state, an attention layer takes past K/V and returns
-present K/V. The three ops generic compilers handle badly (causal conv with state, gated delta
+this call's K/V (both sequence-major; the runtime keeps the cache). The three ops generic compilers handle badly (causal conv with state, gated delta
 rule, MoE dispatch) are custom ops from `dualbrain.plugins`, exported as single nodes.
 """
 from __future__ import annotations
@@ -111,24 +111,32 @@ class GatedAttentionMixer(nn.Module):
         v = F.linear(x, self.v_proj).view(b, t, nkv, hd).transpose(1, 2)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        key = torch.cat([past_key, k], dim=2)
-        value = torch.cat([past_value, v], dim=2)
-        total = key.shape[2]
-        # query i sits at absolute index past + i; it sees valid keys at or before it
-        q_idx = torch.arange(t, device=x.device) + (total - t)
-        k_idx = torch.arange(total, device=x.device)
-        allowed = (k_idx[None, :] <= q_idx[:, None])[None, None] & (mask[:, None, None, :] > 0)
+        # Past K/V arrive sequence-major (past, B, nkv, hd); this call's K/V leave the same way and the
+        # runtime appends them to its cache (runtime.state). The past and the new keys are attended
+        # apart, with one softmax over both, so K/V are never concatenated and the only tensors that
+        # grow with the context are one transposed view each of past K and V and a few score rows.
+        past = past_key.shape[0]
         # GQA without copying K/V per query head: query heads h = g*rep + r share kv head g, so fold
         # them into the row dimension (B, nkv, rep*T, hd) and multiply against K/V as they are.
         rep = nh // nkv
-        qg = q.reshape(b, nkv, rep * t, hd)
-        scores = torch.matmul(qg, key.transpose(2, 3)).reshape(b, nh, t, total) * hd ** -0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs.reshape(b, nkv, rep * t, total), value).reshape(b, nh, t, hd)
+        qg = q.reshape(b, nkv, rep * t, hd) * hd ** -0.5
+        low = torch.finfo(torch.float32).min
+        # past keys precede every query: only padding hides them
+        s_past = torch.matmul(qg, past_key.permute(1, 2, 3, 0)).float()
+        s_past = s_past.masked_fill((mask[:, :past] == 0)[:, None, None, :], low)
+        # new keys: query i sees new key j <= i that is not padding
+        idx = torch.arange(t, device=x.device)
+        allowed = (idx[None, :] <= idx[:, None])[None, None, None] & (mask[:, past:] > 0)[:, None, None, None, :]
+        s_new = torch.matmul(qg, k.transpose(2, 3)).float().reshape(b, nkv, rep, t, t)
+        s_new = s_new.masked_fill(~allowed, low).reshape(b, nkv, rep * t, t)
+        # one softmax over both parts; logsumexp of an empty past (prefill) is -inf, which logaddexp absorbs
+        lse = torch.logaddexp(torch.logsumexp(s_past, dim=-1, keepdim=True), torch.logsumexp(s_new, dim=-1, keepdim=True))
+        out = torch.matmul(torch.exp(s_past - lse).to(q.dtype), past_value.permute(1, 2, 0, 3)) \
+            + torch.matmul(torch.exp(s_new - lse).to(q.dtype), v)
+        out = out.reshape(b, nh, t, hd)
         out = out.transpose(1, 2).reshape(b, t, nh * hd)
         out = F.linear(out * torch.sigmoid(gate), self.o_proj)
-        return out, key, value
+        return out, k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
 
 
 class DenseMLP(nn.Module):
