@@ -42,16 +42,16 @@ class GenerationStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
-def prefill(model: Model, prompts: Sequence[Sequence[int]], *, capacity: int | None = None) -> tuple[State, np.ndarray]:
+def prefill(model: Model, prompts: Sequence[Sequence[int]], *, new_tokens: int = 0) -> tuple[State, np.ndarray]:
     """Run all prompts (left-padded to one length) through the model; returns state and last logits.
-    `capacity`: total positions to preallocate the KV cache for (prompt + tokens to come)."""
+    `new_tokens`: how many tokens will follow, so the KV cache is allocated once for all of them."""
     longest = max(len(p) for p in prompts)
     ids = np.zeros((len(prompts), longest), np.int64)
     pad = np.zeros((len(prompts), longest), np.int64)
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = p
         pad[i, longest - len(p):] = 1
-    state = model.new_state(len(prompts), capacity=max(longest, capacity or 0))
+    state = model.new_state(len(prompts), capacity=min(model.max_context, longest + new_tokens))
     logits = model.forward(ids, state, pad=None if pad.all() else pad)
     return state, logits
 
@@ -86,8 +86,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     stats.prompt_tokens = sum(len(p) for p in prompts)
 
     t0 = time.perf_counter()
-    longest = max(len(p) for p in prompts)
-    state, logits = prefill(model, prompts, capacity=min(model.max_context, longest + params.max_new_tokens))
+    state, logits = prefill(model, prompts, new_tokens=params.max_new_tokens)
     t1 = time.perf_counter()
     stats.prefill_s = t1 - t0
     active = np.ones(len(prompts), bool)

@@ -2,8 +2,9 @@
 
 Each block is exported to one ONNX graph. Inputs/outputs are explicit (no cache objects): a GDN
 layer takes and returns its conv + recurrent state, an attention layer takes past K/V and returns
-this call's K/V (both sequence-major; the runtime keeps the cache). The three ops generic compilers handle badly (causal conv with state, gated delta
-rule, MoE dispatch) are custom ops from `dualbrain.plugins`, exported as single nodes.
+this call's K/V (both sequence-major; the runtime keeps the cache). The three ops generic compilers
+handle badly (causal conv with state, gated delta rule, MoE dispatch) are custom ops from
+`dualbrain.plugins`, exported as single nodes.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def main() -> int:
         make_tiny(ckpt, family="moe", layout="causal", attention=args.attention, num_layers=args.layers)
         export_checkpoint(ckpt, out, max_context=args.tokens + 64)
     model = Model.load(out)
-    state, logits = prefill(model, [[5, 17, 300, 42]], capacity=args.tokens + 4)   # as generate() does
+    state, logits = prefill(model, [[5, 17, 300, 42]], new_tokens=args.tokens)   # as generate() does
     kv_per_token = sum(int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(model.np_dtype(s.dtype)).itemsize
                        for b in model.layers for s in b.state if s.append)
     samples = []
