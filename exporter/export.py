@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -124,7 +125,9 @@ def export_block(module, spec: ModelSpec, kind: str, dtype: str, window: bool, p
     dyn = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, str)} for t in ins)
     if kind not in ("embed", "head"):   # DecoderLayer.forward(hidden, attention_mask, *state)
         dyn = (dyn[0], dyn[1], dyn[2:])
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own pytree deprecation, raised inside torch.export once per block: noise to a user
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         prog = torch.onnx.export(
             module, args, dynamo=True, input_names=[t.name for t in ins], output_names=[t.name for t in outs],
             # optimize=False: onnxscript's rewriter keeps the last matched graph (and so this block's
