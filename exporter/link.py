@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dualbrain.runtime.manifest import Manifest
+from dualbrain.runtime.manifest import Manifest, state_name
 
 LINKED = "model.onnx"
-
-
-def state_name(block: str, name: str) -> str:
-    return f"{block}.{name}"
 
 
 def _rename_graph(graph, prefix: str, keep: dict[str, str]) -> None:

@@ -88,6 +88,11 @@ class Manifest:
         raise KeyError(name)
 
 
+def state_name(block: str, name: str) -> str:
+    """A layer's state tensor as the linked whole-model graph names it."""
+    return f"{block}.{name}"
+
+
 def file_digest(path: Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -112,25 +117,26 @@ def safe_child(root: Path, rel: Any, what: str) -> Path:
     return full
 
 
+def _dims(shape: Any) -> bool:
+    """A shape: a list of ints and dim names."""
+    return isinstance(shape, list) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape)
+
+
 def _tensor(d: Any, what: str) -> TensorInfo:
     if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("dtype"), str) \
-            or not isinstance(d.get("shape"), list) \
-            or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in d["shape"]):
+            or not _dims(d.get("shape")):
         raise DualbrainError(f"manifest.json: malformed tensor entry in {what}")
     return TensorInfo(d["name"], d["dtype"], tuple(d["shape"]))
 
 
 def _state(d: Any, what: str) -> StateInfo:
     if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("input", "output", "dtype")) \
-            or not isinstance(d.get("shape"), list):
+            or not _dims(d.get("shape")) or not isinstance(d.get("append", False), bool) \
+            or (d.get("append") and d["shape"][:1] != ["past"]):   # appended states are sequence-major
         raise DualbrainError(f"manifest.json: malformed state entry in {what}")
     w = d.get("window_output")
-    append = d.get("append", False)
-    shape = tuple(d["shape"])
-    if not isinstance(append, bool) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape) \
-            or (append and (not shape or shape[0] != "past")):
-        raise DualbrainError(f"manifest.json: malformed state entry in {what}")
-    return StateInfo(d["input"], d["output"], d["dtype"], shape, w if isinstance(w, str) else None, append)
+    return StateInfo(d["input"], d["output"], d["dtype"], tuple(d["shape"]), w if isinstance(w, str) else None,
+                     d.get("append", False))
 
 
 def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) -> Manifest:

@@ -14,7 +14,7 @@ import numpy as np
 
 from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.backends import Backend, load_backend
-from dualbrain.runtime.manifest import Manifest, load_manifest
+from dualbrain.runtime.manifest import Manifest, load_manifest, state_name
 from dualbrain.runtime.state import State
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -33,6 +33,10 @@ class Model:
         self.head = manifest.block("head")
         self.layers = manifest.layers
         self._has_attention = any(b.kind == "full_attention" for b in self.layers)
+        # the linked graph's (graph name, state name) pairs per layer, built once rather than per token
+        self._linked_in = [[(state_name(b.name, s.input), s.input) for s in b.state] for b in self.layers]
+        self._linked_out = [[(state_name(b.name, s.output), s.output) for s in b.state] for b in self.layers]
+        self._linked_fetch = ["logits"] + [full for outs in self._linked_out for full, _ in outs]
         self._tokenizer = None
         gen = model_dir / "generation_config.json"
         self.generation_config = read_json_object(gen) if gen.is_file() else None
@@ -103,12 +107,11 @@ class Model:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self._has_attention:
             feeds["position_ids"] = pos
-        outputs = ["logits"]
-        for i, block in enumerate(self.layers):
-            feeds.update({f"{block.name}.{k}": v for k, v in state.feeds(i).items()})
-            outputs += [f"{block.name}.{s.output}" for s in block.state]
-        out = self.backend.run_linked(feeds, outputs)
-        states = [{s.output: out[f"{block.name}.{s.output}"] for s in block.state} for block in self.layers]
+        for i, ins in enumerate(self._linked_in):
+            st = state.feeds(i)
+            feeds.update((full, st[name]) for full, name in ins)
+        out = self.backend.run_linked(feeds, self._linked_fetch)
+        states = [{name: out[full] for full, name in outs} for outs in self._linked_out]
         return out["logits"][:, -1], states
 
     def _forward_blocks(self, ids, mask, pos, state: State, all_logits: bool):

@@ -1,8 +1,8 @@
 """The runtime's KV cache (runtime/state.py): appended in place, fed back without copies, grown on demand.
 
-Checked against the export itself: decoding from a 1-position cache that has to grow gives exactly the
-logits of a cache preallocated for the whole run, and the cache holds the same K/V the attention block
-returned step by step.
+Decoding from a 1-position cache that has to grow gives exactly the logits of a cache preallocated for
+the whole run; the past is fed as a view of the buffer, and a step only appends its own row. (That the
+K/V themselves are right is checked against transformers in test_parity.)
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_grown_cache_gives_the_same_logits(exported):
     np.testing.assert_array_equal(small.feeds(att)["past_key"], big.feeds(att)["past_key"])
 
 
-def test_cache_is_fed_without_copies_and_holds_each_steps_kv(exported):
+def test_cache_is_fed_without_copies_and_a_step_only_appends(exported):
     model = Model.load(exported, linked=False)
     att = next(i for i, blk in enumerate(model.layers) if blk.kind == "full_attention")
     block = model.layers[att]
@@ -60,7 +60,7 @@ def test_cache_is_fed_without_copies_and_holds_each_steps_kv(exported):
     assert feeds["past_key"].shape == (5, 2) + tuple(block.state[0].shape[2:])
     np.testing.assert_array_equal(state.mask, pad)
     np.testing.assert_array_equal(state.positions, [5, 3])
-    # the next step's K/V, computed by the block on its own from the cache's contents, lands at row 5
+    # the next step writes row 5 and leaves rows 0..4 as they were
     tok = rng.integers(0, model.vocab_size, (2, 1))
     before = {k: v.copy() for k, v in state.feeds(att).items()}
     model.forward(tok, state)

@@ -23,20 +23,10 @@ from dualbrain.plugins.gated_delta import triton as gtri  # noqa: E402
 DK, DV = 16, 24
 
 
-def _l2(x):
-    return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
-
-
 def _data(B, T, Hk, Hv, seed=0):
     """float32 (q, k, v, g, beta, state) like the op receives them (q scaled by DK**-0.5)."""
     rng = np.random.default_rng(seed + 7919 * B + 31 * T + Hk + 101 * Hv)
-    q = _l2(rng.standard_normal((B, T, Hk, DK))) * DK ** -0.5
-    k = _l2(rng.standard_normal((B, T, Hk, DK)))
-    v = rng.standard_normal((B, T, Hv, DV))
-    g = -rng.uniform(0.005, 1.5, (B, T, Hv))
-    beta = rng.uniform(0.0, 1.0, (B, T, Hv))
-    state = rng.standard_normal((B, Hv, DK, DV)) * 0.5
-    return [a.astype(np.float32) for a in (q, k, v, g, beta, state)]
+    return ref.random_inputs(rng, B, T, Hk, Hv, DK, DV)
 
 
 def _t(xs):
@@ -127,8 +117,8 @@ def test_chunked_ill_conditioned():
     """Nearly identical keys, beta = 1, almost no decay: (I + L) is far from identity."""
     rng = np.random.default_rng(3)
     T = 70
-    k0 = _l2(rng.standard_normal(DK))
-    k = _l2(k0 + 0.01 * rng.standard_normal((1, T, 1, DK)))
+    k0 = ref.l2_normalise(rng.standard_normal(DK))
+    k = ref.l2_normalise(k0 + 0.01 * rng.standard_normal((1, T, 1, DK)))
     x = [k * DK ** -0.5, k, rng.standard_normal((1, T, 1, DV)), np.full((1, T, 1), -1e-3),
          np.ones((1, T, 1)), rng.standard_normal((1, 1, DK, DV))]
     x = [a.astype(np.float32) for a in x]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gated_delta_rule"]
+__all__ = ["gated_delta_rule", "random_inputs", "l2_normalise"]
 
 
 def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):
@@ -42,3 +42,19 @@ def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):
     if window:
         out = out + (states.astype(np.float32),)
     return out
+
+
+def l2_normalise(x):
+    return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+
+def random_inputs(rng, B, T, Hk, Hv, dk, dv):
+    """float32 (q, k, v, g, beta, state) as the model feeds the op: unit-norm q and k (q also scaled
+    by dk**-0.5), decays g in [-1.5, -0.005], beta in [0, 1]. For the tests and the benchmarks."""
+    q = l2_normalise(rng.standard_normal((B, T, Hk, dk))) * dk ** -0.5
+    k = l2_normalise(rng.standard_normal((B, T, Hk, dk)))
+    v = rng.standard_normal((B, T, Hv, dv))
+    g = -rng.uniform(0.005, 1.5, (B, T, Hv))
+    beta = rng.uniform(0.0, 1.0, (B, T, Hv))
+    state = rng.standard_normal((B, Hv, dk, dv)) * 0.5
+    return [a.astype(np.float32) for a in (q, k, v, g, beta, state)]

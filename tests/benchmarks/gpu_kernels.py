@@ -20,10 +20,6 @@ import sys
 import numpy as np
 
 
-def _l2(x):
-    return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
-
-
 def _nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -80,14 +76,7 @@ def gdn_cases(torch, dev, check: bool, extra_modes: bool):
     if extra_modes:
         cases += [(1, 512, False, "recurrent"), (1, 4096, False, "recurrent"), (1, 64, False, "chunked")]
     for B, T, window, mode in cases:
-        rng = np.random.default_rng(B * 31 + T)
-        q = _l2(rng.standard_normal((B, T, Hk, dk))) * dk ** -0.5
-        k = _l2(rng.standard_normal((B, T, Hk, dk)))
-        v = rng.standard_normal((B, T, Hv, dv))
-        g = -rng.uniform(0.005, 1.5, (B, T, Hv))
-        beta = rng.uniform(0.0, 1.0, (B, T, Hv))
-        s = rng.standard_normal((B, Hv, dk, dv)) * 0.5
-        xs = [a.astype(np.float32) for a in (q, k, v, g, beta, s)]
+        xs = gref.random_inputs(np.random.default_rng(B * 31 + T), B, T, Hk, Hv, dk, dv)
         tq, tk, tv, tg, tb, ts = (torch.from_numpy(a).to(dev) for a in xs)
         o = torch.empty(B, T, Hv, dv, device=dev)
         ns = torch.empty(B, Hv, dk, dv, device=dev)
