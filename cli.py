@@ -13,6 +13,7 @@ import click
 
 from dualbrain.console import progress_bar
 from dualbrain.errors import DualbrainError
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES
 
 
 class _Group(click.Group):
@@ -51,12 +52,12 @@ def main(ctx, debug):
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(FLOAT_DTYPES), default="float32", show_default=True,
               help="Precision of the exported graphs and weights.")
 @click.option("--max-context", type=int, default=None,
               help="Longest sequence the runtime will accept (default: the config's max_position_embeddings).")
 @click.option("--window", is_flag=True, help="Also output every position's GDN state (for speculative rollback).")
-@click.option("--quant", type=click.Choice(["int4-weight-only"]), default=None,
+@click.option("--quant", type=click.Choice(QUANT_MODES), default=None,
               help="Quantize the linear layers' weights (blockwise int4, symmetric; needs --dtype float16 or "
                    "bfloat16). Embeddings, norms and MoE experts keep the export dtype.")
 def export(checkpoint, out, dtype, max_context, window, quant):
@@ -193,7 +194,7 @@ def diff(checkpoint, model_dir, tolerance, prompt_len, engines, as_json):
 @click.option("--layout", type=click.Choice(["conditional", "causal"]), default="conditional", show_default=True,
               help="conditional = published *ForConditionalGeneration; causal = text-only *ForCausalLM.")
 @click.option("--experts", type=click.Choice(["stacked", "per-expert"]), default="stacked", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(FLOAT_DTYPES), default="float32", show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_tiny(out, family, layout, experts, dtype, shards, seed):

@@ -15,24 +15,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dualbrain.errors import DualbrainError
-from dualbrain.exporter.spec import LINEAR, ModelSpec
+from dualbrain.runtime import dtypes
+from dualbrain.runtime.spec import LINEAR, ModelSpec
 
 if TYPE_CHECKING:  # torch is an export-time dependency only
     import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# safetensors dtype -> bytes per element
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-FLOAT_DTYPES = ("F32", "F16", "BF16")
+# safetensors dtype name -> bytes per element, and the float ones a weight may have (runtime.dtypes)
+DTYPE_SIZES = {d.safetensors: d.itemsize for d in dtypes.TABLE if d.safetensors}
+FLOAT_DTYPES = tuple(dtypes.dtype(n).safetensors for n in dtypes.FLOAT_DTYPES)
 MAX_HEADER = 100 * 1024 * 1024
 
 
 def _torch_dtype(st: str):
-    """torch dtype of a safetensors float dtype name (torch is imported only when exporting)."""
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[st]
+    """torch dtype of a safetensors dtype name (torch is imported only when exporting)."""
+    return dtypes.torch_dtype(dtypes.from_safetensors(st).name)
 
 
 def read_header(path: Path) -> dict[str, dict]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from dualbrain.errors import DualbrainError
+from dualbrain.runtime.blocks import KINDS, model_feeds, random_feeds
+from dualbrain.runtime.dtypes import torch_dtype
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "float16": 2e-2}
 
@@ -67,18 +69,17 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    from dualbrain.exporter.spec import LINEAR, ModelSpec
     from dualbrain.runtime.model import Model
+    from dualbrain.runtime.spec import ModelSpec
 
     model = Model.load(export_dir, backend=backend)
     spec = ModelSpec.from_dir(checkpoint)
-    if ModelSpec.from_json(model.spec) != spec:
+    if model.spec != spec:
         raise DualbrainError("the export was made from a different model configuration than this checkpoint")
     dtype = model.manifest.dtype
     tol = tolerance if tolerance is not None else TOLERANCE[dtype]
     # bf16 exports compute in fp32 on ONNX Runtime's CPU build: the reference uses the same bf16 weights in fp32
-    load_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=load_dtype).eval()
+    ref = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype(dtype)).eval()
     if dtype == "bfloat16" and model.dtype == "float32":
         ref = ref.float()
     lm = ref.model.language_model if hasattr(ref.model, "language_model") else ref.model
@@ -100,17 +101,8 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
         rows.append(DiffRow(block, output, step, max_abs, rel, tol, ok))
 
     def states_of(cache):
-        snap = {}
-        for i, kind in enumerate(spec.layer_types):
-            if kind == LINEAR:
-                conv = cache.get_conv_state(i)
-                snap[i] = {"conv_state": _np(conv[..., -(spec.linear_conv_kernel - 1):]),
-                           "recurrent_state": _np(cache.get_recurrent_state(i))}
-            else:
-                # transformers keeps (B, nkv, T, hd); ours is sequence-major (T, B, nkv, hd)
-                snap[i] = {"past_key": _np(cache.layers[i].keys).transpose(2, 0, 1, 3),
-                           "past_value": _np(cache.layers[i].values).transpose(2, 0, 1, 3)}
-        return snap
+        return {b.layer: {k: _np(v) for k, v in KINDS[b.kind].read_reference_state(cache, b.layer, spec).items()}
+                for b in model.layers}
 
     try:
         with torch.no_grad():
@@ -125,54 +117,37 @@ def diff(checkpoint: str | Path, export_dir: str | Path, *, prompt_len: int = 11
         for h in handles:
             h.remove()
 
-    cdt = np.float16 if model.dtype == "float16" else np.float32
+    cdt = model.np_dtype(model.manifest.dtype)
     for step, step_ids, caps, before, after, logits in steps:
         b, t = step_ids.shape
         past = 0 if before is None else prompt_len
-        emb = model.backend.run(model.embed, {"input_ids": step_ids.numpy()})["hidden"]
-        add("embed", "hidden", step, emb, _np(caps[0][0]))
+        embed, head = KINDS[model.embed.kind], KINDS[model.head.kind]
+        emb = model.backend.run(model.embed, model_feeds(model.embed.inputs, input_ids=step_ids.numpy()))
+        add(model.embed.name, embed.gives, step, emb[embed.gives], _np(caps[0][0]))
         mask = np.ones((b, past + t), np.int64)
         pos = np.broadcast_to(np.arange(past, past + t, dtype=np.int64), (b, t)).copy()
         empty = model.new_state(b)
         for i, block in enumerate(model.layers):
-            feeds = {"hidden": _np(caps[i][0]).astype(cdt), "attention_mask": mask}
+            feeds = {KINDS[block.kind].takes: _np(caps[i][0]).astype(cdt),
+                     **model_feeds(block.inputs, attention_mask=mask, position_ids=pos)}
             for s in block.state:
                 feeds[s.input] = empty.feeds(i)[s.input] if before is None else \
                     before[i][s.input].astype(model.np_dtype(s.dtype))
-            if block.kind != LINEAR:
-                feeds["position_ids"] = pos
             res = model.backend.run(block, feeds)
-            add(block.name, "hidden_out", step, res["hidden_out"], _np(caps[i][1]))
+            gives = KINDS[block.kind].gives
+            add(block.name, gives, step, res[gives], _np(caps[i][1]))
             for s in block.state:
                 # appended states return only this step's positions: the reference's last t
                 add(block.name, s.output, step, res[s.output], after[i][s.input][-t:] if s.append else after[i][s.input])
         # the head sees the last layer's output, before the final norm
         last_hidden = _np(caps[len(model.layers) - 1][1]).astype(cdt)
-        res = model.backend.run(model.head, {"hidden": last_hidden})
-        add("head", "logits", step, res["logits"], _np(logits))
+        res = model.backend.run(model.head, {head.takes: last_hidden})
+        add(model.head.name, head.gives, step, res[head.gives], _np(logits))
     return rows
 
 
 def first_failure(rows: list[DiffRow]) -> DiffRow | None:
     return next((r for r in rows if not r.ok), None)
-
-
-def random_feeds(model, block, *, batch: int = 2, seq: int = 5, past: int = 3, seed: int = 0) -> dict:
-    """Random inputs of the right shapes/dtypes for one block (for backend-vs-backend comparisons)."""
-    rng = np.random.default_rng(seed)
-    sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-    feeds = {}
-    for t in block.inputs:
-        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
-        if t.name == "input_ids":
-            feeds[t.name] = rng.integers(0, model.vocab_size, shape).astype(np.int64)
-        elif t.name == "attention_mask":
-            feeds[t.name] = np.ones(shape, np.int64)
-        elif t.name == "position_ids":
-            feeds[t.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), shape).copy()
-        else:
-            feeds[t.name] = rng.standard_normal(shape).astype(model.np_dtype(t.dtype))
-    return feeds
 
 
 def diff_backends(export_dir: str | Path, engines: str | Path, *, tolerance: float | None = None) -> list[DiffRow]:
@@ -187,7 +162,7 @@ def diff_backends(export_dir: str | Path, engines: str | Path, *, tolerance: flo
     tol = tolerance if tolerance is not None else TOLERANCE[ort_model.manifest.dtype]
     rows = []
     for block in ort_model.manifest.blocks:
-        feeds = random_feeds(ort_model, block)
+        feeds = random_feeds(block.inputs, ort_model.vocab_size, float_dtype=ort_model.np_dtype)
         ref = ort_model.backend.run(block, feeds)
         out = trt_model.backend.run(block, feeds)
         for name, r in ref.items():

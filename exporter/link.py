@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dualbrain.runtime.blocks import KINDS, MODEL_INPUTS
 from dualbrain.runtime.manifest import Manifest, state_name
 
 LINKED = "model.onnx"
@@ -42,35 +43,37 @@ def link_blocks(out_dir: Path, manifest: Manifest) -> str:
     opsets: dict[str, int] = {}
     inputs: dict[str, onnx.ValueInfoProto] = {}
     prev_hidden = None
+    last = manifest.blocks[-1]
     for block in manifest.blocks:
+        kind = KINDS[block.kind]
         m = onnx.load(str(out_dir / block.file), load_external_data=False)
-        keep = {"attention_mask": "attention_mask", "position_ids": "position_ids", "input_ids": "input_ids"}
-        if prev_hidden is not None:
-            keep["hidden"] = prev_hidden
-        if block.kind == "head":
-            keep["logits"] = "logits"
+        keep = {name: name for name in MODEL_INPUTS}
+        if kind.takes is not None:
+            keep[kind.takes] = prev_hidden
+        if block is last:              # the model's output keeps its name
+            keep[kind.gives] = kind.gives
         for s in block.state:
             keep[s.input] = state_name(block.name, s.input)
             keep[s.output] = state_name(block.name, s.output)
         g = m.graph
         _rename_graph(g, block.name, keep)
-        out_hidden = {"embed": "hidden", "head": "logits"}.get(block.kind, "hidden_out")
-        hidden_name = keep.get(out_hidden, f"{block.name}/{out_hidden}")
-        if block.kind == "head":
+        hidden_name = keep.get(kind.gives, f"{block.name}/{kind.gives}")
+        if kind.last_position_only:
             # only the last position's logits are needed while generating
+            last_hidden = f"{block.name}/_last_hidden"
             nodes = [
-                helper.make_node("Constant", [], ["head/_last_start"], value=helper.make_tensor(
+                helper.make_node("Constant", [], [f"{block.name}/_last_start"], value=helper.make_tensor(
                     "s", onnx.TensorProto.INT64, [1], [-1])),
-                helper.make_node("Constant", [], ["head/_last_end"], value=helper.make_tensor(
+                helper.make_node("Constant", [], [f"{block.name}/_last_end"], value=helper.make_tensor(
                     "e", onnx.TensorProto.INT64, [1], [2**62])),
-                helper.make_node("Constant", [], ["head/_last_axis"], value=helper.make_tensor(
+                helper.make_node("Constant", [], [f"{block.name}/_last_axis"], value=helper.make_tensor(
                     "a", onnx.TensorProto.INT64, [1], [1])),
-                helper.make_node("Slice", [prev_hidden, "head/_last_start", "head/_last_end", "head/_last_axis"],
-                                 ["head/_last_hidden"]),
+                helper.make_node("Slice", [prev_hidden] + [f"{block.name}/_last_{x}" for x in ("start", "end", "axis")],
+                                 [last_hidden]),
             ]
             graph.node.extend(nodes)
             for n in g.node:
-                n.input[:] = ["head/_last_hidden" if x == prev_hidden else x for x in n.input]
+                n.input[:] = [last_hidden if x == prev_hidden else x for x in n.input]
         graph.node.extend(g.node)
         graph.initializer.extend(g.initializer)
         graph.value_info.extend(v for v in g.value_info)
@@ -78,7 +81,7 @@ def link_blocks(out_dir: Path, manifest: Manifest) -> str:
             if vi.name in keep.values() and vi.name != prev_hidden and vi.name not in inputs:
                 inputs[vi.name] = vi
         for vi in g.output:
-            if vi.name.startswith(block.name + ".") or vi.name == "logits":
+            if vi.name.startswith(block.name + ".") or (block is last and vi.name == kind.gives):
                 graph.output.append(vi)
         for f in m.functions:
             functions.setdefault((f.domain, f.name), f)

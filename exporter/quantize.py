@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from dualbrain.errors import DualbrainError
+from dualbrain.runtime import dtypes
+from dualbrain.runtime.dtypes import INT4_WEIGHT_ONLY, QUANT_MODES
 
-INT4_WEIGHT_ONLY = "int4-weight-only"
-QUANT_MODES = (INT4_WEIGHT_ONLY,)
 BLOCK_SIZES = (128, 64, 32)
 MIN_OPSET = 21           # DequantizeLinear-21: blockwise (block_size) and INT4
 QMIN, QMAX = -8, 7
@@ -44,18 +44,12 @@ def block_size_for(k: int) -> int | None:
     return next((b for b in BLOCK_SIZES if k % b == 0), None)
 
 
+FLOAT_ONNX_TYPES = tuple(dtypes.dtype(n).onnx for n in dtypes.FLOAT_DTYPES)
+
+
 def _np_dtype(data_type: int):
-    from onnx import TensorProto
-
-    if data_type == TensorProto.FLOAT16:
-        return np.dtype(np.float16)
-    if data_type == TensorProto.FLOAT:
-        return np.dtype(np.float32)
-    if data_type == TensorProto.BFLOAT16:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return None
+    """numpy dtype of a float ONNX element type, else None."""
+    return dtypes.numpy_dtype(dtypes.from_onnx(data_type).name) if data_type in FLOAT_ONNX_TYPES else None
 
 
 def quantize_int4(w: np.ndarray, block: int, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -149,12 +143,10 @@ def _is_weight_input(node, idx: int, k_axis_first: bool) -> bool:
 
 def plan_weights(model) -> tuple[list[_Plan], list[tuple[str, str]]]:
     """(weights to quantize, [(initializer, why it stays)] for 2-D float MatMul weights left as they are)."""
-    from onnx import TensorProto
-
     graph = model.graph
     cons = _consumers(graph)
     outputs = {o.name for o in graph.output}
-    floats = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT)
+    floats = FLOAT_ONNX_TYPES
     plans, skipped = [], []
     for t in graph.initializer:
         if len(t.dims) != 2 or t.data_type not in floats or t.name in outputs:

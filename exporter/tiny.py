@@ -34,11 +34,11 @@ from typing import Any
 from dualbrain.artifacts import atomic_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.exporter.tokenizer_data import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, torch_dtype as torch_dtype_of
 
 FAMILIES = ("dense", "moe")
 LAYOUTS = ("conditional", "causal")
 EXPERT_FORMATS = ("stacked", "per_expert")
-DTYPES = ("float32", "float16", "bfloat16")
 
 # Number of byte-level BPE tokens trained; the special tokens are appended after them (ids 989..999).
 BPE_VOCAB_SIZE = 989
@@ -217,8 +217,8 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, 
         bad("layout", layout, LAYOUTS)
     if experts not in EXPERT_FORMATS:
         bad("experts", experts, EXPERT_FORMATS)
-    if dtype not in DTYPES:
-        bad("dtype", dtype, DTYPES)
+    if dtype not in FLOAT_DTYPES:
+        bad("dtype", dtype, FLOAT_DTYPES)
     if attention not in ATTENTIONS:
         bad("attention", attention, ATTENTIONS)
     if not isinstance(shards, int) or shards < 1:
@@ -502,7 +502,7 @@ def make_tiny(
     import torch
     from transformers import GenerationConfig
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = torch_dtype_of(dtype)
     ids = special_token_ids()
     text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
                                 tie_embeddings=tie_embeddings, attention=attention)

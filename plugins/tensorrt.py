@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dualbrain.errors import DualbrainError
+from dualbrain.plugins import DOMAIN, OPS, op_module
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, dtype
 
-NAMESPACE = "dualbrain"
+NAMESPACE = DOMAIN      # plugins register under the ops' ONNX domain: the parser maps one to the other
+# trt.DataType names of the float dtypes a plugin may take (runtime.dtypes)
+FLOAT_TYPES = tuple(dtype(n).trt for n in FLOAT_DTYPES)
 PLUGIN_VERSION = "1"
-FLAVOURS = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}
-# Each op folder's trt.py exports DESCS: the plugin descriptions of that op (base + window variant).
-OP_MODULES = ("causal_conv", "gated_delta", "moe_dispatch")
+FLAVOURS = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}   # flavour -> Python module
+FLAVOUR_LABELS = {"tensorrt-rtx": "TensorRT-RTX", "tensorrt": "TensorRT"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,9 +175,10 @@ class OpDesc:
 
 
 def all_descs() -> list[OpDesc]:
+    """Every op folder's trt.py exports DESCS: the plugin descriptions of that op (base + window variant)."""
     out = []
-    for op in OP_MODULES:
-        out.extend(importlib.import_module(f"dualbrain.plugins.{op}.trt").DESCS)
+    for op in OPS:
+        out.extend(op_module(op, "trt").DESCS)
     return out
 
 
@@ -204,12 +208,9 @@ def _field_values(desc: OpDesc, fc) -> dict:
 
 
 def _torch_dtype(trt, dt):
-    import torch
+    from dualbrain.runtime.dtypes import from_trt, torch_dtype
 
-    return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-            trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32,
-            trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
-            trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}[dt]
+    return torch_dtype(from_trt(trt, dt).name)
 
 
 def wrap_device_pointer(ptr: int, shape: Sequence[int], dtype, device: int | None = None):

@@ -13,25 +13,23 @@ the ONNX graph), targets are set with ``IBuilderConfig.num_compute_capabilities`
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from dualbrain.artifacts import atomic_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.recipes.schema import Recipe, load_recipe
+from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineBlock, EngineManifest
 from dualbrain.runtime.manifest import MANIFEST, Manifest, file_digest, load_manifest, safe_child
 
-ENGINE_MANIFEST = "engines.json"
-ENGINE_FORMAT = "dualbrain-engines"
-ENGINE_VERSION = 1
+__all__ = ["ENGINE_MANIFEST", "build", "inspect_plugins", "profile_dims", "input_shapes", "run_job"]
+
 TIMING_CACHE = "timing.cache"
 PROFILE_NAMES = ("prefill", "decode")
 
@@ -120,30 +118,21 @@ def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, eng
                "blocks": blocks, "out": str(part.resolve())}
         results = run_job(job, progress=progress, in_process=in_process)
         done = results["built"]
-        man_digest = file_digest(export_dir / MANIFEST)
-        engine_manifest = {
-            "format": ENGINE_FORMAT, "version": ENGINE_VERSION,
-            "flavour": recipe.flavour, "tensorrt_version": results["tensorrt_version"],
-            "compute_capabilities": list(recipe.compute_capabilities), "target": recipe.target,
-            "recipe": recipe.to_json(),
-            "profiles": [{"name": n, "dims": d} for n, d in profiles.items()],
-            "timing_cache": results.get("timing_cache"),
-            "export": {"path": str(export_dir.resolve()), "dtype": man.dtype, "max_context": man.max_context,
-                       "window": man.window, "manifest_sha256": man_digest["sha256"], "model": man.model},
-            "blocks": [],
-        }
-        for b in man.blocks:
-            r = done[b.name]
-            engine_manifest["blocks"].append({
-                "name": b.name, "kind": b.kind, "layer": b.layer, "onnx": b.file,
-                "engine": r["file"], "size": r["size"], "sha256": r["sha256"], "build_seconds": r["seconds"],
-                "plugins": r["plugins"],
-                "inputs": [asdict(t) for t in b.inputs], "outputs": [asdict(t) for t in b.outputs],
-                "state": [asdict(s) for s in b.state],
-            })
-        text = json.dumps(engine_manifest, indent=1)
-        (part / ENGINE_MANIFEST).write_text(text, encoding="utf-8")
-    return json.loads(text)
+        engine_manifest = EngineManifest(
+            flavour=recipe.flavour, tensorrt_version=results["tensorrt_version"],
+            compute_capabilities=tuple(recipe.compute_capabilities), target=recipe.target,
+            recipe=recipe.to_json(), profiles=tuple({"name": n, "dims": d} for n, d in profiles.items()),
+            timing_cache=results.get("timing_cache"),
+            export={"path": str(export_dir.resolve()), "dtype": man.dtype, "max_context": man.max_context,
+                    "window": man.window, "manifest_sha256": file_digest(export_dir / MANIFEST)["sha256"],
+                    "model": man.model.to_json()},
+            blocks=tuple(EngineBlock(
+                name=b.name, kind=b.kind, layer=b.layer, onnx=b.file, engine=done[b.name]["file"],
+                size=done[b.name]["size"], sha256=done[b.name]["sha256"], build_seconds=done[b.name]["seconds"],
+                plugins=tuple(done[b.name]["plugins"]), inputs=b.inputs, outputs=b.outputs, state=b.state)
+                for b in man.blocks))
+        written = engine_manifest.write(part)
+    return written
 
 
 def inspect_plugins(export_dir: str | os.PathLike, flavour: str = "tensorrt-rtx",
@@ -218,14 +207,6 @@ def _on_event(ev: dict, progress: Progress | None) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Child side: everything that touches TensorRT
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Worker:
@@ -346,7 +327,8 @@ class _Worker:
             with open(path, "wb") as f:
                 f.write(memoryview(plan))
             del plan, network, parser, cfg
-            built[b["name"]] = {"file": path.name, "size": path.stat().st_size, "sha256": _sha256(path),
+            digest = file_digest(path)
+            built[b["name"]] = {"file": path.name, "size": digest["size"], "sha256": digest["sha256"],
                                 "seconds": round(time.perf_counter() - t0, 3), "plugins": layers}
         self.emit({"event": "progress", "name": "done", "done": len(blocks), "total": len(blocks)})
         timing = None

@@ -35,17 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from dualbrain.errors import DualbrainError
+from dualbrain.plugins.tensorrt import FLAVOURS as _FLAVOUR_MODULES
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_BASE_DTYPES, QUANT_MODES
 
 RECIPE_DIR = Path(__file__).resolve().parent
 TARGETS = {"rtx4090": "8.9", "rtx5090": "12.0", "orin": "8.7", "h100": "9.0"}
-FLAVOURS = ("tensorrt-rtx", "tensorrt")
+FLAVOURS = tuple(_FLAVOUR_MODULES)
 # TensorRT-RTX's ComputeCapability enum (1.7): no Orin (8.7), no Hopper (9.0), no Blackwell DC (10.0).
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "10.3", "11.0", "12.0", "12.1")
-PRECISIONS = ("float32", "float16", "bfloat16", "int4-weight-only", "fp8")
-QUANTIZED = ("int4-weight-only", "fp8")
-SUPPORTED_QUANT = ("int4-weight-only",)       # what `dualbrain export --quant` makes (fp8 needs calibration)
-QUANT_BASE_DTYPES = ("float16", "bfloat16")   # export dtypes a quantized export can have
+# fp8 is a recipe precision `dualbrain export --quant` cannot make yet (it needs calibration)
+QUANTIZED = (*QUANT_MODES, "fp8")
+PRECISIONS = (*FLOAT_DTYPES, *QUANTIZED)
+SUPPORTED_QUANT = QUANT_MODES
 
 
 @dataclass(frozen=True)

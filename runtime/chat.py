@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from dualbrain.errors import DualbrainError, read_json_object
+from dualbrain.runtime.spec import eos_token_ids
 
 # Names a message's reasoning may be passed under; the first is the one chat templates read
 # (transformers aliases them the same way).
@@ -220,11 +221,7 @@ class Tokenizer:
         self.eos_token_id = self.token_to_id(eos_token) if eos_token else None
         self.pad_token_id = self.token_to_id(pad_token) if pad_token else None
         self.bos_token_id = self.token_to_id(bos_token) if bos_token else None
-        eos: list[int] = []
-        for i in ([self.eos_token_id] if self.eos_token_id is not None else []) + list(extra_eos_ids):
-            if i is not None and int(i) not in eos:
-                eos.append(int(i))
-        self.eos_ids: tuple[int, ...] = tuple(eos)
+        self.eos_ids: tuple[int, ...] = eos_token_ids(self.eos_token_id, [int(i) for i in extra_eos_ids])
         added = backend.get_added_tokens_decoder()
         self.added_tokens: dict[str, int] = {t.content: i for i, t in added.items()}
         self.special_ids: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
@@ -250,11 +247,8 @@ class Tokenizer:
         jinja_file = d / "chat_template.jinja"
         if jinja_file.is_file():  # transformers >= 4.43 writes the template here and prefers it
             template = jinja_file.read_text(encoding="utf-8")
-        extra_eos: list[int] = []
         gen = d / "generation_config.json"
-        if gen.is_file():
-            e = read_json_object(gen).get("eos_token_id")
-            extra_eos = [e] if isinstance(e, int) else [x for x in (e or []) if isinstance(x, int)]
+        extra_eos = eos_token_ids(read_json_object(gen).get("eos_token_id")) if gen.is_file() else ()
         return cls(
             backend,
             chat_template=template if isinstance(template, str) else None,

@@ -14,40 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from dualbrain.errors import DualbrainError, read_json_object
+from dualbrain.runtime.blocks import KINDS, StateInfo, TensorInfo, model_blocks
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES
+from dualbrain.runtime.spec import ModelSpec
+
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "BlockInfo", "Manifest", "StateInfo", "TensorInfo", "file_digest",
+           "load_manifest", "parse_state", "parse_tensor", "safe_child", "state_name"]
 
 FORMAT = "dualbrain-export"
 VERSION = 2   # 2: attention K/V are appended, sequence-major (runtime.state); 1 returned whole present K/V
 MANIFEST = "manifest.json"
-DTYPES = ("float32", "float16", "bfloat16")
-QUANTS = ("int4-weight-only",)   # weight-only quantization on top of `dtype` (exporter.quantize)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str                     # numpy-style name: float32, float16, bfloat16, int64
-    shape: tuple[int | str, ...]   # str = dynamic dim (batch, seq, past, total)
-
-
-@dataclass(frozen=True)
-class StateInfo:
-    """A state tensor carried between calls: fed as `input`, returned as `output`.
-
-    `append`: `output` holds only the call's own positions along axis 0 (seq-major), which the runtime
-    appends to a preallocated cache whose valid prefix (axis 0 = "past") is the next `input`.
-    Otherwise `output` replaces `input` whole."""
-    input: str
-    output: str
-    dtype: str
-    shape: tuple[int | str, ...]
-    window_output: str | None = None   # per-position states (speculative rollback), if exported
-    append: bool = False
 
 
 @dataclass(frozen=True)
 class BlockInfo:
     name: str
-    kind: str                      # embed | linear_attention | full_attention | head
+    kind: str                      # a runtime.blocks.KINDS name: embed | linear_attention | full_attention | head
     file: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
@@ -57,7 +39,7 @@ class BlockInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    model: dict[str, Any]          # ModelSpec.to_json()
+    model: ModelSpec
     dtype: str
     opset: int
     max_context: int
@@ -122,18 +104,19 @@ def _dims(shape: Any) -> bool:
     return isinstance(shape, list) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape)
 
 
-def _tensor(d: Any, what: str) -> TensorInfo:
+def parse_tensor(d: Any, what: str, file: str = MANIFEST) -> TensorInfo:
+    """A TensorInfo from its JSON entry in `file` (the export's or the engines' manifest)."""
     if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("dtype"), str) \
             or not _dims(d.get("shape")):
-        raise DualbrainError(f"manifest.json: malformed tensor entry in {what}")
+        raise DualbrainError(f"{file}: malformed tensor entry in {what}")
     return TensorInfo(d["name"], d["dtype"], tuple(d["shape"]))
 
 
-def _state(d: Any, what: str) -> StateInfo:
+def parse_state(d: Any, what: str, file: str = MANIFEST) -> StateInfo:
     if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("input", "output", "dtype")) \
             or not _dims(d.get("shape")) or not isinstance(d.get("append", False), bool) \
             or (d.get("append") and d["shape"][:1] != ["past"]):   # appended states are sequence-major
-        raise DualbrainError(f"manifest.json: malformed state entry in {what}")
+        raise DualbrainError(f"{file}: malformed state entry in {what}")
     w = d.get("window_output")
     return StateInfo(d["input"], d["output"], d["dtype"], tuple(d["shape"]), w if isinstance(w, str) else None,
                      d.get("append", False))
@@ -155,7 +138,7 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
     if d.get("version") != VERSION:
         raise DualbrainError(f"manifest.json: unsupported version {d.get('version')!r} (this dualbrain reads {VERSION})")
     try:
-        if not isinstance(d["dtype"], str) or d["dtype"] not in DTYPES:
+        if not isinstance(d["dtype"], str) or d["dtype"] not in FLOAT_DTYPES:
             raise DualbrainError(f"manifest.json: unknown dtype {d['dtype']!r}")
         for key, typ in (("model", dict), ("opset", int), ("max_context", int), ("window", bool),
                          ("blocks", list), ("files", dict)):
@@ -163,9 +146,7 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
                 raise DualbrainError(f"manifest.json: field {key!r} has the wrong type")
         if d["max_context"] < 1:
             raise DualbrainError("manifest.json: max_context must be positive")
-        from dualbrain.exporter.spec import ModelSpec  # stdlib-only module: no torch
-
-        ModelSpec.from_json(d["model"])
+        model = ModelSpec.from_json(d["model"])
         blocks = []
         for i, b in enumerate(d["blocks"]):
             if not isinstance(b, dict) or not isinstance(b.get("name"), str) or not isinstance(b.get("kind"), str):
@@ -177,19 +158,19 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
                 raise DualbrainError(f"manifest.json: block {b['name']!r} has no file")
             blocks.append(BlockInfo(
                 name=b["name"], kind=b["kind"], file=b["file"],
-                inputs=tuple(_tensor(t, b["name"]) for t in _list(b.get("inputs"), b["name"])),
-                outputs=tuple(_tensor(t, b["name"]) for t in _list(b.get("outputs"), b["name"])),
+                inputs=tuple(parse_tensor(t, b["name"]) for t in _list(b.get("inputs"), b["name"])),
+                outputs=tuple(parse_tensor(t, b["name"]) for t in _list(b.get("outputs"), b["name"])),
                 layer=layer,
-                state=tuple(_state(s, b["name"]) for s in _list(b.get("state", []), b["name"])),
+                state=tuple(parse_state(s, b["name"]) for s in _list(b.get("state", []), b["name"])),
             ))
         files = d["files"]
         tok = d.get("tokenizer_files", [])
         linked = d.get("linked")
         quant = d.get("quant")          # absent in manifests written before quantized exports
-        if quant is not None and quant not in QUANTS:
+        if quant is not None and quant not in QUANT_MODES:
             raise DualbrainError(f"manifest.json: unknown quant {quant!r} (this dualbrain reads "
-                                 f"{', '.join(QUANTS)})")
-        man = Manifest(model=d["model"], dtype=d["dtype"], opset=d["opset"], max_context=d["max_context"],
+                                 f"{', '.join(QUANT_MODES)})")
+        man = Manifest(model=model, dtype=d["dtype"], opset=d["opset"], max_context=d["max_context"],
                        window=d["window"], blocks=tuple(blocks), files=files,
                        tokenizer_files=tuple(_list(tok, "tokenizer_files")),
                        linked=linked if isinstance(linked, str) else None,
@@ -208,10 +189,12 @@ def _list(x: Any, what: str) -> list:
 
 
 def check_structure(man: Manifest) -> None:
-    """embed, then one block per decoder layer in order (of the spec's kinds), then head."""
-    kinds = [b.kind for b in man.blocks]
-    layer_types = list(man.model["layer_types"])
-    if kinds != ["embed", *layer_types, "head"] or [b.layer for b in man.layers] != list(range(len(layer_types))):
+    """The blocks are the model's (runtime.blocks.model_blocks): kinds and layer indices in order."""
+    unknown = sorted({b.kind for b in man.blocks} - set(KINDS))
+    if unknown:
+        raise DualbrainError(f"manifest.json: unknown block kind {unknown[0]!r} (this dualbrain knows "
+                             f"{', '.join(KINDS)})")
+    if [(b.kind, b.layer) for b in man.blocks] != [(p.kind.name, p.layer) for p in model_blocks(man.model)]:
         raise DualbrainError("manifest.json: blocks do not match the model (embed, one block per layer, head)")
     names = [b.name for b in man.blocks]
     if len(set(names)) != len(names):

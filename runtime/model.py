@@ -14,10 +14,11 @@ import numpy as np
 
 from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.backends import Backend, load_backend
+from dualbrain.runtime.blocks import KINDS, model_feeds
+from dualbrain.runtime.dtypes import numpy_dtype
 from dualbrain.runtime.manifest import Manifest, load_manifest, state_name
+from dualbrain.runtime.spec import ModelSpec
 from dualbrain.runtime.state import State
-
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 class Model:
@@ -25,18 +26,19 @@ class Model:
         self.dir = model_dir
         self.manifest = manifest
         self.backend = backend
-        self.spec = manifest.model
-        self.vocab_size = int(self.spec["vocab_size"])
+        self.spec: ModelSpec = manifest.model
+        self.vocab_size = self.spec.vocab_size
         self.max_context = manifest.max_context
         self.dtype = backend.compute_dtype(manifest.dtype)
         self.embed = manifest.block("embed")
         self.head = manifest.block("head")
         self.layers = manifest.layers
-        self._has_attention = any(b.kind == "full_attention" for b in self.layers)
         # the linked graph's (graph name, state name) pairs per layer, built once rather than per token
         self._linked_in = [[(state_name(b.name, s.input), s.input) for s in b.state] for b in self.layers]
         self._linked_out = [[(state_name(b.name, s.output), s.output) for s in b.state] for b in self.layers]
-        self._linked_fetch = ["logits"] + [full for outs in self._linked_out for full, _ in outs]
+        self._linked_inputs = [t for b in manifest.blocks for t in b.inputs]   # model inputs picked by name
+        self._output = KINDS[self.head.kind].gives
+        self._linked_fetch = [self._output] + [full for outs in self._linked_out for full, _ in outs]
         self._tokenizer = None
         gen = model_dir / "generation_config.json"
         self.generation_config = read_json_object(gen) if gen.is_file() else None
@@ -59,7 +61,7 @@ class Model:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        ids = list(self.spec.get("eos_token_ids") or ())
+        ids = list(self.spec.eos_token_ids)
         if not ids and self.manifest.tokenizer_files:
             ids = list(self.tokenizer.eos_ids)
         return tuple(ids)
@@ -72,10 +74,11 @@ class Model:
         return State(self.layers, batch, max(1, cap), self.max_context, self.np_dtype)
 
     def np_dtype(self, dtype: str):
-        """The numpy dtype this backend feeds/returns for a manifest dtype."""
-        if dtype == "bfloat16":
-            return np.float32 if self.dtype == "float32" else NP_DTYPES[dtype]
-        return NP_DTYPES[dtype]
+        """The numpy dtype this backend feeds/returns for a manifest dtype (bf16 exports compute in
+        fp32 on ONNX Runtime's CPU build, in bf16 on TensorRT)."""
+        if dtype == "bfloat16" and self.dtype == "float32":
+            return np.dtype(np.float32)
+        return numpy_dtype(dtype)
 
     def check_ids(self, ids: Sequence[int]) -> None:
         bad = [i for i in ids if not (0 <= int(i) < self.vocab_size)]
@@ -95,7 +98,7 @@ class Model:
             )
         new_mask = np.ones((b, t), np.int64) if pad is None else pad.astype(np.int64)
         mask, pos = state.begin(new_mask)
-        if not all_logits and getattr(self.backend, "has_linked", False):
+        if not all_logits and self.backend.has_linked:
             logits, outputs = self._forward_linked(ids, mask, pos, state)
         else:
             logits, outputs = self._forward_blocks(ids, mask, pos, state, all_logits)
@@ -104,27 +107,30 @@ class Model:
 
     def _forward_linked(self, ids, mask, pos, state: State):
         """One call of the whole-model graph: last-position logits (B, V) and each layer's state outputs."""
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if self._has_attention:
-            feeds["position_ids"] = pos
+        feeds = model_feeds(self._linked_inputs, input_ids=ids, attention_mask=mask, position_ids=pos)
         for i, ins in enumerate(self._linked_in):
             st = state.feeds(i)
             feeds.update((full, st[name]) for full, name in ins)
         out = self.backend.run_linked(feeds, self._linked_fetch)
         states = [{name: out[full] for full, name in outs} for outs in self._linked_out]
-        return out["logits"][:, -1], states
+        return out[self._output][:, -1], states
 
     def _forward_blocks(self, ids, mask, pos, state: State, all_logits: bool):
-        hidden = self.backend.run(self.embed, {"input_ids": ids})["hidden"]
+        """embed -> layers -> head, each block fed the model inputs it declares and its chain input."""
+        def run(block, x, extra=None):
+            kind = KINDS[block.kind]
+            feeds = model_feeds(block.inputs, input_ids=ids, attention_mask=mask, position_ids=pos)
+            if kind.takes:
+                feeds[kind.takes] = x
+            out = self.backend.run(block, {**feeds, **(extra or {})})
+            return out, out[kind.gives]
+
+        _, hidden = run(self.embed, None)
         states = []
         for i, block in enumerate(self.layers):
-            feeds = {"hidden": hidden, "attention_mask": mask, **state.feeds(i)}
-            if block.kind == "full_attention":
-                feeds["position_ids"] = pos
-            out = self.backend.run(block, feeds)
-            hidden = out["hidden_out"]
+            out, hidden = run(block, hidden, state.feeds(i))
             states.append({s.output: out[s.output] for s in block.state})
         if not all_logits:
             hidden = np.ascontiguousarray(hidden[:, -1:])
-        logits = self.backend.run(self.head, {"hidden": hidden})["logits"]
+        _, logits = run(self.head, hidden)
         return (logits if all_logits else logits[:, -1]), states

@@ -75,7 +75,7 @@ def test_window_states_match_stepwise(artifacts):
     block = model.layers[0]
     assert block.state[0].window_output == "conv_states"
     rng = np.random.default_rng(0)
-    t, h = 6, model.spec["hidden_size"]
+    t, h = 6, model.spec.hidden_size
     hidden = rng.standard_normal((2, t, h)).astype(np.float32)
     zeros = model.new_state(2).layers[0]
     full = model.backend.run(block, {"hidden": hidden, "attention_mask": np.ones((2, t), np.int64), **zeros})

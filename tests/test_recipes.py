@@ -40,9 +40,9 @@ def fake_export(tmp_path: Path, dtype: str) -> Path:
     """The smallest directory load_manifest accepts (one empty block file)."""
     d = tmp_path / f"export-{dtype}"
     d.mkdir()
-    from dualbrain.exporter.spec import ModelSpec
     from dualbrain.exporter.tiny import text_config_dict
     from dualbrain.runtime.manifest import VERSION
+    from dualbrain.runtime.spec import ModelSpec
 
     spec = ModelSpec.from_config(dict(text_config_dict(family="dense", num_layers=1), model_type="qwen3_5_text",
                                       layer_types=["full_attention"]))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dualbrain.errors import DualbrainError
-from dualbrain.exporter.spec import ModelSpec
+from dualbrain.runtime.spec import ModelSpec
 from dualbrain.runtime.manifest import file_digest, load_manifest
 
 pytest.importorskip("torch")

@@ -1,6 +1,7 @@
 """The runtime: no torch/transformers, EOS and stop strings, streaming, chat, JSON CLI output."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_stops_on_eos(exported):
     g = generate(m, [[5, 17, 300]], SamplingParams(greedy=True, max_new_tokens=40))[0]
     # pretend the 4th generated token is EOS
     m2 = Model.load(exported)
-    m2.spec = dict(m2.spec, eos_token_ids=[g.new_ids[3]])
+    m2.spec = dataclasses.replace(m2.spec, eos_token_ids=(g.new_ids[3],))
     g2 = generate(m2, [[5, 17, 300]], SamplingParams(greedy=True, max_new_tokens=40))[0]
     first = g.new_ids.index(g.new_ids[3])
     assert g2.new_ids == g.new_ids[: first + 1] and g2.finish_reason == "eos"

@@ -5,6 +5,10 @@ layer takes and returns its conv + recurrent state, an attention layer takes pas
 this call's K/V (both sequence-major; the runtime keeps the cache). The three ops generic compilers
 handle badly (causal conv with state, gated delta rule, MoE dispatch) are custom ops from
 `dualbrain.plugins`, exported as single nodes.
+
+`runtime.blocks.KINDS` names the module of each block kind; the exporter builds it with
+`from_checkpoint(spec, checkpoint, layer, dtype, window)`. A mixer with state also says how to read
+that state out of transformers' cache (`reference_state`, for `diff`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch.nn import functional as F
 from dualbrain.exporter.blocks.norms import (
     apply_rotary, l2norm, rms_norm_gated, rms_norm_zero_centred, rotary_cos_sin,
 )
-from dualbrain.exporter.spec import LINEAR, ModelSpec
+from dualbrain.runtime.spec import LINEAR, ModelSpec
 from dualbrain.plugins.causal_conv.op import causal_conv1d
 from dualbrain.plugins.gated_delta.op import gated_delta_rule
 from dualbrain.plugins.moe_dispatch.op import interleave_gate_up_, moe_dispatch
@@ -30,6 +34,10 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = _frozen(weight)
 
+    @classmethod
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype, window: bool) -> "Embedding":
+        return cls(ckpt.embed_weight(dtype))
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
 
@@ -42,6 +50,10 @@ class Head(nn.Module):
         self.eps = spec.rms_norm_eps
         self.norm = _frozen(w["norm.weight"])
         self.lm_head = _frozen(w["lm_head.weight"])
+
+    @classmethod
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype, window: bool) -> "Head":
+        return cls(spec, ckpt.head_weights(dtype))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm_zero_centred(hidden, self.norm, self.eps), self.lm_head).float()
@@ -61,6 +73,13 @@ class GatedDeltaNetMixer(nn.Module):
         self.A_log = _frozen(w[p + "A_log"])
         self.norm = _frozen(w[p + "norm.weight"])
         self.out_proj = _frozen(w[p + "out_proj.weight"])
+
+    @staticmethod
+    def reference_state(cache, layer: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """Our state inputs from transformers' cache (which keeps K positions of conv input; we keep K-1)."""
+        conv = cache.get_conv_state(layer)
+        return {"conv_state": conv[..., -(spec.linear_conv_kernel - 1):],
+                "recurrent_state": cache.get_recurrent_state(layer)}
 
     def forward(self, x, mask, conv_state, recurrent_state):
         s = self.s
@@ -100,6 +119,12 @@ class GatedAttentionMixer(nn.Module):
         self.k_norm = _frozen(w[p + "k_norm.weight"])
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.rotary_dim, 2, dtype=torch.float) / spec.rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def reference_state(cache, layer: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """transformers keeps K/V as (B, nkv, T, hd); ours are sequence-major (T, B, nkv, hd)."""
+        return {"past_key": cache.layers[layer].keys.permute(2, 0, 1, 3),
+                "past_value": cache.layers[layer].values.permute(2, 0, 1, 3)}
 
     def forward(self, x, mask, position_ids, past_key, past_value):
         s = self.s
@@ -182,6 +207,10 @@ class DecoderLayer(nn.Module):
             self.ffn = SparseMoE(spec, w)
         else:
             self.ffn = DenseMLP(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+
+    @classmethod
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer: int, dtype, window: bool) -> "DecoderLayer":
+        return cls(spec, layer, ckpt.layer_weights(layer, dtype), window=window)
 
     def forward(self, hidden, attention_mask, *state):
         mixed = self.mixer(rms_norm_zero_centred(hidden, self.input_norm, self.eps), attention_mask, *state)

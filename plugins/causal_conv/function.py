@@ -15,12 +15,9 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "onnx_functions"]
+from .reference import DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION
 
-DOMAIN = "dualbrain"
-OP_TYPE = "CausalConv1d"
-OP_TYPE_WINDOW = "CausalConv1dWindow"
-VERSION = 1
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "onnx_functions"]
 
 _INT64_MAX = 2**63 - 1
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "causal_conv1d"]
 
-from .function import DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION
+from .reference import DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION
 
 
 def _eager(x, weight, conv_state, window: bool):

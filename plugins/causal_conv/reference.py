@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["causal_conv1d"]
+from dualbrain.plugins import OpIdentity
+
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "causal_conv1d"]
+
+# Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
+IDENTITY = OpIdentity("CausalConv1d", window_op_type="CausalConv1dWindow")
+DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION = (IDENTITY.domain, IDENTITY.op_type, IDENTITY.window_op_type,
+                                            IDENTITY.version)
 
 
 def causal_conv1d(x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray, window: bool = False):

@@ -7,11 +7,11 @@ states (B, T, C, K-1), in x's dtype. Field ``channels`` = C. The generic plugin 
 """
 from __future__ import annotations
 
+from dualbrain.plugins.tensorrt import FLOAT_TYPES as FLOATS
 from dualbrain.plugins.tensorrt import OpDesc
 
-from .function import OP_TYPE, OP_TYPE_WINDOW
+from .reference import OP_TYPE, OP_TYPE_WINDOW
 
-FLOATS = ("FLOAT", "HALF", "BF16")
 
 
 def _dtypes(window: bool):

@@ -16,12 +16,9 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "onnx_functions"]
+from .reference import DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION
 
-DOMAIN = "dualbrain"
-OP_TYPE = "GatedDeltaRule"
-OP_TYPE_WINDOW = "GatedDeltaRuleWindow"
-VERSION = 1
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "onnx_functions"]
 MS_DOMAIN = "com.microsoft"
 
 _INPUTS = ["q", "k", "v", "g", "beta", "state"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .function import DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION
+from .reference import DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION
 
 __all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "gated_delta_rule"]
 

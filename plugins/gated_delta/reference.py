@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gated_delta_rule", "random_inputs", "l2_normalise"]
+from dualbrain.plugins import OpIdentity
+
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "gated_delta_rule", "random_inputs",
+           "l2_normalise"]
+
+# Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
+IDENTITY = OpIdentity("GatedDeltaRule", window_op_type="GatedDeltaRuleWindow")
+DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION = (IDENTITY.domain, IDENTITY.op_type, IDENTITY.window_op_type,
+                                            IDENTITY.version)
 
 
 def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dualbrain.plugins.tensorrt import OpDesc
 
-from .function import OP_TYPE, OP_TYPE_WINDOW
+from .reference import OP_TYPE, OP_TYPE_WINDOW
 
 
 def _dtypes(window: bool):

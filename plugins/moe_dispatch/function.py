@@ -131,23 +131,9 @@ def onnx_functions(opset: int, body: str = "contrib") -> list[onnx.FunctionProto
 
 
 def add_functions_to_model(model: onnx.ModelProto, body: str = "contrib") -> onnx.ModelProto:
-    """Attach the MoEDispatch function to ``model`` in place (idempotent): uses the model's
-    default-domain opset, replaces an existing dualbrain::MoEDispatch function, and adds the
-    opset imports the function needs (dualbrain:1, com.microsoft:1 for the contrib body)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None:
-        raise ValueError("model has no default-domain opset import")
-    fns = onnx_functions(opset, body)
-    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
-    del model.functions[:]
-    model.functions.extend(keep + fns)
-    have = {o.domain: o.version for o in model.opset_import}
-    for f in fns:
-        for o in list(f.opset_import) + [oh.make_opsetid(DOMAIN, VERSION)]:
-            if o.domain not in have:
-                model.opset_import.append(oh.make_opsetid(o.domain, o.version))
-                have[o.domain] = o.version
-            elif have[o.domain] != o.version:
-                raise ValueError(f"model imports {o.domain!r} version {have[o.domain]}, "
-                                 f"function needs {o.version}")
+    """Attach the MoEDispatch function with `body` to ``model`` in place (idempotent; see
+    :func:`dualbrain.plugins.attach_functions`)."""
+    from dualbrain.plugins import attach_functions, default_opset
+
+    attach_functions(model, onnx_functions(default_opset(model), body))
     return model

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-# Node identity, shared by op.py (torch) and function.py (onnx); kept here so neither needs the other.
-DOMAIN = "dualbrain"
-OP_TYPE = "MoEDispatch"
-VERSION = 1
+from dualbrain.plugins import OpIdentity
 
-__all__ = ["DOMAIN", "OP_TYPE", "VERSION", "route", "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up"]
+# Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
+IDENTITY = OpIdentity("MoEDispatch")
+DOMAIN, OP_TYPE, VERSION = IDENTITY.domain, IDENTITY.op_type, IDENTITY.version
+
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "route", "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up"]
 
 
 def interleave_gate_up(gate_up):

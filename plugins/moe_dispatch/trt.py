@@ -7,11 +7,11 @@ the routing (weights + expert ids, N*top_k each) and the per-(token, slot) SwiGL
 """
 from __future__ import annotations
 
+from dualbrain.plugins.tensorrt import FLOAT_TYPES as FLOATS
 from dualbrain.plugins.tensorrt import OpDesc
 
 from .reference import OP_TYPE
 
-FLOATS = ("FLOAT", "HALF", "BF16")
 
 
 def _shapes(ins, f, expr):

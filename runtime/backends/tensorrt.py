@@ -22,62 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from dualbrain.errors import DualbrainError, read_json_object
+from dualbrain.errors import DualbrainError
+from dualbrain.runtime.dtypes import torch_dtype
+from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineManifest, capability_str
 from dualbrain.runtime.manifest import BlockInfo, Manifest, file_digest, safe_child
-
-ENGINE_MANIFEST = "engines.json"
-ENGINE_FORMAT = "dualbrain-engines"
-ENGINE_VERSION = 1
-
-
-def read_engine_manifest(engines_dir: Path) -> dict[str, Any]:
-    path = Path(engines_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise DualbrainError(f"no {ENGINE_MANIFEST} in {engines_dir}: not a `dualbrain build` output")
-    em = read_json_object(path)
-    if em.get("format") != ENGINE_FORMAT:
-        raise DualbrainError(f"{ENGINE_MANIFEST}: not a dualbrain engine manifest")
-    if em.get("version") != ENGINE_VERSION:
-        raise DualbrainError(f"{ENGINE_MANIFEST}: unsupported version {em.get('version')!r}")
-    for key, typ in (("flavour", str), ("tensorrt_version", str), ("compute_capabilities", list),
-                     ("blocks", list), ("export", dict)):
-        if not isinstance(em.get(key), typ):
-            raise DualbrainError(f"{ENGINE_MANIFEST}: field {key!r} is missing or has the wrong type")
-    return em
-
-
-def _cc_str(cc) -> str:
-    if isinstance(cc, (tuple, list)):
-        return f"{int(cc[0])}.{int(cc[1])}"
-    return f"{float(cc):.1f}"
-
-
-def check_engine_manifest(em: dict, manifest: Manifest, *, flavour: str, version: str, device_capability) -> None:
-    """Refuse engines built from another export, with another TensorRT, or for another GPU."""
-    if em["export"].get("dtype") != manifest.dtype:
-        raise DualbrainError(f"engines were built from a {em['export'].get('dtype')} export, this export is "
-                             f"{manifest.dtype}")
-    names = [b.get("name") for b in em["blocks"] if isinstance(b, dict)]
-    if names != [b.name for b in manifest.blocks]:
-        raise DualbrainError("engines were built from a different export (block list differs): rebuild them")
-    for b, eb in zip(manifest.blocks, em["blocks"]):
-        io = ([[t["name"], t["dtype"], list(t["shape"])] for t in eb.get("inputs", [])],
-              [[t["name"], t["dtype"], list(t["shape"])] for t in eb.get("outputs", [])])
-        if io != ([[t.name, t.dtype, list(t.shape)] for t in b.inputs],
-                  [[t.name, t.dtype, list(t.shape)] for t in b.outputs]):
-            raise DualbrainError(f"engine for block {b.name} has other inputs/outputs than this export: rebuild")
-    label = {"tensorrt-rtx": "TensorRT-RTX", "tensorrt": "TensorRT"}
-    if em["flavour"] != flavour:
-        raise DualbrainError(f"engines were built with {label.get(em['flavour'], em['flavour'])}, "
-                             f"this process uses {label.get(flavour, flavour)}")
-    if em["tensorrt_version"] != version:
-        raise DualbrainError(f"engines were built with {label.get(flavour, flavour)} {em['tensorrt_version']}, "
-                             f"installed is {version}: rebuild them with `dualbrain build`")
-    cc = _cc_str(device_capability)
-    if cc not in [str(c) for c in em["compute_capabilities"]]:
-        raise DualbrainError(f"engines target compute capability {', '.join(map(str, em['compute_capabilities']))}, "
-                             f"this GPU is {cc}: build with a recipe for this GPU")
-
 
 def _detect_capability(device: int) -> str:
     try:
@@ -86,11 +34,12 @@ def _detect_capability(device: int) -> str:
         raise DualbrainError("the tensorrt backend needs torch with CUDA (pip install torch)") from None
     if not torch.cuda.is_available():
         raise DualbrainError("the tensorrt backend needs a CUDA GPU, and none is available")
-    return _cc_str(torch.cuda.get_device_capability(device))
+    return capability_str(torch.cuda.get_device_capability(device))
 
 
 class TensorRTBackend:
     name = "tensorrt"
+    has_linked = False    # one engine per block (recipes refuse linked = true for now)
 
     def __init__(self, model_dir: Path, manifest: Manifest, engines: str | Path | None = None, device: int = 0,
                  device_capability=None, verify_hashes: bool = False):
@@ -99,29 +48,29 @@ class TensorRTBackend:
         self.model_dir = Path(model_dir)
         self.manifest = manifest
         self.engines_dir = Path(engines) if engines is not None else self.model_dir / "engines"
-        em = read_engine_manifest(self.engines_dir)
-        if em["flavour"] not in FLAVOURS:
-            raise DualbrainError(f"{ENGINE_MANIFEST}: unknown TensorRT flavour {em['flavour']!r}")
-        trt, flavour = import_tensorrt(em["flavour"])
-        cc = _cc_str(device_capability) if device_capability is not None else None
+        em = EngineManifest.read(self.engines_dir)
+        if em.flavour not in FLAVOURS:
+            raise DualbrainError(f"{ENGINE_MANIFEST}: unknown TensorRT flavour {em.flavour!r}")
+        trt, flavour = import_tensorrt(em.flavour)
+        cc = capability_str(device_capability) if device_capability is not None else None
         # Everything up to here needs no GPU: check with a placeholder capability first so a
         # version mismatch is reported even on a machine without a GPU.
-        check_engine_manifest(em, manifest, flavour=flavour, version=str(trt.__version__),
-                              device_capability=cc or em["compute_capabilities"][0])
+        em.check(manifest, flavour=flavour, version=str(trt.__version__),
+                 device_capability=cc or em.compute_capabilities[0])
         if cc is None:
             cc = _detect_capability(device)
-            check_engine_manifest(em, manifest, flavour=flavour, version=str(trt.__version__), device_capability=cc)
+            em.check(manifest, flavour=flavour, version=str(trt.__version__), device_capability=cc)
         paths = {}
-        for eb in em["blocks"]:
-            p = safe_child(self.engines_dir, eb.get("engine"), ENGINE_MANIFEST)
+        for eb in em.blocks:
+            p = safe_child(self.engines_dir, eb.engine, ENGINE_MANIFEST)
             if not p.is_file():
-                raise DualbrainError(f"missing engine {eb.get('engine')} listed in {ENGINE_MANIFEST}")
-            if p.stat().st_size != eb.get("size"):
-                raise DualbrainError(f"engine {eb['engine']} is {p.stat().st_size} bytes, {ENGINE_MANIFEST} "
-                                     f"records {eb.get('size')}: truncated or modified")
-            if verify_hashes and file_digest(p)["sha256"] != eb.get("sha256"):
-                raise DualbrainError(f"engine {eb['engine']} does not match its sha256: corrupted or modified")
-            paths[eb["name"]] = p
+                raise DualbrainError(f"missing engine {eb.engine} listed in {ENGINE_MANIFEST}")
+            if p.stat().st_size != eb.size:
+                raise DualbrainError(f"engine {eb.engine} is {p.stat().st_size} bytes, {ENGINE_MANIFEST} "
+                                     f"records {eb.size}: truncated or modified")
+            if verify_hashes and file_digest(p)["sha256"] != eb.sha256:
+                raise DualbrainError(f"engine {eb.engine} does not match its sha256: corrupted or modified")
+            paths[eb.name] = p
         self.em = em
         self.trt = trt
         self._load(paths, device)
@@ -138,7 +87,7 @@ class TensorRTBackend:
         torch.cuda.set_device(self.device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.profile_names = [p["name"] for p in self.em.get("profiles", [])] or ["prefill"]
+        self.profile_names = [p.get("name") for p in self.em.profiles] or ["prefill"]
         self.engines, self.contexts, self.locks = {}, {}, {}
         self.stream = torch.cuda.Stream(self.device)
         for name, p in paths.items():
@@ -155,6 +104,9 @@ class TensorRTBackend:
 
     def compute_dtype(self, dtype: str) -> str:
         return dtype
+
+    def run_linked(self, feeds, outputs):
+        raise DualbrainError("the tensorrt backend has no whole-model engine")
 
     def _profile(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> int:
         seq = next((feeds[t.name].shape[i] for t in block.inputs for i, d in enumerate(t.shape) if d == "seq"), None)
@@ -176,20 +128,13 @@ class TensorRTBackend:
             outs = {}
             for t in block.outputs:
                 shape = tuple(ctx.get_tensor_shape(t.name))
-                y = torch.empty(shape, dtype=_torch_dtype(t.dtype), device=self.device)
+                y = torch.empty(shape, dtype=torch_dtype(t.dtype), device=self.device)
                 ctx.set_tensor_address(t.name, y.data_ptr())
                 outs[t.name] = y
             if not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise DualbrainError(f"TensorRT failed to run block {block.name}")
             self.stream.synchronize()
         return {n: _to_numpy(y) for n, y in outs.items()}
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-            "int64": torch.int64, "int32": torch.int32}[name]
 
 
 def _to_torch(a, device):

@@ -115,7 +115,7 @@ CONFIG = {
 # block layout (shared by the writer and the budget computation)
 # ---------------------------------------------------------------------------------------------------
 def _spec(ckpt_dir: Path | None = None):
-    from dualbrain.exporter.spec import ModelSpec
+    from dualbrain.runtime.spec import ModelSpec
 
     if ckpt_dir is not None:
         return ModelSpec.from_dir(ckpt_dir)
@@ -281,7 +281,7 @@ for m in ("embed_weight", "head_weights", "layer_weights"):
     setattr(Checkpoint, m, wrap("load", getattr(Checkpoint, m)))
 for cls in (L.Embedding, L.Head, L.DecoderLayer):
     cls.__init__ = wrap("build_module", cls.__init__)
-L.interleave_gate_up = wrap("interleave_gate_up", L.interleave_gate_up)
+L.interleave_gate_up_ = wrap("interleave_gate_up", L.interleave_gate_up_)
 torch.onnx.export = wrap("torch.onnx.export", torch.onnx.export)
 torch.export.export = wrap("torch.export.export", torch.export.export)
 torch.onnx.ONNXProgram.save = wrap("ONNXProgram.save", torch.onnx.ONNXProgram.save)

@@ -4,6 +4,9 @@
 `qwen3_5` / `qwen3_5_moe` (``*ForConditionalGeneration``: text config nested under `text_config`,
 weights under `model.language_model.`) and `qwen3_5_text` / `qwen3_5_moe_text` (``*ForCausalLM``:
 flat config, weights under `model.`).
+
+It lives in the runtime (stdlib only) because both sides read it: the exporter parses a checkpoint's
+config into it, and a manifest's `model` section is read back into it (`ModelSpec.from_json`).
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from typing import Any
 
 from dualbrain.errors import DualbrainError, read_json_object
 
+# Decoder-layer kinds a config's `layer_types` may name (each is a block kind: runtime.blocks).
 LINEAR = "linear_attention"
 FULL = "full_attention"
+LAYER_TYPES = (LINEAR, FULL)
 
 # model_type -> (is_moe, nested text_config, weight prefix of the language model)
 MODEL_TYPES: dict[str, tuple[bool, bool, str]] = {
@@ -74,24 +79,6 @@ class ModelSpec:
     def conv_dim(self) -> int:
         return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * self.linear_value_head_dim
 
-    def layer_param_count(self, i: int) -> int:
-        """Parameters of decoder layer `i` (for memory estimates)."""
-        h = self.hidden_size
-        if self.layer_types[i] == LINEAR:
-            kd = self.linear_num_key_heads * self.linear_key_head_dim
-            vd = self.linear_num_value_heads * self.linear_value_head_dim
-            mixer = h * (2 * kd + vd) + h * vd + 2 * h * self.linear_num_value_heads + vd * h
-            mixer += self.conv_dim * self.linear_conv_kernel + 2 * self.linear_num_value_heads + self.linear_value_head_dim
-        else:
-            mixer = h * self.num_heads * self.head_dim * 2 + 2 * h * self.num_kv_heads * self.head_dim
-            mixer += self.num_heads * self.head_dim * h + 2 * self.head_dim
-        if self.is_moe:
-            ffn = self.num_experts * 3 * h * self.moe_intermediate_size + self.num_experts * h
-            ffn += 3 * h * self.shared_expert_intermediate_size + h
-        else:
-            ffn = 3 * h * self.intermediate_size
-        return mixer + ffn + 2 * h
-
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -115,7 +102,7 @@ class ModelSpec:
             if not _matches(v, hints[name]):
                 raise DualbrainError(f"model spec field {name!r} has the wrong type: {v!r}")
             out[name] = tuple(v) if isinstance(v, list) else v
-        if out["num_layers"] != len(out["layer_types"]) or any(t not in (LINEAR, FULL) for t in out["layer_types"]):
+        if out["num_layers"] != len(out["layer_types"]) or any(t not in LAYER_TYPES for t in out["layer_types"]):
             raise DualbrainError("model spec: layer_types does not match num_layers")
         return cls(**out)
 
@@ -158,7 +145,7 @@ class ModelSpec:
             interval = get.int("full_attention_interval", default=4)
             layer_types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(num_layers)]
         if (not isinstance(layer_types, list) or len(layer_types) != num_layers
-                or any(t not in (LINEAR, FULL) for t in layer_types)):
+                or any(t not in LAYER_TYPES for t in layer_types)):
             raise DualbrainError(
                 f"config.json: layer_types must list {num_layers} entries of {LINEAR!r} or {FULL!r}"
             )
@@ -182,13 +169,8 @@ class ModelSpec:
                 f"config.json: mrope_section {mrope!r} must be integers summing to rotary_dim/2 = {rotary_dim // 2}"
             )
 
-        eos = text.get("eos_token_id", config.get("eos_token_id"))
-        gen_eos = (generation_config or {}).get("eos_token_id")
-        eos_ids: list[int] = []
-        for e in (gen_eos, eos):
-            for x in (e if isinstance(e, list) else [e]):
-                if isinstance(x, int) and x not in eos_ids:
-                    eos_ids.append(x)
+        eos_ids = eos_token_ids((generation_config or {}).get("eos_token_id"),
+                                text.get("eos_token_id", config.get("eos_token_id")))
         tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
 
         kw: dict[str, Any] = dict(
@@ -229,6 +211,19 @@ class ModelSpec:
         if kw["linear_num_value_heads"] % kw["linear_num_key_heads"]:
             raise DualbrainError("config.json: linear_num_value_heads must be a multiple of linear_num_key_heads")
         return cls(**kw)
+
+
+def eos_token_ids(*values: Any) -> tuple[int, ...]:
+    """EOS ids from `eos_token_id` values (an int, a list of ints, or None), first seen first.
+
+    The one reading of EOS ids: the spec (config + generation config) and the tokenizer
+    (its eos token + generation config) both go through it."""
+    ids: list[int] = []
+    for v in values:
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, int) and not isinstance(x, bool) and x not in ids:
+                ids.append(x)
+    return tuple(ids)
 
 
 def _matches(v: Any, hint: Any) -> bool:

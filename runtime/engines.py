@@ -1,0 +1,133 @@
+"""The engine manifest (`engines.json`): what `dualbrain build` wrote, as one type.
+
+Written by the builder (`recipes.build`), read and checked by the TensorRT backend before anything
+needs a GPU: engines built from another export, with another TensorRT flavour or version, or for
+another GPU are refused with a message that says which.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dualbrain.errors import DualbrainError, read_json_object
+from dualbrain.runtime.blocks import StateInfo, TensorInfo
+from dualbrain.plugins.tensorrt import FLAVOUR_LABELS
+from dualbrain.runtime.manifest import Manifest, parse_state, parse_tensor
+
+ENGINE_MANIFEST = "engines.json"
+ENGINE_FORMAT = "dualbrain-engines"
+ENGINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineBlock:
+    name: str
+    kind: str
+    layer: int | None
+    onnx: str                      # the export's graph it was built from
+    engine: str                    # file in the engines directory
+    size: int
+    sha256: str
+    build_seconds: float
+    plugins: tuple[dict, ...]      # plugin layers found when parsing (recipes.build._Worker.plugin_layers)
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    state: tuple[StateInfo, ...]
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    flavour: str                   # tensorrt-rtx | tensorrt
+    tensorrt_version: str
+    compute_capabilities: tuple[str, ...]
+    target: str
+    recipe: dict[str, Any]
+    profiles: tuple[dict, ...]     # {"name", "dims": {dim: [min, opt, max]}}
+    timing_cache: str | None
+    export: dict[str, Any]         # path, dtype, max_context, window, manifest_sha256, model
+    blocks: tuple[EngineBlock, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"format": ENGINE_FORMAT, "version": ENGINE_VERSION, **asdict(self)}))
+
+    def write(self, engines_dir: Path) -> dict[str, Any]:
+        d = self.to_json()
+        (Path(engines_dir) / ENGINE_MANIFEST).write_text(json.dumps(d, indent=1), encoding="utf-8")
+        return d
+
+    @classmethod
+    def read(cls, engines_dir: str | Path) -> "EngineManifest":
+        path = Path(engines_dir) / ENGINE_MANIFEST
+        if not path.is_file():
+            raise DualbrainError(f"no {ENGINE_MANIFEST} in {engines_dir}: not a `dualbrain build` output")
+        em = read_json_object(path)
+        if em.get("format") != ENGINE_FORMAT:
+            raise DualbrainError(f"{ENGINE_MANIFEST}: not a dualbrain engine manifest")
+        if em.get("version") != ENGINE_VERSION:
+            raise DualbrainError(f"{ENGINE_MANIFEST}: unsupported version {em.get('version')!r}")
+        for key, typ in (("flavour", str), ("tensorrt_version", str), ("compute_capabilities", list),
+                         ("blocks", list), ("export", dict)):
+            if not isinstance(em.get(key), typ):
+                raise DualbrainError(f"{ENGINE_MANIFEST}: field {key!r} is missing or has the wrong type")
+        return cls(flavour=em["flavour"], tensorrt_version=em["tensorrt_version"],
+                   compute_capabilities=tuple(str(c) for c in em["compute_capabilities"]),
+                   target=str(em.get("target", "")), recipe=_dict(em.get("recipe")),
+                   profiles=tuple(p for p in em.get("profiles") or () if isinstance(p, dict)),
+                   timing_cache=em.get("timing_cache") if isinstance(em.get("timing_cache"), str) else None,
+                   export=em["export"], blocks=tuple(_block(b, i) for i, b in enumerate(em["blocks"])))
+
+    def check(self, manifest: Manifest, *, flavour: str, version: str, device_capability) -> None:
+        """Refuse engines built from another export, with another TensorRT, or for another GPU."""
+        if self.export.get("dtype") != manifest.dtype:
+            raise DualbrainError(f"engines were built from a {self.export.get('dtype')} export, this export is "
+                                 f"{manifest.dtype}")
+        if [b.name for b in self.blocks] != [b.name for b in manifest.blocks]:
+            raise DualbrainError("engines were built from a different export (block list differs): rebuild them")
+        for b, eb in zip(manifest.blocks, self.blocks):
+            if (eb.inputs, eb.outputs) != (b.inputs, b.outputs):
+                raise DualbrainError(f"engine for block {b.name} has other inputs/outputs than this export: rebuild")
+        if self.flavour != flavour:
+            raise DualbrainError(f"engines were built with {FLAVOUR_LABELS.get(self.flavour, self.flavour)}, "
+                                 f"this process uses {FLAVOUR_LABELS.get(flavour, flavour)}")
+        if self.tensorrt_version != version:
+            raise DualbrainError(f"engines were built with {FLAVOUR_LABELS.get(flavour, flavour)} "
+                                 f"{self.tensorrt_version}, installed is {version}: rebuild them with `dualbrain build`")
+        cc = capability_str(device_capability)
+        if cc not in self.compute_capabilities:
+            raise DualbrainError(f"engines target compute capability {', '.join(self.compute_capabilities)}, "
+                                 f"this GPU is {cc}: build with a recipe for this GPU")
+
+
+def capability_str(cc) -> str:
+    """"8.9" from (8, 9), "8.9" or 8.9."""
+    if isinstance(cc, (tuple, list)):
+        return f"{int(cc[0])}.{int(cc[1])}"
+    return f"{float(cc):.1f}"
+
+
+def _dict(x: Any) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _block(d: Any, i: int) -> EngineBlock:
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("engine"), str) \
+            or not isinstance(d.get("size"), int) or isinstance(d.get("size"), bool):
+        raise DualbrainError(f"{ENGINE_MANIFEST}: malformed block #{i}")
+    where = d["name"]
+
+    def entries(key):
+        v = d.get(key, [])
+        if not isinstance(v, list):
+            raise DualbrainError(f"{ENGINE_MANIFEST}: expected a list in {where}.{key}")
+        return v
+    layer = d.get("layer")
+    return EngineBlock(
+        name=d["name"], kind=str(d.get("kind", "")), layer=layer if isinstance(layer, int) else None,
+        onnx=str(d.get("onnx", "")), engine=d["engine"], size=d["size"], sha256=str(d.get("sha256", "")),
+        build_seconds=float(d["build_seconds"]) if isinstance(d.get("build_seconds"), (int, float)) else 0.0,
+        plugins=tuple(p for p in entries("plugins") if isinstance(p, dict)),
+        inputs=tuple(parse_tensor(t, where, ENGINE_MANIFEST) for t in entries("inputs")),
+        outputs=tuple(parse_tensor(t, where, ENGINE_MANIFEST) for t in entries("outputs")),
+        state=tuple(parse_state(s, where, ENGINE_MANIFEST) for s in entries("state")))
