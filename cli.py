@@ -56,7 +56,8 @@ def main(ctx, debug):
               help="Precision of the exported graphs and weights.")
 @click.option("--max-context", type=int, default=None,
               help="Longest sequence the runtime will accept (default: the config's max_position_embeddings).")
-@click.option("--window", is_flag=True, help="Also output every position's GDN state (for speculative rollback).")
+@click.option("--window", is_flag=True,
+              help="No effect: every export has the window variants (per-position GDN states) for rollback.")
 @click.option("--quant", type=click.Choice(QUANT_MODES), default=None,
               help="Quantize the linear layers' weights (blockwise int4, symmetric; needs --dtype float16 or "
                    "bfloat16). Embeddings, norms and MoE experts keep the export dtype.")
@@ -197,12 +198,16 @@ def diff(checkpoint, model_dir, tolerance, prompt_len, engines, as_json):
 @click.option("--dtype", type=click.Choice(FLOAT_DTYPES), default="float32", show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_tiny(out, family, layout, experts, dtype, shards, seed):
+@click.option("--preset", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True,
+              help="tiny: hidden 64, 4 layers (tests). mid: hidden 1024, 12 layers, vocab 32000; with --family moe "
+                   "64 experts top-8, about 2.8 GB in fp32 (the CPU benchmarks' model).")
+def make_tiny(out, family, layout, experts, dtype, shards, seed, preset):
     """Write a small random-weight checkpoint in the published layout, with a real tokenizer."""
     from dualbrain.exporter.tiny import make_tiny as run
 
-    run(out, family=family, layout=layout, experts=experts.replace("-", "_"), dtype=dtype, shards=shards, seed=seed)
-    click.echo(f"wrote {family}/{layout} tiny checkpoint to {out}")
+    run(out, family=family, layout=layout, experts=experts.replace("-", "_"), dtype=dtype, shards=shards, seed=seed,
+        preset=preset)
+    click.echo(f"wrote {family}/{layout} {preset} checkpoint to {out}")
 
 
 @main.command()

@@ -24,7 +24,9 @@ from dualbrain.exporter.checkpoint import Checkpoint, expected_layer_shapes
 from dualbrain.exporter.link import link_blocks
 from dualbrain.runtime.blocks import BlockKind, TensorInfo, model_blocks, random_feeds
 from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES, dtype as dtype_info, from_torch, torch_dtype
+from dualbrain.exporter.window import write_window_variant
 from dualbrain.runtime.manifest import MANIFEST, BlockInfo, Manifest, file_digest
+from dualbrain.runtime.manifest import VERSION as MANIFEST_VERSION
 from dualbrain.runtime.spec import ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -65,7 +67,7 @@ def attach_functions(path: Path) -> int:
     return opset
 
 
-def export_block(module, spec: ModelSpec, kind: BlockKind, dtype: str, window: bool, path: Path,
+def export_block(module, spec: ModelSpec, kind: BlockKind, dtype: str, path: Path,
                  opset: int | None = None) -> int:
     """Export one block to `path` (+ `path`.data); `opset` = default-domain opset (None: torch's)."""
     import torch
@@ -73,7 +75,7 @@ def export_block(module, spec: ModelSpec, kind: BlockKind, dtype: str, window: b
     import logging
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
-    sig = kind.signature(spec, dtype, window)
+    sig = kind.signature(spec, dtype)
     ins, outs = sig.inputs, sig.outputs
     args = _example_inputs(spec, ins)
     dyn = _dynamic_shapes(module, ins)
@@ -159,13 +161,12 @@ def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     return params * dtype_info(dtype).itemsize
 
 
-def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, window: bool, max_context: int,
-                quant: str | None = None) -> str:
+def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, max_context: int, quant: str | None = None) -> str:
     """What an interrupted export must share with this one for its finished blocks to be reused."""
     from dualbrain import __version__
 
     h = hashlib.sha256()
-    h.update(json.dumps([__version__, str(root.resolve()), dtype, window, max_context]
+    h.update(json.dumps([__version__, MANIFEST_VERSION, str(root.resolve()), dtype, max_context]
                         + ([quant] if quant else [])).encode())
     h.update((root / "config.json").read_bytes())
     for f in ckpt.files:
@@ -185,6 +186,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
     `quant="int4-weight-only"` quantizes every block's linear weights after export (see
     `exporter.quantize`; needs dtype float16 or bfloat16; the graphs use opset 21).
+
+    Blocks with per-position state always get a window variant beside them (`exporter.window`);
+    `window` is accepted for compatibility and changes nothing.
     """
     import torch
 
@@ -214,32 +218,36 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     tdt = torch_dtype(dtype)
     plan = model_blocks(spec)
     blocks: list[BlockInfo] = []
-    with resumable_output_dir(out, _resume_key(root, ckpt, dtype, window, max_context, quant)) as (part, journal):
+    with resumable_output_dir(out, _resume_key(root, ckpt, dtype, max_context, quant)) as (part, journal):
         reused = 0
         traced: dict[str, Path] = {}   # layer kind -> the first traced graph of that kind
         for step, planned in enumerate(plan):
             name, kind, layer = planned.name, planned.kind, planned.layer
+            sig = kind.signature(spec, dtype)
+            window_file = f"{name}.window.onnx" if sig.window_outputs else None
             if progress:
                 progress(name, step, len(plan))
             if journal.finished(name) is not None:
                 reused += 1
             else:
-                module = kind.torch_module().from_checkpoint(spec, ckpt, layer, tdt, window)
+                module = kind.torch_module().from_checkpoint(spec, ckpt, layer, tdt)
                 ckpt.close()  # drop file handles: nothing from this shard stays resident
                 module.eval()
                 path = part / f"{name}.onnx"
                 if not (kind.name in traced and reweight_block(traced[kind.name], module, path)):
-                    export_block(module, spec, kind, dtype, window, path, opset=MIN_OPSET if quant else None)
+                    export_block(module, spec, kind, dtype, path, opset=MIN_OPSET if quant else None)
                     traced[kind.name] = path
                 del module
                 gc.collect()
                 if quant:
                     quantize_block(part / f"{name}.onnx", quant)
-                journal.record(name, {f: file_digest(part / f) for f in (f"{name}.onnx", f"{name}.onnx.data")
-                                      if (part / f).is_file()})
-            sig = kind.signature(spec, dtype, window)
+                if window_file:
+                    write_window_variant(path, part / window_file, sig)
+                journal.record(name, {f: file_digest(part / f) for f in (f"{name}.onnx", f"{name}.onnx.data",
+                                                                           window_file) if f and (part / f).is_file()})
             blocks.append(BlockInfo(name=name, kind=kind.name, file=f"{name}.onnx", inputs=sig.inputs,
-                                    outputs=sig.outputs, layer=layer, state=sig.state))
+                                    outputs=sig.outputs, layer=layer, state=sig.state,
+                                    window_file=window_file, window_outputs=sig.window_outputs))
         if reused and log:
             log(f"resumed {part.name}: reused {reused} finished block(s) whose sha256 still matched")
         ckpt.close()
@@ -252,15 +260,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
         opset = next(o.version for o in onnx.load(str(part / "embed.onnx"), load_external_data=False).opset_import
                      if o.domain in ("", "ai.onnx"))
-        man = Manifest(model=spec, dtype=dtype, opset=opset, max_context=max_context, window=window,
+        man = Manifest(model=spec, dtype=dtype, opset=opset, max_context=max_context, window=True,
                        blocks=tuple(blocks), files={}, quant=quant)
         linked_file = link_blocks(part, man) if linked else None
+        linked_window = link_blocks(part, man, window=True) if linked else None
         # block files were hashed when their block finished (journal); hash only the rest
         hashed = {f: d for piece in journal.done.values() for f, d in piece.items()}
         files = {p.name: hashed.get(p.name) or file_digest(p) for p in sorted(part.iterdir())
                  if p.is_file() and p.name not in (JOURNAL, MANIFEST)}
-        man = Manifest(model=spec, dtype=dtype, opset=opset, max_context=max_context, window=window,
+        man = Manifest(model=spec, dtype=dtype, opset=opset, max_context=max_context, window=True,
                        blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files), linked=linked_file,
+                       linked_window=linked_window,
                        quant=quant,
                        source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
                                "torch": torch.__version__})

@@ -2,18 +2,23 @@
 
 The linked graph reuses the blocks' external-data files (initializers keep their locations and
 offsets), so linking costs no extra disk and no weight copies. Inputs: `input_ids`,
-`attention_mask`, `position_ids` and every layer's state as `{block}.{state input}`; outputs:
-`logits` of the LAST position only (B, 1, V) and every layer's new state as `{block}.{state output}`.
-One session.run per step instead of one per block.
+`attention_mask`, `position_ids`, `logits_to_keep` (N, shape [1]) and every layer's state as
+`{block}.{state input}`; outputs: `logits` of the last N positions (B, N, V), `last_hidden`, the
+hidden states entering the head at those positions (B, N, H), and every layer's new state as
+`{block}.{state output}`. One session.run per step instead of one per block.
+
+`model.window.onnx` links the blocks' window variants instead, and also returns each layer's
+per-position states (`{block}.{window output}`), for calls that may be rolled back.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from dualbrain.runtime.blocks import KINDS, MODEL_INPUTS
+from dualbrain.runtime.blocks import KINDS, LAST_HIDDEN, LOGITS_TO_KEEP, MODEL_INPUTS
 from dualbrain.runtime.manifest import Manifest, state_name
 
 LINKED = "model.onnx"
+LINKED_WINDOW = "model.window.onnx"
 
 
 def _rename_graph(graph, prefix: str, keep: dict[str, str]) -> None:
@@ -33,8 +38,9 @@ def _rename_graph(graph, prefix: str, keep: dict[str, str]) -> None:
         vi.name = rn(vi.name)
 
 
-def link_blocks(out_dir: Path, manifest: Manifest) -> str:
-    """Write `out_dir/model.onnx` from the blocks in `manifest`; returns its file name."""
+def link_blocks(out_dir: Path, manifest: Manifest, *, window: bool = False) -> str:
+    """Write `out_dir/model.onnx` (`model.window.onnx` from the window variants) from the blocks in
+    `manifest`; returns its file name."""
     import onnx
     from onnx import helper
 
@@ -46,7 +52,8 @@ def link_blocks(out_dir: Path, manifest: Manifest) -> str:
     last = manifest.blocks[-1]
     for block in manifest.blocks:
         kind = KINDS[block.kind]
-        m = onnx.load(str(out_dir / block.file), load_external_data=False)
+        variant = window and block.window_file is not None
+        m = onnx.load(str(out_dir / block.graph(variant)[0]), load_external_data=False)
         keep = {name: name for name in MODEL_INPUTS}
         if kind.takes is not None:
             keep[kind.takes] = prev_hidden
@@ -55,25 +62,32 @@ def link_blocks(out_dir: Path, manifest: Manifest) -> str:
         for s in block.state:
             keep[s.input] = state_name(block.name, s.input)
             keep[s.output] = state_name(block.name, s.output)
+            if variant and s.window_output:
+                keep[s.window_output] = state_name(block.name, s.window_output)
         g = m.graph
         _rename_graph(g, block.name, keep)
         hidden_name = keep.get(kind.gives, f"{block.name}/{kind.gives}")
-        if kind.last_position_only:
-            # only the last position's logits are needed while generating
+        if kind.last_positions:
+            # logits (and final hidden states) for the last `logits_to_keep` positions only
             last_hidden = f"{block.name}/_last_hidden"
-            nodes = [
-                helper.make_node("Constant", [], [f"{block.name}/_last_start"], value=helper.make_tensor(
-                    "s", onnx.TensorProto.INT64, [1], [-1])),
-                helper.make_node("Constant", [], [f"{block.name}/_last_end"], value=helper.make_tensor(
-                    "e", onnx.TensorProto.INT64, [1], [2**62])),
-                helper.make_node("Constant", [], [f"{block.name}/_last_axis"], value=helper.make_tensor(
-                    "a", onnx.TensorProto.INT64, [1], [1])),
-                helper.make_node("Slice", [prev_hidden] + [f"{block.name}/_last_{x}" for x in ("start", "end", "axis")],
-                                 [last_hidden]),
-            ]
-            graph.node.extend(nodes)
+            c = lambda name, v: helper.make_node(  # noqa: E731
+                "Constant", [], [f"{block.name}/_{name}"],
+                value=helper.make_tensor(name, onnx.TensorProto.INT64, [1], [v]))
+            graph.node.extend([
+                helper.make_node("Neg", [LOGITS_TO_KEEP.name], [f"{block.name}/_last_start"]),
+                c("last_end", 2**62), c("last_axis", 1),
+                helper.make_node("Slice", [prev_hidden, f"{block.name}/_last_start", f"{block.name}/_last_end",
+                                           f"{block.name}/_last_axis"], [last_hidden]),
+                helper.make_node("Identity", [last_hidden], [LAST_HIDDEN]),
+            ])
             for n in g.node:
                 n.input[:] = [last_hidden if x == prev_hidden else x for x in n.input]
+            inputs[LOGITS_TO_KEEP.name] = helper.make_tensor_value_info(LOGITS_TO_KEEP.name, onnx.TensorProto.INT64,
+                                                                       list(LOGITS_TO_KEEP.shape))
+            hidden_vi = next(v for v in g.input if v.name == prev_hidden)
+            graph.output.append(helper.make_tensor_value_info(
+                LAST_HIDDEN, hidden_vi.type.tensor_type.elem_type,
+                [d.dim_param or d.dim_value for d in hidden_vi.type.tensor_type.shape.dim]))
         graph.node.extend(g.node)
         graph.initializer.extend(g.initializer)
         graph.value_info.extend(v for v in g.value_info)
@@ -93,5 +107,6 @@ def link_blocks(out_dir: Path, manifest: Manifest) -> str:
                               producer_name="dualbrain")
     model.ir_version = 10
     model.functions.extend(functions.values())
-    onnx.save(model, str(out_dir / LINKED))
-    return LINKED
+    name = LINKED_WINDOW if window else LINKED
+    onnx.save(model, str(out_dir / name))
+    return name

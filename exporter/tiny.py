@@ -82,6 +82,18 @@ ATTENTIONS = ("tiny", "published")
 PUBLISHED_ATTENTION: dict[str, Any] = dict(num_attention_heads=16, num_key_value_heads=2, head_dim=256)
 PUBLISHED_MROPE_SECTION = [11, 11, 10]
 TINY_DENSE: dict[str, Any] = dict(intermediate_size=96)
+# `preset="mid"`: the mid-size synthetic checkpoint the CPU benchmarks use (README, issue notes): hidden
+# 1024, 12 layers (every 4th full attention), 8 q / 2 KV heads of 128, GDN 8 qk / 16 v heads of 64,
+# vocab 32000; MoE: 64 experts top-8 of 256 + a shared expert of 256 (about 2.8 GB in fp32).
+PRESETS = ("tiny", "mid")
+MID_TEXT: dict[str, Any] = dict(
+    hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128, linear_num_key_heads=8,
+    linear_num_value_heads=16, linear_key_head_dim=64, linear_value_head_dim=64, max_position_embeddings=4096)
+MID_MROPE_SECTION = [6, 5, 5]       # rotary 32 of head_dim 128 (partial 0.25): sections sum to 16
+MID_DENSE: dict[str, Any] = dict(intermediate_size=3072)
+MID_MOE: dict[str, Any] = dict(num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256,
+                               shared_expert_intermediate_size=256)
+MID_LAYERS, MID_VOCAB = 12, 32000
 TINY_MOE: dict[str, Any] = dict(
     num_experts=16,
     num_experts_per_tok=4,
@@ -207,7 +219,7 @@ def write_tokenizer(directory: str | os.PathLike, *,
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention="tiny"):
+def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention="tiny", preset="tiny"):
     def bad(name, value, allowed):
         raise DualbrainError(f"make_tiny: {name}={value!r} is not one of {', '.join(allowed)}")
 
@@ -221,6 +233,8 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, 
         bad("dtype", dtype, FLOAT_DTYPES)
     if attention not in ATTENTIONS:
         bad("attention", attention, ATTENTIONS)
+    if preset not in PRESETS:
+        bad("preset", preset, PRESETS)
     if not isinstance(shards, int) or shards < 1:
         raise DualbrainError(f"make_tiny: shards must be a positive integer, got {shards!r}")
     if not isinstance(num_layers, int) or num_layers < 1:
@@ -233,15 +247,21 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, 
 
 
 def text_config_dict(*, family: str, num_layers: int = 4, vocab_size: int | None = None,
-                     tie_embeddings: bool = False, attention: str = "tiny") -> dict[str, Any]:
-    """The text-model config kwargs of a tiny preset (model_type excluded)."""
+                     tie_embeddings: bool = False, attention: str = "tiny", preset: str = "tiny") -> dict[str, Any]:
+    """The text-model config kwargs of a preset (model_type excluded)."""
     ids = special_token_ids()
     cfg = dict(TINY_TEXT)
     cfg["rope_parameters"] = dict(TINY_TEXT["rope_parameters"])
+    if preset == "mid":
+        cfg.update(MID_TEXT)
+        cfg["rope_parameters"]["mrope_section"] = list(MID_MROPE_SECTION)
     if attention == "published":
         cfg.update(PUBLISHED_ATTENTION)
         cfg["rope_parameters"]["mrope_section"] = list(PUBLISHED_MROPE_SECTION)
-    cfg.update(TINY_DENSE if family == "dense" else TINY_MOE)
+    if preset == "mid":
+        cfg.update(MID_DENSE if family == "dense" else MID_MOE)
+    else:
+        cfg.update(TINY_DENSE if family == "dense" else TINY_MOE)
     cfg.update(
         vocab_size=vocab_size or (BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)),
         num_hidden_layers=num_layers,
@@ -488,24 +508,30 @@ def make_tiny(
     dtype: str = "float32",
     shards: int = 1,
     seed: int = 0,
-    num_layers: int = 4,
+    num_layers: int | None = None,
     vocab_size: int | None = None,
     tie_embeddings: bool = False,
     attention: str = "tiny",
+    preset: str = "tiny",
 ) -> Path:
     """Write a tiny random-weight checkpoint directory to `out` (atomically) and return its path.
 
     `experts` only matters for ``family="moe"``. `vocab_size` (default: the tokenizer's 1000) may be
-    larger than the tokenizer (padded embedding rows, as in the published models).
+    larger than the tokenizer (padded embedding rows, as in the published models). `preset="mid"`
+    writes the mid-size benchmark model instead (12 layers and vocab 32000 unless given).
     """
-    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention)
+    if num_layers is None:
+        num_layers = MID_LAYERS if preset == "mid" else 4
+    if vocab_size is None and preset == "mid":
+        vocab_size = MID_VOCAB
+    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention, preset)
     import torch
     from transformers import GenerationConfig
 
     torch_dtype = torch_dtype_of(dtype)
     ids = special_token_ids()
     text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
-                                tie_embeddings=tie_embeddings, attention=attention)
+                                tie_embeddings=tie_embeddings, attention=attention, preset=preset)
 
     out = Path(out)
     with atomic_output_dir(out) as part:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from dualbrain.artifacts import atomic_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.recipes.schema import Recipe, load_recipe
-from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineBlock, EngineManifest
+from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineBlock, EngineManifest, EngineVariant
 from dualbrain.runtime.manifest import MANIFEST, Manifest, file_digest, load_manifest, safe_child
 
 __all__ = ["ENGINE_MANIFEST", "build", "inspect_plugins", "profile_dims", "input_shapes", "run_job"]
@@ -108,8 +108,10 @@ def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, eng
     if engines_dir.resolve() == export_dir.resolve():
         raise DualbrainError("the engines directory must not be the export directory")
     profiles = profile_dims(recipe, man.max_context)
-    blocks = [{"name": b.name, "onnx": str(safe_child(export_dir, b.file, MANIFEST).resolve()),
-               "inputs": [[t.name, list(t.shape)] for t in b.inputs]} for b in man.blocks]
+    # one engine per graph: every block, and the window variant beside each block that has one
+    blocks = [{"name": name, "onnx": str(safe_child(export_dir, file, MANIFEST).resolve()),
+               "inputs": [[t.name, list(t.shape)] for t in b.inputs]}
+              for b in man.blocks for name, file in _graphs(b)]
     with atomic_output_dir(engines_dir) as part:
         old_cache = engines_dir / TIMING_CACHE
         if recipe.timing_cache and recipe.flavour == "tensorrt" and old_cache.is_file():
@@ -129,10 +131,20 @@ def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, eng
             blocks=tuple(EngineBlock(
                 name=b.name, kind=b.kind, layer=b.layer, onnx=b.file, engine=done[b.name]["file"],
                 size=done[b.name]["size"], sha256=done[b.name]["sha256"], build_seconds=done[b.name]["seconds"],
-                plugins=tuple(done[b.name]["plugins"]), inputs=b.inputs, outputs=b.outputs, state=b.state)
+                plugins=tuple(done[b.name]["plugins"]), inputs=b.inputs, outputs=b.outputs, state=b.state,
+                window=_variant(done.get(f"{b.name}.window")))
                 for b in man.blocks))
         written = engine_manifest.write(part)
     return written
+
+
+def _graphs(b) -> list[tuple[str, str]]:
+    """(engine name, ONNX file) of a block's graphs: the block's own, then its window variant's."""
+    return [(b.name, b.file)] + ([(f"{b.name}.window", b.window_file)] if b.window_file else [])
+
+
+def _variant(r: dict | None) -> EngineVariant | None:
+    return None if r is None else EngineVariant(r["file"], r["size"], r["sha256"], r["seconds"], tuple(r["plugins"]))
 
 
 def inspect_plugins(export_dir: str | os.PathLike, flavour: str = "tensorrt-rtx",

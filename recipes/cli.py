@@ -23,6 +23,8 @@ def build(export_dir, recipe, engines):
     update, bar = progress_bar("building")
     with bar:
         man = run_build(export_dir, r, engines, progress=update)
-    total = sum(b["size"] for b in man["blocks"])
+    variants = [b["window"] for b in man["blocks"] if b.get("window")]
+    total = sum(b["size"] for b in man["blocks"]) + sum(v["size"] for v in variants)
     click.echo(f"built {len(man['blocks'])} engines for {r.target} ({', '.join(r.compute_capabilities)}) with "
-               f"{man['flavour']} {man['tensorrt_version']}: {engines} ({total / 2**20:.1f} MiB)")
+               f"{man['flavour']} {man['tensorrt_version']}: {engines} ({total / 2**20:.1f} MiB), "
+               f"and {len(variants)} for their window variants")

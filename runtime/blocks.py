@@ -5,7 +5,8 @@ layer (`linear_attention` = Gated DeltaNet, `full_attention` = gated attention, 
 `layer_types` say), and `head` turns hidden states into logits. Each kind is one `BlockKind`
 entry in `KINDS`, declaring once:
 
-- its signature: inputs, outputs and the state it carries between calls (`signature`);
+- its signature: inputs, outputs and the state it carries between calls, and the outputs its window
+  variant adds (the state after every position, for rollback) when it has one (`signature`);
 - its place in the chain: the input it takes from the block before and the output it hands on
   (`takes` / `gives`), and whether the linked graph runs it on the last position only;
 - the torch module that computes it at export (`module`, imported lazily: the runtime has no torch);
@@ -48,7 +49,7 @@ class StateInfo:
     output: str
     dtype: str
     shape: tuple[int | str, ...]
-    window_output: str | None = None   # per-position states (speculative rollback), if exported
+    window_output: str | None = None   # the window variant's output: this state after every position
     append: bool = False
 
 
@@ -57,16 +58,17 @@ class Signature:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     state: tuple[StateInfo, ...] = ()
+    window_outputs: tuple[TensorInfo, ...] = ()   # extra outputs of the window variant (none: no variant)
 
 
 @dataclass(frozen=True)
 class BlockKind:
     name: str                                          # the manifest's `kind`
-    signature: Callable[[ModelSpec, str, bool], Signature]   # (spec, dtype, window)
-    module: str                 # "module:Class" with .from_checkpoint(spec, checkpoint, layer, torch dtype, window)
+    signature: Callable[[ModelSpec, str], Signature]   # (spec, dtype)
+    module: str                 # "module:Class" with .from_checkpoint(spec, checkpoint, layer, torch dtype)
     takes: str | None           # input fed from the previous block's `gives` (None: first in the chain)
     gives: str                  # output handed to the next block (the last block's is the model's output)
-    last_position_only: bool = False   # the linked graph runs it on the last position only (head: logits)
+    last_positions: bool = False   # the linked graph runs it on the last `logits_to_keep` positions only
     reference_state: str | None = None  # "module:callable" (transformers cache, layer, spec) -> {state input: tensor}
 
     def torch_module(self):
@@ -94,39 +96,39 @@ MASK = TensorInfo("attention_mask", "int64", ("batch", "total"))
 
 
 def _layer(spec: ModelSpec, dtype: str, extra_inputs: tuple[TensorInfo, ...], states: tuple[StateInfo, ...],
-           state_outputs: tuple[TensorInfo, ...], extra_outputs: tuple[TensorInfo, ...] = ()) -> Signature:
-    """A decoder layer: (hidden, mask, *extra inputs, *state inputs) -> (hidden_out, *state outputs, *extra)."""
+           state_outputs: tuple[TensorInfo, ...], window_outputs: tuple[TensorInfo, ...] = ()) -> Signature:
+    """A decoder layer: (hidden, mask, *extra inputs, *state inputs) -> (hidden_out, *state outputs)."""
     ins = (_hidden(spec, dtype, "hidden"), MASK, *extra_inputs,
            *(TensorInfo(s.input, s.dtype, s.shape) for s in states))
-    outs = (_hidden(spec, dtype, "hidden_out"), *state_outputs, *extra_outputs)
-    return Signature(ins, outs, states)
+    outs = (_hidden(spec, dtype, "hidden_out"), *state_outputs)
+    return Signature(ins, outs, states, window_outputs)
 
 
-def embed_signature(spec: ModelSpec, dtype: str, window: bool) -> Signature:
+def embed_signature(spec: ModelSpec, dtype: str) -> Signature:
     return Signature((TensorInfo("input_ids", "int64", ("batch", "seq")),), (_hidden(spec, dtype, "hidden"),))
 
 
-def head_signature(spec: ModelSpec, dtype: str, window: bool) -> Signature:
+def head_signature(spec: ModelSpec, dtype: str) -> Signature:
     return Signature((_hidden(spec, dtype, "hidden"),),
                      (TensorInfo("logits", "float32", ("batch", "seq", spec.vocab_size)),))
 
 
-def gated_deltanet_signature(spec: ModelSpec, dtype: str, window: bool) -> Signature:
-    """conv + recurrent state, replaced each call; `window` adds the states after every position."""
+def gated_deltanet_signature(spec: ModelSpec, dtype: str) -> Signature:
+    """conv + recurrent state, replaced each call; the window variant adds the states after every position."""
     k1 = spec.linear_conv_kernel - 1
     rec_shape = ("batch", spec.linear_num_value_heads, spec.linear_key_head_dim, spec.linear_value_head_dim)
     states = (
         StateInfo("conv_state", "conv_state_out", dtype, ("batch", spec.conv_dim, k1),
-                  "conv_states" if window else None),
+                  "conv_states"),
         StateInfo("recurrent_state", "recurrent_state_out", "float32", rec_shape,
-                  "recurrent_states" if window else None),
+                  "recurrent_states"),
     )
     window_outs = (TensorInfo("conv_states", dtype, ("batch", "seq", spec.conv_dim, k1)),
-                   TensorInfo("recurrent_states", "float32", ("batch", "seq") + rec_shape[1:])) if window else ()
+                   TensorInfo("recurrent_states", "float32", ("batch", "seq") + rec_shape[1:]))
     return _layer(spec, dtype, (), states, tuple(TensorInfo(s.output, s.dtype, s.shape) for s in states), window_outs)
 
 
-def gated_attention_signature(spec: ModelSpec, dtype: str, window: bool) -> Signature:
+def gated_attention_signature(spec: ModelSpec, dtype: str) -> Signature:
     """K/V sequence-major, and only this call's positions out: the runtime appends them to its cache
     (runtime.state), so a step never copies or reallocates the whole past."""
     kv_past = ("past", "batch", spec.num_kv_heads, spec.head_dim)
@@ -146,7 +148,7 @@ KINDS: dict[str, BlockKind] = {k.name: k for k in (
               reference_state=f"{_LAYERS}:GatedDeltaNetMixer.reference_state"),
     BlockKind(FULL, gated_attention_signature, f"{_LAYERS}:DecoderLayer", takes="hidden", gives="hidden_out",
               reference_state=f"{_LAYERS}:GatedAttentionMixer.reference_state"),
-    BlockKind(HEAD, head_signature, f"{_LAYERS}:Head", takes="hidden", gives="logits", last_position_only=True),
+    BlockKind(HEAD, head_signature, f"{_LAYERS}:Head", takes="hidden", gives="logits", last_positions=True),
 )}
 
 
@@ -167,6 +169,10 @@ def model_blocks(spec: ModelSpec) -> list[PlannedBlock]:
 # ---- the model's own inputs ---------------------------------------------------------------------
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# The linked whole-model graph's own extras: how many last positions get logits (and final hidden
+# states, MTP's input); the chain's hidden state entering the last-positions block, for those positions.
+LOGITS_TO_KEEP = TensorInfo("logits_to_keep", "int64", (1,))
+LAST_HIDDEN = "last_hidden"
 
 
 def model_feeds(block_inputs, **values: np.ndarray) -> dict[str, np.ndarray]:

@@ -22,6 +22,16 @@ ENGINE_VERSION = 1
 
 
 @dataclass(frozen=True)
+class EngineVariant:
+    """An engine built from a block's window variant (same inputs; outputs + the per-position states)."""
+    engine: str
+    size: int
+    sha256: str
+    build_seconds: float
+    plugins: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
 class EngineBlock:
     name: str
     kind: str
@@ -35,6 +45,11 @@ class EngineBlock:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     state: tuple[StateInfo, ...]
+    window: EngineVariant | None = None
+
+    def engines(self) -> dict[str, "EngineBlock | EngineVariant"]:
+        """Engine entries by graph name: the block's, and its window variant's as `{name}.window`."""
+        return {self.name: self, **({f"{self.name}.window": self.window} if self.window else {})}
 
 
 @dataclass(frozen=True)
@@ -130,4 +145,16 @@ def _block(d: Any, i: int) -> EngineBlock:
         plugins=tuple(p for p in entries("plugins") if isinstance(p, dict)),
         inputs=tuple(parse_tensor(t, where, ENGINE_MANIFEST) for t in entries("inputs")),
         outputs=tuple(parse_tensor(t, where, ENGINE_MANIFEST) for t in entries("outputs")),
-        state=tuple(parse_state(s, where, ENGINE_MANIFEST) for s in entries("state")))
+        state=tuple(parse_state(s, where, ENGINE_MANIFEST) for s in entries("state")),
+        window=_variant(d.get("window"), where))
+
+
+def _variant(d: Any, where: str) -> EngineVariant | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("engine"), str) or not isinstance(d.get("size"), int) \
+            or isinstance(d.get("size"), bool) or not isinstance(d.get("plugins", []), list):
+        raise DualbrainError(f"{ENGINE_MANIFEST}: malformed window engine of block {where}")
+    return EngineVariant(d["engine"], d["size"], str(d.get("sha256", "")),
+                         float(d["build_seconds"]) if isinstance(d.get("build_seconds"), (int, float)) else 0.0,
+                         tuple(p for p in d.get("plugins", []) if isinstance(p, dict)))

@@ -22,7 +22,9 @@ __all__ = ["FORMAT", "VERSION", "MANIFEST", "BlockInfo", "Manifest", "StateInfo"
            "load_manifest", "parse_state", "parse_tensor", "safe_child", "state_name"]
 
 FORMAT = "dualbrain-export"
-VERSION = 2   # 2: attention K/V are appended, sequence-major (runtime.state); 1 returned whole present K/V
+# 3: every block with per-position state has a window variant (rollback) and the linked graphs take
+#    logits_to_keep; 2: attention K/V appended, sequence-major (runtime.state); 1: whole present K/V
+VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -35,6 +37,16 @@ class BlockInfo:
     outputs: tuple[TensorInfo, ...]
     layer: int | None = None
     state: tuple[StateInfo, ...] = ()
+    window_file: str | None = None           # the window variant: same inputs, outputs + window_outputs
+    window_outputs: tuple[TensorInfo, ...] = ()
+
+    def graph(self, window: bool = False) -> tuple[str, tuple[TensorInfo, ...]]:
+        """(file, outputs) of the plain graph or of the window variant."""
+        if not window:
+            return self.file, self.outputs
+        if self.window_file is None:
+            raise KeyError(f"block {self.name} has no window variant")
+        return self.window_file, self.outputs + self.window_outputs
 
 
 @dataclass(frozen=True)
@@ -43,11 +55,12 @@ class Manifest:
     dtype: str
     opset: int
     max_context: int
-    window: bool
+    window: bool                              # window variants present (always, since version 3)
     blocks: tuple[BlockInfo, ...]
     files: dict[str, dict[str, Any]]          # relative path -> {size, sha256}
     tokenizer_files: tuple[str, ...] = ()
     linked: str | None = None                 # optional whole-model graph
+    linked_window: str | None = None          # the same, linked from the blocks' window variants
     source: dict[str, Any] = field(default_factory=dict)
     quant: str | None = None                  # e.g. "int4-weight-only": linear weights quantized, rest in dtype
 
@@ -135,6 +148,9 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
     if d.get("version") == 1:
         raise DualbrainError("manifest.json: this export was written by an older dualbrain (manifest version 1, "
                              "whole K/V per step); export the checkpoint again")
+    if d.get("version") == 2:
+        raise DualbrainError("manifest.json: this export was written by an older dualbrain (manifest version 2, "
+                             "no rollback variants); re-export with this version")
     if d.get("version") != VERSION:
         raise DualbrainError(f"manifest.json: unsupported version {d.get('version')!r} (this dualbrain reads {VERSION})")
     try:
@@ -156,16 +172,20 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
                 raise DualbrainError(f"manifest.json: block {b['name']!r} has a bad layer index")
             if not isinstance(b.get("file"), str):
                 raise DualbrainError(f"manifest.json: block {b['name']!r} has no file")
+            if not isinstance(b.get("window_file"), (str, type(None))):
+                raise DualbrainError(f"manifest.json: block {b['name']!r} has a bad window_file")
             blocks.append(BlockInfo(
                 name=b["name"], kind=b["kind"], file=b["file"],
                 inputs=tuple(parse_tensor(t, b["name"]) for t in _list(b.get("inputs"), b["name"])),
                 outputs=tuple(parse_tensor(t, b["name"]) for t in _list(b.get("outputs"), b["name"])),
                 layer=layer,
                 state=tuple(parse_state(s, b["name"]) for s in _list(b.get("state", []), b["name"])),
+                window_file=b.get("window_file"),
+                window_outputs=tuple(parse_tensor(t, b["name"]) for t in _list(b.get("window_outputs", []), b["name"])),
             ))
         files = d["files"]
         tok = d.get("tokenizer_files", [])
-        linked = d.get("linked")
+        linked, linked_window = d.get("linked"), d.get("linked_window")
         quant = d.get("quant")          # absent in manifests written before quantized exports
         if quant is not None and quant not in QUANT_MODES:
             raise DualbrainError(f"manifest.json: unknown quant {quant!r} (this dualbrain reads "
@@ -174,6 +194,7 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
                        window=d["window"], blocks=tuple(blocks), files=files,
                        tokenizer_files=tuple(_list(tok, "tokenizer_files")),
                        linked=linked if isinstance(linked, str) else None,
+                       linked_window=linked_window if isinstance(linked_window, str) else None,
                        source=d.get("source") if isinstance(d.get("source"), dict) else {}, quant=quant)
     except KeyError as e:
         raise DualbrainError(f"manifest.json: missing field {e.args[0]!r}") from None
@@ -204,8 +225,9 @@ def check_structure(man: Manifest) -> None:
 def verify_files(root: Path, man: Manifest, *, hashes: bool) -> None:
     """Every listed file exists inside `root` with its recorded size (and hash, if asked)."""
     for b in man.blocks:
-        if b.file not in man.files:
-            raise DualbrainError(f"manifest.json: block {b.name!r} file {b.file!r} is not listed in files")
+        for f in (b.file, b.window_file):
+            if f is not None and f not in man.files:
+                raise DualbrainError(f"manifest.json: block {b.name!r} file {f!r} is not listed in files")
     for rel, info in man.files.items():
         p = safe_child(root, rel, "manifest.json")
         if not isinstance(info, dict) or not isinstance(info.get("size"), int):

@@ -1,12 +1,15 @@
 """A loaded export: manifest + backend sessions + tokenizer. Loaded once, serves many generations.
 
-`Model.forward(ids, state)` runs embed -> layers -> head over new tokens, updating the
-generation's own `State` (KV for attention layers, conv + recurrent state for GDN layers).
-Nothing here imports torch or transformers.
+`Model.forward(ids, state)` runs embed -> layers -> head over new tokens, updating the rows' own
+`State` (KV for attention layers, conv + recurrent state for GDN layers); `Model.step` does the same
+and also returns the final hidden states. A mode that needs more (hidden states between layers,
+another model's layers in between) composes `state.begin` -> `embed_ids` -> `run_layers` (any range,
+any number of times) -> `head_logits` -> `state.commit`. Nothing here imports torch or transformers.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -14,11 +17,11 @@ import numpy as np
 
 from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.backends import Backend, load_backend
-from dualbrain.runtime.blocks import KINDS, model_feeds
+from dualbrain.runtime.blocks import KINDS, LAST_HIDDEN, LOGITS_TO_KEEP, model_feeds
 from dualbrain.runtime.dtypes import numpy_dtype
 from dualbrain.runtime.manifest import Manifest, load_manifest, state_name
 from dualbrain.runtime.spec import ModelSpec
-from dualbrain.runtime.state import State
+from dualbrain.runtime.state import State, Step
 
 
 class Model:
@@ -36,9 +39,11 @@ class Model:
         # the linked graph's (graph name, state name) pairs per layer, built once rather than per token
         self._linked_in = [[(state_name(b.name, s.input), s.input) for s in b.state] for b in self.layers]
         self._linked_out = [[(state_name(b.name, s.output), s.output) for s in b.state] for b in self.layers]
+        self._linked_window_out = [
+            pairs + [(state_name(b.name, s.window_output), s.window_output) for s in b.state if s.window_output]
+            for pairs, b in zip(self._linked_out, self.layers)]
         self._linked_inputs = [t for b in manifest.blocks for t in b.inputs]   # model inputs picked by name
         self._output = KINDS[self.head.kind].gives
-        self._linked_fetch = [self._output] + [full for outs in self._linked_out for full, _ in outs]
         self._tokenizer = None
         gen = model_dir / "generation_config.json"
         self.generation_config = read_json_object(gen) if gen.is_file() else None
@@ -87,50 +92,90 @@ class Model:
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, ids: np.ndarray, state: State, *, pad: np.ndarray | None = None,
-                all_logits: bool = False) -> np.ndarray:
+                all_logits: bool = False, logits_to_keep: int = 1) -> np.ndarray:
         """Feed `ids` (B, T) through the model, updating `state`; returns logits (B, V) of the last
-        position (or (B, T, V) with `all_logits`). `pad` (B, T) marks left-padding with 0."""
+        position, (B, N, V) of the last N with `logits_to_keep=N > 1`, or (B, T, V) with `all_logits`.
+        `pad` (B, T) marks padding with 0 (left: a prefill from an empty state; right: ragged calls)."""
+        t = np.shape(ids)[1]
+        res = self.step(ids, state, pad=pad, logits_to_keep=t if all_logits else logits_to_keep)
+        return res.logits if all_logits or logits_to_keep > 1 else res.logits[:, -1]
+
+    def step(self, ids: np.ndarray, state: State, *, pad: np.ndarray | None = None, logits_to_keep: int = 1,
+             hidden_after: Sequence[int] = (), linked: bool | None = None) -> StepResult:
+        """One whole-stack call: embed -> every layer -> head on the last `logits_to_keep` positions.
+
+        The linked whole-model graph serves it when the backend has one (`linked`, default: yes), unless
+        hidden states after chosen layers are asked for (`hidden_after`: layer indices)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         b, t = ids.shape
         if state.length + t > self.max_context:
             raise DualbrainError(
                 f"sequence of {state.length + t} tokens exceeds the export's maximum context of {self.max_context}"
             )
-        new_mask = np.ones((b, t), np.int64) if pad is None else pad.astype(np.int64)
-        mask, pos = state.begin(new_mask)
-        if not all_logits and self.backend.has_linked:
-            logits, outputs = self._forward_linked(ids, mask, pos, state)
+        if not 1 <= logits_to_keep <= t:
+            raise DualbrainError(f"logits_to_keep must be in 1..{t} for a call of {t} positions, got {logits_to_keep}")
+        new_mask = np.ones((b, t), np.int64) if pad is None else np.asarray(pad, np.int64)
+        step = state.begin(new_mask)
+        use_linked = (self.backend.has_linked if linked is None else linked) and not hidden_after \
+            and (not step.window or self.manifest.linked_window is not None)
+        if use_linked:
+            logits, last_hidden = self._step_linked(ids, step, state, logits_to_keep)
+            after = {}
         else:
-            logits, outputs = self._forward_blocks(ids, mask, pos, state, all_logits)
-        state.commit(new_mask, outputs)
-        return logits
+            hidden, after = self.run_layers(self.embed_ids(ids), state, step, hidden_after=hidden_after)
+            last_hidden = np.ascontiguousarray(hidden[:, t - logits_to_keep:])
+            logits = self.head_logits(last_hidden)
+        state.commit(step)
+        return StepResult(logits, last_hidden, after)
 
-    def _forward_linked(self, ids, mask, pos, state: State):
-        """One call of the whole-model graph: last-position logits (B, V) and each layer's state outputs."""
-        feeds = model_feeds(self._linked_inputs, input_ids=ids, attention_mask=mask, position_ids=pos)
+    # ---- layer-granular steps: a mode composes these between state.begin and state.commit ------------
+    def embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (B, T) -> hidden states (B, T, H)."""
+        kind = KINDS[self.embed.kind]
+        feeds = model_feeds(self.embed.inputs, input_ids=np.ascontiguousarray(ids, dtype=np.int64))
+        return self.backend.run(self.embed, feeds)[kind.gives]
+
+    def run_layers(self, hidden: np.ndarray, state: State, step: Step, start: int = 0, stop: int | None = None,
+                   *, hidden_after: Sequence[int] = ()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Layers start..stop-1 on `hidden` within `step` (their state outputs go to `step.outputs`);
+        returns the hidden states after the last of them and after each layer in `hidden_after`."""
+        after = {}
+        for i in range(start, len(self.layers) if stop is None else stop):
+            block = self.layers[i]
+            kind = KINDS[block.kind]
+            feeds = model_feeds(block.inputs, attention_mask=step.mask, position_ids=step.positions)
+            feeds[kind.takes] = hidden
+            feeds.update(state.feeds(i))
+            out = self.backend.run(block, feeds, window=step.window and block.window_file is not None)
+            step.outputs[i] = out
+            hidden = out[kind.gives]
+            if i in hidden_after:
+                after[i] = hidden
+        return hidden, after
+
+    def head_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Hidden states (B, N, H) entering the head -> logits (B, N, V) in float32."""
+        kind = KINDS[self.head.kind]
+        return self.backend.run(self.head, {kind.takes: np.ascontiguousarray(hidden)})[kind.gives]
+
+    def _step_linked(self, ids, step: Step, state: State, keep: int):
+        """One call of the whole-model graph (the window one when the step needs per-position states)."""
+        feeds = model_feeds(self._linked_inputs, input_ids=ids, attention_mask=step.mask,
+                            position_ids=step.positions)
+        feeds[LOGITS_TO_KEEP.name] = np.array([keep], np.int64)
         for i, ins in enumerate(self._linked_in):
             st = state.feeds(i)
             feeds.update((full, st[name]) for full, name in ins)
-        out = self.backend.run_linked(feeds, self._linked_fetch)
-        states = [{name: out[full] for full, name in outs} for outs in self._linked_out]
-        return out[self._output][:, -1], states
+        outs = self._linked_window_out if step.window else self._linked_out
+        fetch = [self._output, LAST_HIDDEN] + [full for layer in outs for full, _ in layer]
+        out = self.backend.run_linked(feeds, fetch, window=step.window)
+        for i, layer in enumerate(outs):
+            step.outputs[i] = {name: out[full] for full, name in layer}
+        return out[self._output], out[LAST_HIDDEN]
 
-    def _forward_blocks(self, ids, mask, pos, state: State, all_logits: bool):
-        """embed -> layers -> head, each block fed the model inputs it declares and its chain input."""
-        def run(block, x, extra=None):
-            kind = KINDS[block.kind]
-            feeds = model_feeds(block.inputs, input_ids=ids, attention_mask=mask, position_ids=pos)
-            if kind.takes:
-                feeds[kind.takes] = x
-            out = self.backend.run(block, {**feeds, **(extra or {})})
-            return out, out[kind.gives]
 
-        _, hidden = run(self.embed, None)
-        states = []
-        for i, block in enumerate(self.layers):
-            out, hidden = run(block, hidden, state.feeds(i))
-            states.append({s.output: out[s.output] for s in block.state})
-        if not all_logits:
-            hidden = np.ascontiguousarray(hidden[:, -1:])
-        _, logits = run(self.head, hidden)
-        return (logits if all_logits else logits[:, -1]), states
+@dataclass
+class StepResult:
+    logits: np.ndarray                  # (B, N, V) float32: the last N positions
+    hidden: np.ndarray                  # (B, N, H): the hidden states entering the head at those positions
+    hidden_after: dict[int, np.ndarray] = field(default_factory=dict)   # layer -> its output (B, T, H)

@@ -78,7 +78,8 @@ def test_window_states_match_stepwise(artifacts):
     t, h = 6, model.spec.hidden_size
     hidden = rng.standard_normal((2, t, h)).astype(np.float32)
     zeros = model.new_state(2).layers[0]
-    full = model.backend.run(block, {"hidden": hidden, "attention_mask": np.ones((2, t), np.int64), **zeros})
+    full = model.backend.run(block, {"hidden": hidden, "attention_mask": np.ones((2, t), np.int64), **zeros},
+                             window=True)
     st = dict(zeros)
     for i in range(t):
         step = model.backend.run(block, {"hidden": hidden[:, i:i + 1], "attention_mask": np.ones((2, i + 1), np.int64),

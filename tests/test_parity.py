@@ -30,6 +30,10 @@ def case(request, artifacts):
     return ckpt, out, Model.load(out), ref
 
 
+def _per_block(out):
+    return Model.load(out, linked=False)
+
+
 def _reference_greedy(ref, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -47,15 +51,40 @@ def _greedy(model: Model, prompt: list[int], n: int) -> list[int]:
     return ids
 
 
+@pytest.mark.parametrize("linked", [True, False], ids=["linked", "per-block"])
 @pytest.mark.parametrize("prompt_len", [1, 7, 100])
-def test_greedy_matches_transformers(case, prompt_len):
-    _, _, model, ref = case
+def test_greedy_matches_transformers(case, prompt_len, linked):
+    _, out, model, ref = case
+    if not linked:
+        model = _per_block(out)
     rng = np.random.default_rng(prompt_len)
     prompt = rng.integers(0, model.vocab_size, prompt_len).tolist()
     expected = _reference_greedy(ref, prompt, NEW_TOKENS)
     got = _greedy(model, prompt, NEW_TOKENS)
     assert got == expected
     assert len(set(got)) > 1 or prompt_len == 1, "degenerate generation proves little"
+
+
+@pytest.mark.parametrize("linked", [True, False], ids=["linked", "per-block"])
+def test_greedy_through_rollback_matches_transformers(case, linked):
+    """Every step feeds the chosen token plus two junk drafts after a mark, then rolls the junk back
+    (window variants + rollback, as speculative decoding does): still transformers' greedy tokens."""
+    _, out, model, ref = case
+    if not linked:
+        model = _per_block(out)
+    rng = np.random.default_rng(99)
+    prompt = rng.integers(0, model.vocab_size, 7).tolist()
+    expected = _reference_greedy(ref, prompt, NEW_TOKENS)
+    state, logits = prefill(model, [prompt])
+    got = []
+    for _ in range(NEW_TOKENS):
+        tok = int(logits.argmax(-1)[0])
+        got.append(tok)
+        state.mark()
+        step = model.forward(np.array([[tok, *rng.integers(0, model.vocab_size, 2)]]), state, logits_to_keep=3)
+        state.rollback(0, 1)
+        logits = step[:, 0]
+    assert got == expected
 
 
 def test_batch_equals_solo(case):

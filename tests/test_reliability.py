@@ -136,7 +136,7 @@ def test_resume_ignores_blocks_that_no_longer_match(artifacts, tmp_path):
     from dualbrain.exporter.export import _resume_key
     from dualbrain.exporter.checkpoint import Checkpoint
 
-    key = _resume_key(ckpt, Checkpoint(ckpt), "float32", False, 512)
+    key = _resume_key(ckpt, Checkpoint(ckpt), "float32", 512)
     j = Journal(part, key)
     for name in ("embed", "layer_000"):
         j.record(name, {f: file_digest(part / f) for f in (f"{name}.onnx", f"{name}.onnx.data")})

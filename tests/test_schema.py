@@ -1,5 +1,5 @@
 """The shared schema: one dtype table, the block-kind registry, op identity, the engine manifest type,
-and exports written before they existed."""
+and exports written by an older manifest version."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +16,12 @@ from dualbrain.runtime.blocks import KINDS, MODEL_INPUTS, model_blocks, random_f
 from dualbrain.runtime.manifest import load_manifest
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def dense_export(artifacts):
+    pytest.importorskip("torch")
+    return artifacts.export(artifacts.checkpoint("dense", "conditional"))
 
 
 # ---- the dtype table against each framework's own idea of the type --------------------------------
@@ -70,23 +76,24 @@ def _spec(family="moe", window=False):
                                       model_type="qwen3_5_moe_text" if family == "moe" else "qwen3_5_text"))
 
 
-@pytest.mark.parametrize("window", [False, True])
-def test_every_kind_declares_a_consistent_chain(window):
+def test_every_kind_declares_a_consistent_chain():
     """Each block's chain input is among its inputs, its output among its outputs, every state input is
-    an input and every state output an output; only model inputs, the chain input and state are fed."""
+    an input and every state output an output; only model inputs, the chain input and state are fed;
+    window outputs exist exactly for the per-position states of GDN layers."""
     spec = _spec()
     plan = model_blocks(spec)
     assert [p.kind.name for p in plan] == ["embed", *spec.layer_types, "head"]
     assert [p.layer for p in plan] == [None, 0, 1, 2, 3, None]
     for p in plan:
-        sig = p.kind.signature(spec, "float32", window)
+        sig = p.kind.signature(spec, "float32")
         ins, outs = {t.name for t in sig.inputs}, {t.name for t in sig.outputs}
+        window = {t.name for t in sig.window_outputs}
         assert (p.kind.takes is None) == (p is plan[0]) and (p.kind.takes in ins or p.kind.takes is None)
         assert p.kind.gives in outs
         assert {s.input for s in sig.state} <= ins and {s.output for s in sig.state} <= outs
         assert ins == {s.input for s in sig.state} | ({p.kind.takes} - {None}) | (ins & set(MODEL_INPUTS))
-        assert all(s.window_output in outs for s in sig.state if s.window_output)
-        assert bool([s for s in sig.state if s.window_output]) == (window and p.kind.name == "linear_attention")
+        assert {s.window_output for s in sig.state if s.window_output} == window and not window & outs
+        assert bool(window) == (p.kind.name == "linear_attention")
 
 
 def test_registry_modules_forward_takes_the_signature():
@@ -97,7 +104,7 @@ def test_registry_modules_forward_takes_the_signature():
     spec = _spec()
     for p in model_blocks(spec):
         params = list(inspect.signature(p.kind.torch_module().forward).parameters.values())[1:]
-        names = [t.name for t in p.kind.signature(spec, "float32", False).inputs]
+        names = [t.name for t in p.kind.signature(spec, "float32").inputs]
         fixed = [q for q in params if q.kind is not inspect.Parameter.VAR_POSITIONAL]
         assert [q.name for q in fixed] == names[:len(fixed)]
         assert len(fixed) == len(names) or params[-1].kind is inspect.Parameter.VAR_POSITIONAL
@@ -105,7 +112,7 @@ def test_registry_modules_forward_takes_the_signature():
 
 def test_random_feeds_follow_the_signature():
     spec = _spec()
-    sig = KINDS["full_attention"].signature(spec, "float32", False)
+    sig = KINDS["full_attention"].signature(spec, "float32")
     feeds = random_feeds(sig.inputs, spec.vocab_size, batch=3, seq=4, past=5, seed=1)
     assert feeds["past_key"].shape == (5, 3, spec.num_kv_heads, spec.head_dim)
     assert feeds["attention_mask"].shape == (3, 9) and feeds["attention_mask"].all()
@@ -113,11 +120,11 @@ def test_random_feeds_follow_the_signature():
     assert np.abs(feeds["hidden"]).max() > 0
 
 
-def test_manifest_with_an_unknown_block_kind_is_refused(tmp_path):
+def test_manifest_with_an_unknown_block_kind_is_refused(dense_export, tmp_path):
     import shutil
 
     d = tmp_path / "x"
-    shutil.copytree(DATA / "export-v2-dense", d)
+    shutil.copytree(dense_export, d)
     m = json.loads((d / "manifest.json").read_text())
     m["blocks"][1]["kind"] = "mamba2"
     (d / "manifest.json").write_text(json.dumps(m))
@@ -125,17 +132,17 @@ def test_manifest_with_an_unknown_block_kind_is_refused(tmp_path):
         load_manifest(d)
 
 
-def test_manifest_model_is_a_typed_spec():
+def test_manifest_model_is_a_typed_spec(dense_export):
     from dualbrain.runtime.spec import ModelSpec
 
-    man = load_manifest(DATA / "export-v2-dense")
+    man = load_manifest(dense_export)
     assert isinstance(man.model, ModelSpec) and man.model.layer_types[-1] == "full_attention"
-    assert json.loads(json.dumps(man.to_json()))["model"] == json.loads((DATA / "export-v2-dense" / "manifest.json").read_text())["model"]
+    assert json.loads(json.dumps(man.to_json()))["model"] == json.loads((dense_export / "manifest.json").read_text())["model"]
 
 
 # ---- op identity ---------------------------------------------------------------------------------
 
-def test_op_identity_is_the_one_the_graph_and_plugins_use():
+def test_op_identity_is_the_one_the_graph_and_plugins_use(dense_export):
     import onnx
 
     from dualbrain.plugins import DOMAIN, identities
@@ -144,10 +151,12 @@ def test_op_identity_is_the_one_the_graph_and_plugins_use():
     ops = {t for i in identities() for t in i.op_types}
     assert ops == {"CausalConv1d", "CausalConv1dWindow", "GatedDeltaRule", "GatedDeltaRuleWindow", "MoEDispatch"}
     assert {d.name for d in all_descs()} == ops and NAMESPACE == DOMAIN
-    graph = onnx.load(str(DATA / "export-v2-dense" / "layer_000.onnx"), load_external_data=False)
-    used = {(n.domain, n.op_type) for n in graph.graph.node if n.domain == DOMAIN}
-    assert used == {(DOMAIN, "CausalConv1d"), (DOMAIN, "GatedDeltaRule")}
-    assert {(f.domain, f.name) for f in graph.functions} == used
+    for file, ops in (("layer_000.onnx", {"CausalConv1d", "GatedDeltaRule"}),
+                      ("layer_000.window.onnx", {"CausalConv1dWindow", "GatedDeltaRuleWindow"})):
+        graph = onnx.load(str(dense_export / file), load_external_data=False)
+        used = {(n.domain, n.op_type) for n in graph.graph.node if n.domain == DOMAIN}
+        assert used == {(DOMAIN, op) for op in ops}
+        assert used <= {(f.domain, f.name) for f in graph.functions}
 
 
 def test_attach_functions_conflicting_version_is_refused():
@@ -166,29 +175,27 @@ def test_attach_functions_conflicting_version_is_refused():
     onnx.checker.check_model(model)
 
 
-# ---- exports written before the registry ---------------------------------------------------------
+# ---- exports written by an older manifest version ------------------------------------------------
 
-@pytest.mark.parametrize("linked", [True, False])
-def test_export_written_before_the_registry_generates_the_same_tokens(linked):
-    """tests/data/export-v2-dense was exported by dualbrain at 19ed9a0 (before this schema), with its
-    greedy tokens recorded by that version; this version must read it and produce the same tokens."""
-    from dualbrain.runtime.generate import generate
-    from dualbrain.runtime.model import Model
-    from dualbrain.runtime.sampling import SamplingParams
+def test_version_2_export_is_refused_with_re_export(tmp_path):
+    """tests/data/export-v2/manifest.json is the manifest dualbrain wrote at 19ed9a0 (version 2, no
+    window variants). Loading it says to re-export, on one line with exit code 2."""
+    from click.testing import CliRunner
 
-    want = json.loads((DATA / "export-v2-dense.tokens.json").read_text())
-    model = Model.load(DATA / "export-v2-dense", verify_hashes=True, linked=linked)
-    assert model.backend.has_linked == linked
-    g = generate(model, [want["prompt_ids"]], SamplingParams(greedy=True, max_new_tokens=len(want["greedy_new_ids"])))
-    assert g[0].new_ids == want["greedy_new_ids"]
+    from dualbrain.cli import main
+
+    with pytest.raises(DualbrainError, match="manifest version 2.*re-export with this version"):
+        load_manifest(DATA / "export-v2")
+    res = CliRunner().invoke(main, ["generate", str(DATA / "export-v2"), "--ids", "1,2"])
+    assert res.exit_code == 2 and "re-export with this version" in res.output
 
 
 # ---- the engine manifest type and the TensorRT backend's dtypes (no GPU) ------------------------
 
-def test_engine_manifest_round_trip_and_checks(tmp_path):
+def test_engine_manifest_round_trip_and_checks(dense_export, tmp_path):
     from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineBlock, EngineManifest
 
-    man = load_manifest(DATA / "export-v2-dense")
+    man = load_manifest(dense_export)
     em = EngineManifest(
         flavour="tensorrt-rtx", tensorrt_version="1.7.1.116", compute_capabilities=("8.9",), target="rtx4090",
         recipe={"name": "r"}, profiles=({"name": "prefill", "dims": {"batch": [1, 1, 2]}},), timing_cache=None,
@@ -224,15 +231,15 @@ class _TensorRTLikeBackend:
     def __init__(self, ort):
         self.ort = ort
 
-    def run(self, block, feeds):
+    def run(self, block, feeds, *, window=False):
         import torch
 
         from dualbrain.runtime.backends.tensorrt import _to_numpy, _to_torch
 
         fp32 = {k: _to_torch(v, "cpu").float().numpy() if v.dtype == dtypes.numpy_dtype("bfloat16") else v
                 for k, v in feeds.items()}
-        out = self.ort.run(block, fp32)
-        types = {t.name: t.dtype for t in block.outputs}
+        out = self.ort.run(block, fp32, window=window)
+        types = {t.name: t.dtype for t in block.graph(window)[1]}
         return {k: _to_numpy(torch.from_numpy(v).to(torch.bfloat16)) if types[k] == "bfloat16" else v
                 for k, v in out.items()}
 

@@ -209,10 +209,14 @@ def test_engines_match_onnxruntime_on_gpu(engines):
 
 
 def test_window_variants_build(artifacts, tmp_path):
-    """An export with per-position GDN states (--window) builds with the window plugins."""
-    src = artifacts.export(artifacts.checkpoint("dense", "causal"), window=True)
+    """Every GDN layer's window variant (per-position states, for rollback) gets its own engine, built
+    with the window plugins; blocks without one get none."""
+    src = artifacts.export(artifacts.checkpoint("dense", "causal"))
     man = build(src, "rtx4090-fp32", tmp_path / "engines")
-    gdn = next(b for b in man["blocks"] if b["name"] == "layer_000")
+    gdn = next(b for b in man["blocks"] if b["name"] == "layer_000")["window"]
     assert [(p["type"], p["plugin"]) for p in gdn["plugins"]] == [
         ("PLUGIN_V3", "CausalConv1dWindow"), ("PLUGIN_V3", "GatedDeltaRuleWindow")]
     assert gdn["plugins"][1]["fields"] == {"num_k_heads": 2, "num_v_heads": 4}
+    data = (tmp_path / "engines" / gdn["engine"]).read_bytes()
+    assert len(data) == gdn["size"] > 0 and hashlib.sha256(data).hexdigest() == gdn["sha256"]
+    assert [b["name"] for b in man["blocks"] if b["window"]] == ["layer_000", "layer_001", "layer_002"]

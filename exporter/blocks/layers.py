@@ -7,7 +7,7 @@ handle badly (causal conv with state, gated delta rule, MoE dispatch) are custom
 `dualbrain.plugins`, exported as single nodes.
 
 `runtime.blocks.KINDS` names the module of each block kind; the exporter builds it with
-`from_checkpoint(spec, checkpoint, layer, dtype, window)`. A mixer with state also says how to read
+`from_checkpoint(spec, checkpoint, layer, dtype)`. A mixer with state also says how to read
 that state out of transformers' cache (`reference_state`, for `diff`).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Embedding(nn.Module):
         self.weight = _frozen(weight)
 
     @classmethod
-    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype, window: bool) -> "Embedding":
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype) -> "Embedding":
         return cls(ckpt.embed_weight(dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class Head(nn.Module):
         self.lm_head = _frozen(w["lm_head.weight"])
 
     @classmethod
-    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype, window: bool) -> "Head":
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype) -> "Head":
         return cls(spec, ckpt.head_weights(dtype))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -209,8 +209,8 @@ class DecoderLayer(nn.Module):
             self.ffn = DenseMLP(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
 
     @classmethod
-    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer: int, dtype, window: bool) -> "DecoderLayer":
-        return cls(spec, layer, ckpt.layer_weights(layer, dtype), window=window)
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer: int, dtype) -> "DecoderLayer":
+        return cls(spec, layer, ckpt.layer_weights(layer, dtype))
 
     def forward(self, hidden, attention_mask, *state):
         mixed = self.mixer(rms_norm_zero_centred(hidden, self.input_norm, self.eps), attention_mask, *state)

@@ -21,11 +21,13 @@ class Backend(Protocol):
     name: str
     has_linked: bool     # whether `run_linked` can run the export's whole-model graph
 
-    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `block` on `feeds`; returns outputs by name. Thread-safe."""
+    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray], *, window: bool = False) -> dict[str, np.ndarray]:
+        """Run `block` (its window variant with `window`) on `feeds`; returns outputs by name. Thread-safe."""
 
-    def run_linked(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """Run the linked whole-model graph (only when `has_linked`); returns `outputs` by name."""
+    def run_linked(self, feeds: dict[str, np.ndarray], outputs: list[str], *, window: bool = False
+                   ) -> dict[str, np.ndarray]:
+        """Run the linked whole-model graph (only when `has_linked`; the one linked from the window
+        variants with `window`); returns `outputs` by name."""
 
     def compute_dtype(self, dtype: str) -> str:
         """The dtype this backend computes a given exported dtype in (e.g. bf16 -> fp32 on CPU)."""

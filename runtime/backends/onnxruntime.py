@@ -1,6 +1,10 @@
-"""ONNX Runtime backend: one InferenceSession per block, shared by every generation and thread."""
+"""ONNX Runtime backend: one InferenceSession per block, shared by every generation and thread.
+
+Window variants (and the linked window graph) get their sessions on first use: plain generation
+never loads them."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,7 @@ from dualbrain.errors import DualbrainError
 from dualbrain.runtime.manifest import BlockInfo, Manifest, safe_child
 
 LINKED = "__linked__"
+WINDOW = ".window"
 
 
 def check_external_data(model_dir: Path, model) -> None:
@@ -63,11 +68,12 @@ class OrtBackend:
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
                  providers: list[str] | None = None, linked: bool = True, cpu_mem_arena: bool = False):
-        import onnx
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
         self.manifest = manifest
+        self._ort = ort
+        self._lock = threading.Lock()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         # Sequence lengths grow every decode step; ORT's CPU arena keeps a block for each new size and
@@ -77,42 +83,60 @@ class OrtBackend:
         opts.enable_mem_pattern = False
         if threads:
             opts.intra_op_num_threads = threads
-        providers = providers or ["CPUExecutionProvider"]
+        self._opts = opts
+        self._providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict[str, object] = {}
-        self.convert_bf16 = manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]
-        graphs = [(b.name, b.file) for b in manifest.blocks]
+        self.convert_bf16 = manifest.dtype == "bfloat16" and self._providers == ["CPUExecutionProvider"]
+        self._files = {b.name: b.file for b in manifest.blocks}
+        self._files.update({b.name + WINDOW: b.window_file for b in manifest.blocks if b.window_file})
         if manifest.linked and linked:
-            graphs.append((LINKED, manifest.linked))
-        for name, file in graphs:
-            path = safe_child(self.model_dir, file, "manifest.json")
-            try:
-                model = onnx.load(str(path), load_external_data=False)
-                check_external_data(self.model_dir, model)
-                if self.convert_bf16:
-                    onnx.load_external_data_for_model(model, str(self.model_dir))
-                    bf16_to_fp32(model)
-                    src = model.SerializeToString()
-                    self.sessions[name] = ort.InferenceSession(src, opts, providers=providers)
-                else:
-                    self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
-            except DualbrainError:
-                raise
-            except Exception as e:  # onnx / onnxruntime raise assorted types on corrupt files
-                raise DualbrainError(f"cannot load {name} ({file}): {str(e).splitlines()[0]}") from None
+            self._files[LINKED] = manifest.linked
+            if manifest.linked_window:
+                self._files[LINKED + WINDOW] = manifest.linked_window
+        for b in manifest.blocks:
+            self._session(b.name)
+        if LINKED in self._files:
+            self._session(LINKED)
+
+    def _session(self, name: str):
+        if name in self.sessions:
+            return self.sessions[name]
+        with self._lock:
+            if name not in self.sessions:
+                self.sessions[name] = self._load(name, self._files[name])
+        return self.sessions[name]
+
+    def _load(self, name: str, file: str):
+        import onnx
+
+        path = safe_child(self.model_dir, file, "manifest.json")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+            check_external_data(self.model_dir, model)
+            if self.convert_bf16:
+                onnx.load_external_data_for_model(model, str(self.model_dir))
+                bf16_to_fp32(model)
+                return self._ort.InferenceSession(model.SerializeToString(), self._opts, providers=self._providers)
+            return self._ort.InferenceSession(str(path), self._opts, providers=self._providers)
+        except DualbrainError:
+            raise
+        except Exception as e:  # onnx / onnxruntime raise assorted types on corrupt files
+            raise DualbrainError(f"cannot load {name} ({file}): {str(e).splitlines()[0]}") from None
 
     @property
     def has_linked(self) -> bool:
-        return LINKED in self.sessions
+        return LINKED in self._files
 
-    def run_linked(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, self.sessions[LINKED].run(outputs, feeds)))
+    def run_linked(self, feeds: dict[str, np.ndarray], outputs: list[str], *, window: bool = False
+                   ) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self._session(LINKED + WINDOW if window else LINKED).run(outputs, feeds)))
 
     def compute_dtype(self, dtype: str) -> str:
         return "float32" if dtype == "bfloat16" and self.convert_bf16 else dtype
 
-    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [t.name for t in block.outputs]
-        outs = self.sessions[block.name].run(names, feeds)
+    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray], *, window: bool = False) -> dict[str, np.ndarray]:
+        names = [t.name for t in block.graph(window)[1]]
+        outs = self._session(block.name + WINDOW if window else block.name).run(names, feeds)
         return dict(zip(names, outs))
 
 

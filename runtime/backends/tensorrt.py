@@ -61,7 +61,7 @@ class TensorRTBackend:
             cc = _detect_capability(device)
             em.check(manifest, flavour=flavour, version=str(trt.__version__), device_capability=cc)
         paths = {}
-        for eb in em.blocks:
+        for name, eb in ((n, e) for block in em.blocks for n, e in block.engines().items()):
             p = safe_child(self.engines_dir, eb.engine, ENGINE_MANIFEST)
             if not p.is_file():
                 raise DualbrainError(f"missing engine {eb.engine} listed in {ENGINE_MANIFEST}")
@@ -70,7 +70,7 @@ class TensorRTBackend:
                                      f"records {eb.size}: truncated or modified")
             if verify_hashes and file_digest(p)["sha256"] != eb.sha256:
                 raise DualbrainError(f"engine {eb.engine} does not match its sha256: corrupted or modified")
-            paths[eb.name] = p
+            paths[name] = p
         self.em = em
         self.trt = trt
         self._load(paths, device)
@@ -105,20 +105,23 @@ class TensorRTBackend:
     def compute_dtype(self, dtype: str) -> str:
         return dtype
 
-    def run_linked(self, feeds, outputs):
+    def run_linked(self, feeds, outputs, *, window: bool = False):
         raise DualbrainError("the tensorrt backend has no whole-model engine")
 
-    def _profile(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> int:
+    def _profile(self, name: str, block: BlockInfo, feeds: dict[str, np.ndarray]) -> int:
         seq = next((feeds[t.name].shape[i] for t in block.inputs for i, d in enumerate(t.shape) if d == "seq"), None)
-        if seq == 1 and "decode" in self.profile_names and len(self.contexts[block.name]) > 1:
+        if seq == 1 and "decode" in self.profile_names and len(self.contexts[name]) > 1:
             return self.profile_names.index("decode")
         return 0
 
-    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, block: BlockInfo, feeds: dict[str, np.ndarray], *, window: bool = False) -> dict[str, np.ndarray]:
         import torch
 
-        ctx = self.contexts[block.name][self._profile(block, feeds)]
-        with self.locks[block.name], torch.cuda.stream(self.stream):
+        name = f"{block.name}.window" if window else block.name
+        if name not in self.contexts:
+            raise DualbrainError(f"no engine for the window variant of {block.name}: rebuild with `dualbrain build`")
+        ctx = self.contexts[name][self._profile(name, block, feeds)]
+        with self.locks[name], torch.cuda.stream(self.stream):
             keep = []
             for t in block.inputs:
                 x = _to_torch(feeds[t.name], self.device)
@@ -126,7 +129,7 @@ class TensorRTBackend:
                 ctx.set_input_shape(t.name, tuple(x.shape))
                 ctx.set_tensor_address(t.name, x.data_ptr())
             outs = {}
-            for t in block.outputs:
+            for t in block.graph(window)[1]:
                 shape = tuple(ctx.get_tensor_shape(t.name))
                 y = torch.empty(shape, dtype=torch_dtype(t.dtype), device=self.device)
                 ctx.set_tensor_address(t.name, y.data_ptr())
