@@ -69,8 +69,8 @@ def test_expert_formats_read_identically(artifacts):
 
 
 def test_window_states_match_stepwise(artifacts):
-    """With --window, the per-position states equal the states after feeding each prefix."""
-    out = artifacts.export(artifacts.checkpoint("dense", "causal"), window=True)
+    """The window variant's per-position states equal the states after feeding each prefix."""
+    out = artifacts.export(artifacts.checkpoint("dense", "causal"))
     model = Model.load(out, linked=False)
     block = model.layers[0]
     assert block.state[0].window_output == "conv_states"

@@ -60,9 +60,9 @@ class Head(nn.Module):
 
 
 class GatedDeltaNetMixer(nn.Module):
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], window: bool = False):
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor]):
         super().__init__()
-        self.s, self.window = spec, window
+        self.s = spec
         p = "linear_attn."
         self.in_proj_qkv = _frozen(w[p + "in_proj_qkv.weight"])
         self.in_proj_z = _frozen(w[p + "in_proj_z.weight"])
@@ -91,18 +91,16 @@ class GatedDeltaNetMixer(nn.Module):
         z = F.linear(x, self.in_proj_z).reshape(b, t, hv, dv)
         beta = torch.sigmoid(F.linear(x, self.in_proj_b))
         g = -self.A_log.float().exp() * F.softplus(F.linear(x, self.in_proj_a).float() + self.dt_bias)
-        conv = causal_conv1d(qkv, self.conv_weight, conv_state, window=self.window)
+        conv = causal_conv1d(qkv, self.conv_weight, conv_state)
         mixed, new_conv = conv[0], conv[1]
         q, k, v = torch.split(mixed, [hk * dk, hk * dk, hv * dv], dim=-1)
         q = l2norm(q.reshape(b, t, hk, dk).float())
         k = l2norm(k.reshape(b, t, hk, dk).float())
         q = q * dk ** -0.5
-        rec = gated_delta_rule(q, k, v.reshape(b, t, hv, dv).float(), g, beta.float(), recurrent_state,
-                               window=self.window)
+        rec = gated_delta_rule(q, k, v.reshape(b, t, hv, dv).float(), g, beta.float(), recurrent_state)
         o = rms_norm_gated(rec[0].to(x.dtype), z, self.norm, s.rms_norm_eps)
         out = F.linear(o.reshape(b, t, hv * dv), self.out_proj)
-        if self.window:
-            return out, new_conv, rec[1], conv[2], rec[2]
+        # the window variant (exporter.window) swaps both ops for ones that also return per-position states
         return out, new_conv, rec[1]
 
 
@@ -196,13 +194,13 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: mixer (GDN or gated attention), then MLP or MoE."""
 
-    def __init__(self, spec: ModelSpec, index: int, w: dict[str, torch.Tensor], window: bool = False):
+    def __init__(self, spec: ModelSpec, index: int, w: dict[str, torch.Tensor]):
         super().__init__()
         self.eps = spec.rms_norm_eps
         self.is_linear = spec.layer_types[index] == LINEAR
         self.input_norm = _frozen(w["input_layernorm.weight"])
         self.post_norm = _frozen(w["post_attention_layernorm.weight"])
-        self.mixer = GatedDeltaNetMixer(spec, w, window) if self.is_linear else GatedAttentionMixer(spec, w)
+        self.mixer = GatedDeltaNetMixer(spec, w) if self.is_linear else GatedAttentionMixer(spec, w)
         if spec.is_moe:
             self.ffn = SparseMoE(spec, w)
         else:
