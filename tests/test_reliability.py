@@ -95,7 +95,10 @@ def test_ctrl_c_mid_export_then_resume(artifacts, tmp_path):
     (out / "previous.txt").write_text("an earlier, complete export")
     part = tmp_path / "out.partial"
     cmd = [sys.executable, "-m", "dualbrain.cli", "export", str(ckpt), "-o", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background by a shell without job
+    # control ignores SIGINT, the child would inherit that, and Python would then never see Ctrl-C
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = part / ".journal.json"
     deadline = time.time() + 300
     while time.time() < deadline:   # wait until at least two blocks are finished
