@@ -97,6 +97,12 @@ def _read_messages(path: Path) -> list:
 @click.option("--prompt", help="One user message, rendered through the chat template.")
 @click.option("--messages", type=click.Path(path_type=Path), help='JSON file: a list of {"role", "content"} messages.')
 @click.option("--ids", help="Comma-separated token ids (bypasses tokenizer and chat template).")
+@click.option("--batch", "batch_file", type=click.Path(path_type=Path),
+              help="JSONL file of requests, one per line: exactly one of prompt / messages / ids, plus any of "
+                   "max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop, think. "
+                   "Run together with continuous batching; output one result per request, in input order.")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="With --batch: requests decoded together at most.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--greedy", is_flag=True, help="Greedy decoding (ignores the sampling options).")
 @click.option("--temperature", type=float, default=None, help="Default: generation_config.json, else Qwen's preset.")
@@ -112,21 +118,24 @@ def _read_messages(path: Path) -> list:
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="Engine directory for --backend tensorrt (default: MODEL_DIR/engines).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (new_ids, text, speeds).")
-def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty,
-             seed, stop, think, preserve_thinking, backend, engines, as_json):
-    """Generate text from an export in MODEL_DIR."""
+def generate(model_dir, prompt, messages, ids, batch_file, max_batch, max_new_tokens, greedy, temperature, top_p,
+             top_k, presence_penalty, seed, stop, think, preserve_thinking, backend, engines, as_json):
+    """Generate text from an export in MODEL_DIR: one prompt, or a file of requests (--batch)."""
     from dualbrain.runtime.generate import GenerationStats
     from dualbrain.runtime.generate import generate as run_generate
     from dualbrain.runtime.model import Model
     from dualbrain.runtime.sampling import default_params
 
-    given = [x is not None for x in (prompt, messages, ids)]
+    given = [x is not None for x in (prompt, messages, ids, batch_file)]
     if sum(given) != 1:
-        raise DualbrainError("give exactly one of --prompt, --messages or --ids")
+        raise DualbrainError("give exactly one of --prompt, --messages, --ids or --batch")
+    options = {"engines": engines} if backend == "tensorrt" and engines is not None else {}
+    if batch_file is not None:
+        _generate_batch(model_dir, batch_file, max_batch, backend, options, as_json)
+        return
     overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                      seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop) or None, greedy=greedy or None)
     default_params(None, think).replace(**overrides)  # reject bad parameters before loading anything
-    options = {"engines": engines} if backend == "tensorrt" and engines is not None else {}
     model = Model.load(model_dir, backend=backend, **options)
     params = default_params(model.generation_config, think).replace(**overrides)
     if ids is not None:
@@ -143,13 +152,45 @@ def generate(model_dir, prompt, messages, ids, max_new_tokens, greedy, temperatu
 
     gen = run_generate(model, [prompt_ids], params, on_token=None if as_json else stream, stats=stats)[0]
     if as_json:
-        click.echo(json.dumps({
-            "new_ids": gen.new_ids, "text": gen.text, "finish_reason": gen.finish_reason,
-            "prompt_tokens": len(prompt_ids),
-            "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
-        }))
+        click.echo(_result_json(gen, len(prompt_ids), stats.prefill_tokens_per_s, stats.decode_tokens_per_s))
     else:
         click.echo()
+
+
+def _result_json(gen, prompt_tokens: int, prefill_tps: float, decode_tps: float, **extra) -> str:
+    """One result as `generate --json` prints it."""
+    return json.dumps({**extra, "new_ids": gen.new_ids, "text": gen.text, "finish_reason": gen.finish_reason,
+                       "prompt_tokens": prompt_tokens, "prefill_tokens_per_s": prefill_tps,
+                       "decode_tokens_per_s": decode_tps})
+
+
+def _generate_batch(model_dir, batch_file, max_batch, backend, options, as_json) -> None:
+    from dualbrain.runtime.engine import Engine
+    from dualbrain.runtime.model import Model
+    from dualbrain.runtime.requests import read_requests
+
+    if max_batch < 1:
+        raise DualbrainError("--max-batch must be positive")
+    specs = read_requests(batch_file)                 # every line checked before anything loads
+    model = Model.load(model_dir, backend=backend, **options)
+    jobs = [(spec.prompt_ids(model), spec.params(model.generation_config)) for spec in specs]
+    for spec, (ids, _) in zip(specs, jobs):
+        if len(ids) > model.max_context:
+            raise DualbrainError(f"line {spec.line}: prompt of {len(ids)} tokens is longer than the export's "
+                                 f"maximum context of {model.max_context}")
+    engine = Engine(model, max_batch=min(max_batch, len(jobs)))
+    reqs = [engine.submit(ids, params) for ids, params in jobs]
+    update, bar = progress_bar("generating")
+    with bar:
+        while not engine.idle:
+            engine.step()
+            update("requests", sum(r.done for r in reqs), len(reqs))
+    for i, r in enumerate(reqs):
+        g = r.result()
+        if as_json:
+            click.echo(_result_json(g, len(g.prompt_ids), r.prefill_tokens_per_s, r.decode_tokens_per_s, index=i))
+        else:
+            click.echo(f"--- request {i} (line {specs[i].line}, {g.finish_reason}) ---\n{g.text}")
 
 
 @main.command()

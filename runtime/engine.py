@@ -1,0 +1,352 @@
+"""The step engine: continuous batching of independent requests over one model.
+
+    engine = Engine(model, max_batch=8)
+    req = engine.submit(prompt_ids, SamplingParams(seed=1))     # from any thread
+    for token_id, delta in req: ...                             # streams; drives the engine if no thread
+    gen = req.result()                                          # the Generation
+
+`step()` is deterministic: it admits waiting requests into free rows, prefills one chunk of the request
+being prefilled (on its own one-row state, so a long prompt never stalls the running rows for more
+than a chunk), and advances every running row by one token in one batched call. A prefilled request's
+state moves into a free row (`State.insert`); a finished or cancelled one leaves its row
+(`State.evict`); the other rows are untouched (runtime/state.py keeps per-row lengths). Each request
+has its own sampling parameters, random stream, presence mask (only tokens it kept count), stop
+strings, token limit and detokenizer. `start()` runs the steps on a background thread instead (for
+servers); `async for` over a request works from asyncio code.
+
+Admission: requests wait for a free row (one prefill at a time). The batch's KV cache is `max_batch`
+rows as long as the longest running request's prompt + new tokens; with `kv_bytes`, a request that
+would make it larger waits, and one that could never fit is refused at `submit`.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from dualbrain.errors import DualbrainError
+from dualbrain.runtime.model import Model
+from dualbrain.runtime.sampling import Sampler, SamplingParams
+
+_DONE = object()
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    new_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None    # eos | stop | length | cancelled
+
+
+class Request:
+    """A submitted request: iterate it for `(token_id, text_delta)`, `result()` for the Generation."""
+
+    def __init__(self, engine: "Engine", rid: int, prompt: list[int], params: SamplingParams):
+        self.engine = engine
+        self.id = rid
+        self.params = params
+        self.generation = Generation(list(prompt))
+        self.sampler = Sampler(params, 1)
+        tok = engine.model.tokenizer if engine.model.manifest.tokenizer_files else None
+        self.decoder = tok.stream_decoder() if tok is not None else None
+        self.text = ""                       # streamed so far (stop strings are matched on it)
+        self.state = None                    # one-row prefill state until it moves into a row
+        self.fed = 0                         # prompt tokens prefilled so far
+        self.row: int | None = None
+        self.next_token: int | None = None   # sampled, not yet fed
+        self.need = len(prompt) + params.max_new_tokens
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._cancel = False
+        self.t_start = self.t_first = self.t_done = None     # prefill began, first token, finished
+
+    # ---- the caller's side ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                if self.engine.running:
+                    ev = self._events.get()
+                else:
+                    self.engine.step()
+                    continue
+            if ev is _DONE:
+                return
+            yield ev
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.running and self._events.empty():
+                await loop.run_in_executor(None, self.engine.step)
+                continue
+            ev = await loop.run_in_executor(None, self._events.get)
+            if ev is _DONE:
+                return
+            yield ev
+
+    def drain(self) -> list[tuple[int, str]]:
+        """The `(token_id, text_delta)` events so far that nobody has taken, without waiting."""
+        out = []
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                return out
+            if ev is _DONE:
+                self._events.put(_DONE)        # still there for an iterator
+                return out
+            out.append(ev)
+
+    def result(self, timeout: float | None = None) -> Generation:
+        while not self._done.is_set():
+            if self.engine.running:
+                if not self._done.wait(timeout):
+                    raise TimeoutError(f"request {self.id} still running")
+            else:
+                self.engine.step()
+        return self.generation
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed at the next step."""
+        self._cancel = True
+        self.engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        t = (self.t_first or 0) - (self.t_start or 0)
+        return len(self.generation.prompt_ids) / t if self.t_first and t > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first, over the time after the first."""
+        n = len(self.generation.new_ids) - 1
+        t = (self.t_done or 0) - (self.t_first or 0)
+        return n / t if n > 0 and self.t_done and t > 0 else 0.0
+
+    # ---- the engine's side ----------------------------------------------------------------------------
+    def _emit(self, token: int) -> None:
+        g = self.generation
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        g.new_ids.append(token)
+        delta = self.decoder.push(token) if self.decoder else ""
+        self.text += delta
+        self._events.put((token, delta))
+        p, eng = self.params, self.engine
+        span = max((len(s) for s in p.stop), default=0)
+        if token in eng.eos:
+            g.finish_reason = "eos"
+        elif delta and p.stop and any(s in self.text[-(len(delta) + span):] for s in p.stop):
+            g.finish_reason = "stop"
+        elif len(g.new_ids) >= p.max_new_tokens or len(g.prompt_ids) + len(g.new_ids) >= eng.model.max_context:
+            g.finish_reason = "length"
+
+    def _finish(self, reason: str | None = None) -> None:
+        g = self.generation
+        g.finish_reason = g.finish_reason or reason
+        tail = self.decoder.flush() if self.decoder else ""
+        if tail:
+            self._events.put((g.new_ids[-1] if g.new_ids else -1, tail))
+        if self.decoder:
+            g.text = self.engine.model.tokenizer.decode(g.new_ids, skip_special_tokens=True)
+            if g.finish_reason == "stop":
+                cut = min((g.text.find(s) for s in self.params.stop if s in g.text), default=-1)
+                g.text = g.text[:cut] if cut >= 0 else g.text
+        self.t_done = time.perf_counter()
+        self._events.put(_DONE)
+        self._done.set()
+
+
+class Engine:
+    def __init__(self, model: Model, max_batch: int = 8, *, prefill_chunk: int = 512, kv_bytes: int | None = None,
+                 capacity: int = 256):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise DualbrainError("max_batch and prefill_chunk must be positive")
+        self.model = model
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.kv_bytes = kv_bytes
+        self.eos = set(model.eos_ids)
+        # positions preallocated per row (grows by doubling); a caller that knows its requests says so
+        self.state = model.new_state(max_batch, capacity=min(model.max_context, max(1, capacity)))
+        self.rows: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.prefilling: Request | None = None
+        self.steps = 0
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # bytes of K/V one row keeps per position, over every appended state of every layer
+        self.kv_bytes_per_position = sum(
+            int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(model.np_dtype(s.dtype)).itemsize
+            for b in model.layers for s in b.state if s.append)
+
+    # ---- submitting -----------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise DualbrainError("every prompt needs at least one token")
+        self.model.check_ids(prompt)
+        if len(prompt) > self.model.max_context:
+            raise DualbrainError(f"prompt of {len(prompt)} tokens is longer than the export's maximum context "
+                                 f"of {self.model.max_context}")
+        req = Request(self, next(self._ids), prompt, params or SamplingParams())
+        if self.kv_bytes is not None and self._kv_need(req.need) > self.kv_bytes:
+            raise DualbrainError(f"request needs {self._kv_need(req.need) / 2**20:.1f} MiB of KV cache "
+                                 f"({req.need} positions x {self.max_batch} rows), the engine has "
+                                 f"{self.kv_bytes / 2**20:.1f} MiB")
+        with self._lock:
+            self.waiting.append(req)
+            self._wakeup.notify()
+        return req
+
+    def _kv_need(self, positions: int) -> int:
+        return min(positions, self.model.max_context) * self.max_batch * self.kv_bytes_per_position
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.prefilling is None and all(r is None for r in self.rows)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Decode every running row by one token, then admit and prefill one chunk (a request whose
+        prefill ends here gets its first token now and joins the decode from the next step on).
+        Returns whether it did any work."""
+        with self._step_lock:
+            self._drop_cancelled()
+            worked = self._decode()
+            self._admit()
+            worked = self._prefill_chunk() or worked
+            self.steps += 1
+            return worked
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for req in [r for r in self.waiting if r._cancel]:
+                self.waiting.remove(req)
+                req._finish("cancelled")
+        if self.prefilling is not None and self.prefilling._cancel:
+            self.prefilling._finish("cancelled")
+            self.prefilling = None
+        for row, req in enumerate(self.rows):
+            if req is not None and req._cancel:
+                self._release(row, "cancelled")
+
+    def _admit(self) -> None:
+        if self.prefilling is not None or None not in self.rows:
+            return
+        with self._lock:
+            if not self.waiting:
+                return
+            req = self.waiting[0]
+            if self.kv_bytes is not None:
+                running = [r.need for r in self.rows if r is not None]
+                if self._kv_need(max(running + [req.need])) > self.kv_bytes:
+                    return                     # waits for a running request to finish
+            self.waiting.popleft()
+        req.state = self.model.new_state(1, capacity=min(self.model.max_context, req.need))
+        req.t_start = time.perf_counter()
+        self.prefilling = req
+
+    def _prefill_chunk(self) -> bool:
+        req = self.prefilling
+        if req is None:
+            return False
+        prompt = req.generation.prompt_ids
+        chunk = prompt[req.fed:req.fed + self.prefill_chunk]
+        logits = self.model.forward(np.asarray([chunk], np.int64), req.state)
+        req.fed += len(chunk)
+        if req.fed < len(prompt):
+            return True
+        row = self.rows.index(None)
+        self.state.insert(row, req.state)
+        req.state, req.row, self.rows[row], self.prefilling = None, row, req, None
+        self._sample(req, logits)
+        return True
+
+    def _decode(self) -> bool:
+        live = [(row, req) for row, req in enumerate(self.rows) if req is not None]
+        if not live:
+            return False
+        tokens = np.zeros((self.max_batch, 1), np.int64)
+        mask = np.zeros((self.max_batch, 1), np.int64)
+        for row, req in live:
+            tokens[row, 0], mask[row, 0] = req.next_token, 1
+        logits = self.model.forward(tokens, self.state, pad=mask)
+        for row, req in live:
+            self._sample(req, logits[row:row + 1])
+        return True
+
+    def _sample(self, req: Request, logits: np.ndarray) -> None:
+        token = int(req.sampler(logits)[0])
+        req._emit(token)
+        if req.generation.finish_reason:
+            if req.row is not None:
+                self._release(req.row)
+            else:
+                req._finish()
+        else:
+            req.next_token = token
+
+    def _release(self, row: int, reason: str | None = None) -> None:
+        req = self.rows[row]
+        self.rows[row] = None
+        self.state.evict(row)
+        req._finish(reason)
+
+    # ---- running on a thread --------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        """Run steps on a background thread until `stop()` (steps whenever there is work)."""
+        if not self.running:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="dualbrain-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = None
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and self.idle:
+                    self._wakeup.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
