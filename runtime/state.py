@@ -37,6 +37,7 @@ class Step:
     mask: np.ndarray              # (batch, length + t): the attention mask over past slots and new tokens
     positions: np.ndarray         # (batch, t): position ids of the new tokens
     window: bool                  # the GDN layers must run their window variants (per-position states)
+    keep: np.ndarray              # (batch,): tokens up to each row's last real one (trailing padding dropped)
     outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)   # layer -> outputs by name
 
     @property
@@ -132,22 +133,23 @@ class State:
         # positions count only real tokens; padding gets position 0 (it is masked anyway)
         pos = self.positions[:, None] + np.cumsum(new_mask, axis=1) - 1
         pos = np.where(new_mask > 0, pos, 0).astype(np.int64)
-        return Step(new_mask, mask, pos, window)
+        return Step(new_mask, mask, pos, window, keep)
 
     def commit(self, step: Step) -> None:
         """Finish `step`: write each layer's returned state (`step.outputs[i]`, by output name)."""
-        new_mask, t = step.new_mask, step.t
-        keep = _kept(new_mask)                  # tokens up to each row's last real one
+        new_mask, t, keep = step.new_mask, step.t, step.keep
         old = self.lengths.copy()
         same = bool((old == old[0]).all())
+        whole = bool((keep == t).all())         # no row ends in padding
         rows = range(self.batch)
         if same:
             self._mask[:, old[0]:old[0] + t] = new_mask
-        for b in rows:
-            if not same:
-                self._mask[b, old[b]:old[b] + t] = new_mask[b]
-            if keep[b] < t:
-                self._mask[b, old[b] + keep[b]:old[b] + t] = 0     # trailing padding is not kept
+        if not (same and whole):
+            for b in rows:
+                if not same:
+                    self._mask[b, old[b]:old[b] + t] = new_mask[b]
+                if keep[b] < t:
+                    self._mask[b, old[b] + keep[b]:old[b] + t] = 0     # trailing padding is not kept
         for i, (blk, st) in enumerate(zip(self._blocks, self.layers)):
             out = step.outputs[i]
             for s in blk.state:
@@ -157,7 +159,7 @@ class State:
                     else:
                         for b in rows:
                             st[s.input][old[b]:old[b] + t, b] = out[s.output][:, b]
-                elif (keep == t).all():
+                elif whole:
                     st[s.input] = out[s.output]
                 else:
                     new = out[s.output].copy()
@@ -260,6 +262,8 @@ class State:
 def _kept(new_mask: np.ndarray) -> np.ndarray:
     """Per row: tokens up to and including the last real one (trailing padding is dropped)."""
     t = new_mask.shape[1]
+    if new_mask.all():
+        return np.full(new_mask.shape[0], t, np.int64)
     has = new_mask.any(axis=1)
     last = t - 1 - np.argmax(new_mask[:, ::-1] > 0, axis=1)
     return np.where(has, last + 1, 0).astype(np.int64)
