@@ -290,6 +290,67 @@ def demo(workdir, family):
         sys.exit(1)
 
 
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DualbrainError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise DualbrainError(f"{what} must list positive integers, got {text!r}")
+    return vals
+
+
+@main.command()
+@click.argument("export", type=click.Path(path_type=Path), required=False)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The export's checkpoint: enables the peers that start from it (transformers eager, "
+                   "onnxruntime-genai through its own model builder, when installed).")
+@click.option("--prefill", "prefill_lengths", default="64,512,2048", show_default=True,
+              help="Prompt lengths to time prefill at (longer than the export's context are skipped).")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes to time decode at.")
+@click.option("--new-tokens", type=int, default=200, show_default=True, help="Decode steps per run.")
+@click.option("--runs", type=int, default=3, show_default=True, help="Runs per figure (the median is reported).")
+@click.option("--no-peers", is_flag=True, help="Only dualbrain.")
+@click.option("--llama-bench", type=click.Path(path_type=Path), default=None,
+              help="llama.cpp's llama-bench binary (default: llama-bench on PATH, when --gguf is given).")
+@click.option("--gguf", type=click.Path(path_type=Path), default=None,
+              help="A GGUF of the same checkpoint for llama-bench (convert it with llama.cpp's converter).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, output,
+          as_json):
+    """Time an export's prefill and decode beside the peers, in one run, after checking their tokens.
+
+    \b
+    Prefill tok/s at each --prefill length, decode tok/s over --new-tokens at each --batch, ms/token
+    P50/P95, peak RSS per engine (each runs in its own process), the export's size, and the roofline:
+    the bytes one decode token must read over the bandwidth of a large fp32 matrix-vector product
+    measured in the same run. Engines whose greedy tokens differ from dualbrain's are flagged.
+    """
+    from dualbrain.bench import BenchConfig, print_report
+    from dualbrain.bench import bench as run_bench
+
+    if export is None:
+        raise DualbrainError("give the export to benchmark: dualbrain bench OUT [--checkpoint CKPT]")
+    if new_tokens < 2 or runs < 1:
+        raise DualbrainError("--new-tokens must be at least 2 and --runs at least 1")
+    if gguf is not None and not Path(gguf).is_file():
+        raise DualbrainError(f"--gguf {gguf}: no such file")
+    cfg = BenchConfig(prefill=_ints(prefill_lengths, "--prefill"), batches=_ints(batches, "--batch"),
+                      new_tokens=new_tokens, runs=runs)
+    update, bar = progress_bar("benchmarking")
+    with bar:
+        report = run_bench(export, checkpoint, cfg=cfg, peers=not no_peers,
+                           llama=str(llama_bench) if llama_bench else None, gguf=gguf, progress=update)
+    text = json.dumps(report, indent=1)
+    if output is not None:
+        Path(output).write_text(text + "\n", encoding="utf-8")
+    if as_json:
+        click.echo(text)
+    else:
+        print_report(report)
+
+
 def _register_build() -> None:
     from dualbrain.recipes.cli import build
 

@@ -171,15 +171,30 @@ class Request:
         self._done.set()
 
 
+class PlainDecode:
+    """The plain mode's step: every running row advances by one token, all in one batched call.
+    (The solver modes bring their own: draft and verify, or two models in lockstep.)"""
+
+    def decode(self, engine: "Engine", live: list[tuple[int, Request]]) -> None:
+        tokens = np.zeros((engine.max_batch, 1), np.int64)
+        mask = np.zeros((engine.max_batch, 1), np.int64)
+        for row, req in live:
+            tokens[row, 0], mask[row, 0] = req.next_token, 1
+        logits = engine.model.forward(tokens, engine.state, pad=mask)
+        for row, req in live:
+            engine.sample(req, logits[row:row + 1])
+
+
 class Engine:
     def __init__(self, model: Model, max_batch: int = 8, *, prefill_chunk: int = 512, kv_bytes: int | None = None,
-                 capacity: int = 256):
+                 capacity: int = 256, mode: PlainDecode | None = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise DualbrainError("max_batch and prefill_chunk must be positive")
         self.model = model
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.kv_bytes = kv_bytes
+        self.mode = mode or PlainDecode()
         self.eos = set(model.eos_ids)
         # positions preallocated per row (grows by doubling); a caller that knows its requests says so
         self.state = model.new_state(max_batch, capacity=min(model.max_context, max(1, capacity)))
@@ -278,23 +293,18 @@ class Engine:
         row = self.rows.index(None)
         self.state.insert(row, req.state)
         req.state, req.row, self.rows[row], self.prefilling = None, row, req, None
-        self._sample(req, logits)
+        self.sample(req, logits)
         return True
 
     def _decode(self) -> bool:
         live = [(row, req) for row, req in enumerate(self.rows) if req is not None]
         if not live:
             return False
-        tokens = np.zeros((self.max_batch, 1), np.int64)
-        mask = np.zeros((self.max_batch, 1), np.int64)
-        for row, req in live:
-            tokens[row, 0], mask[row, 0] = req.next_token, 1
-        logits = self.model.forward(tokens, self.state, pad=mask)
-        for row, req in live:
-            self._sample(req, logits[row:row + 1])
+        self.mode.decode(self, live)
         return True
 
-    def _sample(self, req: Request, logits: np.ndarray) -> None:
+    def sample(self, req: Request, logits: np.ndarray) -> None:
+        """Choose `req`'s next token from `logits` (1, V) with its own sampler; emit it, finish if done."""
         token = int(req.sampler(logits)[0])
         req._emit(token)
         if req.generation.finish_reason:

@@ -1,0 +1,353 @@
+"""`dualbrain bench`: speed of an export beside the engines a user would pick instead, in one run.
+
+Each engine runs in its own process (so peak RSS is its own), behind one runner interface:
+`run(prompt, config) -> {greedy_ids, prefill: {length: tok/s}, decode: {batch: {tok_s, p50_ms, p95_ms}},
+peak_rss_mib}`. Runners: dualbrain (ONNX Runtime, the export), transformers eager (needs the
+checkpoint), onnxruntime-genai (its own model builder on the checkpoint, when installed) and llama.cpp's
+`llama-bench` (on a GGUF the user converted; it prints no tokens, so its tokens are not checked).
+Every figure is the median of `runs` runs. Greedy tokens are compared with dualbrain's before any
+speed is reported. The roofline is the bytes a decode step must read (the weights one token touches:
+all of them but the experts, of which top-k) over the bandwidth of a large fp32 matrix-vector product
+measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualbrain.errors import DualbrainError
+
+CHECK_TOKENS = 32        # greedy tokens compared between engines
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prefill: tuple[int, ...] = (64, 512, 2048)
+    batches: tuple[int, ...] = (1, 8)
+    new_tokens: int = 200
+    prompt_len: int = 64
+    runs: int = 3
+
+
+def _ms_percentiles(times: list[float]) -> tuple[float, float]:
+    a = np.asarray(times) * 1000
+    return float(np.percentile(a, 50)), float(np.percentile(a, 95))
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, min(vocab, 1000), length).tolist() for _ in range(n)]
+
+
+# ---- runners (each runs inside its own worker process) ------------------------------------------
+
+def run_dualbrain(export: str, ckpt: str | None, cfg: BenchConfig, workdir: str) -> dict:
+    from dualbrain.runtime.generate import decode_one, prefill
+    from dualbrain.runtime.model import Model
+
+    model = Model.load(export)
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    for length in cfg.prefill:
+        if length > model.max_context:
+            continue
+        ids = np.asarray(_prompts(model.vocab_size, 1, length, seed=length))
+        times = []
+        for _ in range(cfg.runs + 1):            # the first run warms up
+            st = model.new_state(1, capacity=length + 1)
+            t = time.perf_counter()
+            model.forward(ids, st)
+            times.append(time.perf_counter() - t)
+        out["prefill"][length] = length / statistics.median(times[1:])
+    for batch in cfg.batches:
+        prompts = _prompts(model.vocab_size, batch, cfg.prompt_len)
+        rates, steps = [], []
+        for r in range(cfg.runs + 1):
+            state, logits = prefill(model, prompts, new_tokens=cfg.new_tokens)
+            ids, step_times = [], []
+            for _ in range(cfg.new_tokens):
+                tok = logits.argmax(-1)
+                ids.append(int(tok[0]))
+                t = time.perf_counter()
+                logits = decode_one(model, state, tok)
+                step_times.append(time.perf_counter() - t)
+            if r:
+                rates.append(batch * cfg.new_tokens / sum(step_times))
+                steps += step_times
+            if batch == cfg.batches[0]:
+                out["greedy_ids"] = ids[:CHECK_TOKENS]
+        p50, p95 = _ms_percentiles(steps)
+        out["decode"][batch] = {"tok_s": statistics.median(rates), "p50_ms": p50, "p95_ms": p95}
+    return out
+
+
+def run_transformers(export: str, ckpt: str | None, cfg: BenchConfig, workdir: str) -> dict:
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    vocab = model.config.get_text_config().vocab_size
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    with torch.no_grad():
+        for length in cfg.prefill:
+            ids = torch.tensor(_prompts(vocab, 1, length, seed=length))
+            times = []
+            for _ in range(cfg.runs + 1):
+                t = time.perf_counter()
+                model(input_ids=ids, use_cache=True)
+                times.append(time.perf_counter() - t)
+            out["prefill"][length] = length / statistics.median(times[1:])
+        for batch in cfg.batches:
+            prompts = torch.tensor(_prompts(vocab, batch, cfg.prompt_len))
+            rates, steps = [], []
+            for r in range(cfg.runs + 1):
+                res = model(input_ids=prompts, use_cache=True)
+                cache, logits = res.past_key_values, res.logits[:, -1]
+                ids, step_times = [], []
+                for _ in range(cfg.new_tokens):
+                    tok = logits.argmax(-1, keepdim=True)
+                    ids.append(int(tok[0, 0]))
+                    t = time.perf_counter()
+                    res = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    step_times.append(time.perf_counter() - t)
+                    cache, logits = res.past_key_values, res.logits[:, -1]
+                if r:
+                    rates.append(batch * cfg.new_tokens / sum(step_times))
+                    steps += step_times
+                if batch == cfg.batches[0]:
+                    out["greedy_ids"] = ids[:CHECK_TOKENS]
+            p50, p95 = _ms_percentiles(steps)
+            out["decode"][batch] = {"tok_s": statistics.median(rates), "p50_ms": p50, "p95_ms": p95}
+    return out
+
+
+def run_onnxruntime_genai(export: str, ckpt: str | None, cfg: BenchConfig, workdir: str) -> dict:
+    import onnxruntime_genai as og
+
+    built = Path(workdir) / "onnxruntime-genai"
+    if not (built / "genai_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", ckpt, "-o", str(built),
+                        "-p", "fp32", "-e", "cpu", "-c", str(Path(workdir) / "onnxruntime-genai-cache")],
+                       check=True, capture_output=True)
+    model = og.Model(str(built))
+    vocab = json.loads((Path(ckpt) / "config.json").read_text())
+    vocab = (vocab.get("text_config") or vocab)["vocab_size"]
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+
+    def generator(batch: int, max_length: int):
+        p = og.GeneratorParams(model)
+        p.set_search_options(max_length=max_length, do_sample=False, batch_size=batch)
+        return og.Generator(model, p)
+
+    for length in cfg.prefill:
+        ids = np.asarray(_prompts(vocab, 1, length, seed=length), np.int32)
+        times = []
+        for _ in range(cfg.runs + 1):
+            g = generator(1, length + 2)
+            t = time.perf_counter()
+            g.append_tokens(ids)
+            g.generate_next_token()
+            times.append(time.perf_counter() - t)
+        out["prefill"][length] = length / statistics.median(times[1:])
+    for batch in cfg.batches:
+        prompts = np.asarray(_prompts(vocab, batch, cfg.prompt_len), np.int32)
+        rates, steps = [], []
+        for r in range(cfg.runs + 1):
+            g = generator(batch, cfg.prompt_len + cfg.new_tokens + 1)
+            g.append_tokens(prompts)
+            g.generate_next_token()                       # the first token comes from the prefill
+            ids, step_times = [int(g.get_next_tokens()[0])], []
+            for _ in range(cfg.new_tokens - 1):
+                t = time.perf_counter()
+                g.generate_next_token()
+                step_times.append(time.perf_counter() - t)
+                ids.append(int(g.get_next_tokens()[0]))
+            if r:
+                rates.append(batch * len(step_times) / sum(step_times))
+                steps += step_times
+            if batch == cfg.batches[0]:
+                out["greedy_ids"] = ids[:CHECK_TOKENS]
+        p50, p95 = _ms_percentiles(steps)
+        out["decode"][batch] = {"tok_s": statistics.median(rates), "p50_ms": p50, "p95_ms": p95}
+    return out
+
+
+RUNNERS = {"dualbrain": run_dualbrain, "transformers": run_transformers, "onnxruntime-genai": run_onnxruntime_genai}
+
+
+def _worker(name: str, export: str, ckpt: str | None, cfg: dict, workdir: str) -> None:
+    res = RUNNERS[name](export, ckpt, BenchConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in cfg.items()}), workdir)
+    res["peak_rss_mib"] = _peak_rss_mib()
+    print("RESULT " + json.dumps(res))
+
+
+# ---- the parent ---------------------------------------------------------------------------------
+
+@dataclass
+class EngineResult:
+    name: str
+    ok: bool
+    note: str = ""
+    tokens_match: bool | None = None
+    result: dict = field(default_factory=dict)
+
+
+def _run_worker(name: str, export: Path, ckpt: Path | None, cfg: BenchConfig, workdir: Path) -> EngineResult:
+    proc = subprocess.run([sys.executable, "-m", "dualbrain.bench", name, str(export), str(ckpt or ""),
+                           json.dumps(asdict(cfg)), str(workdir)], capture_output=True, text=True)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return EngineResult(name, False, f"failed: {tail[:200]}")
+    res = json.loads(line[len("RESULT "):])
+    res["prefill"] = {int(k): v for k, v in res["prefill"].items()}
+    res["decode"] = {int(k): v for k, v in res["decode"].items()}
+    return EngineResult(name, True, result=res)
+
+
+def gemv_bandwidth(seconds: float = 1.0) -> float:
+    """Bytes/s of a 256 MiB fp32 matrix-vector product (numpy), best of several."""
+    a = np.random.default_rng(0).standard_normal((4096, 16384), dtype=np.float32)
+    x = np.ones(16384, np.float32)
+    best, t_end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ x
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def decode_bytes(export: Path) -> int:
+    """Bytes of weights one decode token reads: every weight but the experts, and top-k of those."""
+    from dualbrain.exporter.checkpoint import expected_layer_shapes
+    from dualbrain.runtime.dtypes import dtype
+    from dualbrain.runtime.manifest import load_manifest
+
+    man = load_manifest(export)
+    s = man.model
+    n = s.hidden_size + s.hidden_size + s.vocab_size * s.hidden_size        # embedding row, final norm, head
+    for i in range(s.num_layers):
+        for name, shape in expected_layer_shapes(s, i).items():
+            p = math.prod(shape)
+            n += p * s.num_experts_per_tok // s.num_experts if ".experts." in name else p
+    return n * dtype(man.dtype).itemsize
+
+
+def llama_bench(binary: str, gguf: Path, cfg: BenchConfig) -> EngineResult:
+    proc = subprocess.run([binary, "-m", str(gguf), "-p", ",".join(map(str, cfg.prefill)), "-n", str(cfg.new_tokens),
+                           "-t", str(os.cpu_count() or 1), "-r", str(cfg.runs), "-o", "json"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return EngineResult("llama.cpp", False, f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+    rows = json.loads(proc.stdout)
+    res: dict[str, Any] = {"prefill": {}, "decode": {}}
+    for r in rows:
+        if r.get("n_prompt"):
+            res["prefill"][int(r["n_prompt"])] = float(r["avg_ts"])
+        elif r.get("n_gen"):
+            res["decode"][1] = {"tok_s": float(r["avg_ts"]), "p50_ms": 1000 / float(r["avg_ts"]), "p95_ms": None}
+    return EngineResult("llama.cpp", True, "tokens not checked (llama-bench prints none)", result=res)
+
+
+def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: BenchConfig = BenchConfig(),
+          peers: bool = True, llama: str | None = None, gguf: str | Path | None = None,
+          workdir: str | Path | None = None, progress=None) -> dict:
+    """Run every available engine; returns the report (what `--json` writes)."""
+    from dualbrain.runtime.manifest import load_manifest
+
+    export = Path(export)
+    man = load_manifest(export)
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and not (ckpt / "config.json").is_file():
+        raise DualbrainError(f"--checkpoint {ckpt}: no config.json there")
+    work = Path(workdir) if workdir else export.parent / f"{export.name}.bench"
+    work.mkdir(parents=True, exist_ok=True)
+    names = ["dualbrain"]
+    if peers and ckpt is not None:
+        names.append("transformers")
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime_genai") is not None:
+            names.append("onnxruntime-genai")
+    results = []
+    for i, name in enumerate(names):
+        if progress:
+            progress(name, i, len(names) + (llama is not None))
+        results.append(_run_worker(name, export, ckpt, cfg, work))
+    llama = llama or (shutil.which("llama-bench") if gguf else None)
+    if llama and gguf:
+        if progress:
+            progress("llama.cpp", len(names), len(names) + 1)
+        results.append(llama_bench(llama, Path(gguf), cfg))
+    ours = results[0].result.get("greedy_ids") if results[0].ok else None
+    for r in results[1:]:
+        if r.ok and "greedy_ids" in r.result and ours is not None:
+            r.tokens_match = r.result["greedy_ids"] == ours
+            if not r.tokens_match:
+                r.note = "greedy tokens differ from dualbrain's: speed not comparable"
+    bw = gemv_bandwidth()
+    step_bytes = decode_bytes(export)
+    size = sum(info.get("size", 0) for info in man.files.values())
+    return {
+        "export": str(export), "checkpoint": str(ckpt) if ckpt else None, "dtype": man.dtype, "size_bytes": size,
+        "config": asdict(cfg), "gemv_bytes_per_s": bw, "decode_bytes_per_token": step_bytes,
+        "roofline_decode_tok_s": bw / step_bytes,
+        "engines": [{"name": r.name, "ok": r.ok, "note": r.note, "tokens_match": r.tokens_match, **r.result}
+                    for r in results],
+    }
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = report["config"]
+    t = Table(title=f"{report['export']} ({report['dtype']}, {report['size_bytes'] / 2**30:.2f} GiB)")
+    t.add_column("engine")
+    for n in cfg["prefill"]:
+        t.add_column(f"prefill {n}\ntok/s", justify="right")
+    for b in cfg["batches"]:
+        t.add_column(f"decode b{b}\ntok/s", justify="right")
+        t.add_column(f"b{b} ms/token\nP50 / P95", justify="right")
+    t.add_column("peak RSS\nMiB", justify="right")
+    t.add_column("tokens")
+    for e in report["engines"]:
+        if not e["ok"]:
+            t.add_row(e["name"], *[""] * (len(cfg["prefill"]) + 2 * len(cfg["batches"]) + 1), e["note"])
+            continue
+        row = [e["name"]]
+        row += [f"{e['prefill'][n]:.0f}" if n in e["prefill"] else "" for n in cfg["prefill"]]
+        for b in cfg["batches"]:
+            d = e["decode"].get(b)
+            row += [f"{d['tok_s']:.1f}", f"{d['p50_ms']:.1f} / {d['p95_ms']:.1f}" if d["p95_ms"] else
+                    f"{d['p50_ms']:.1f}"] if d else ["", ""]
+        row.append(f"{e['peak_rss_mib']:.0f}" if e.get("peak_rss_mib") else "")
+        row.append({None: "reference" if e["name"] == "dualbrain" else "-", True: "same", False: "DIFFERENT"}
+                   [e["tokens_match"]] + (f" ({e['note']})" if e["note"] and e["tokens_match"] is not False else ""))
+        t.add_row(*row)
+    Console().print(t)
+    print(f"roofline: {report['decode_bytes_per_token'] / 2**20:.0f} MiB read per decode token at "
+          f"{report['gemv_bytes_per_s'] / 1e9:.1f} GB/s (fp32 GEMV, this run) = "
+          f"{report['roofline_decode_tok_s']:.1f} tok/s at batch 1")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3] or None, json.loads(sys.argv[4]), sys.argv[5])

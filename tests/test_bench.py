@@ -1,0 +1,78 @@
+"""`dualbrain bench` on a tiny export: every engine that runs reports its figures, and the peers'
+greedy tokens are checked against ours before their speed is shown. (Speeds themselves are never
+asserted: the numbers live in README / RESULTS.md with the command that produced them.)"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+
+from dualbrain.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def moe(artifacts):
+    ckpt = artifacts.checkpoint("moe", "conditional")
+    return ckpt, artifacts.export(ckpt)
+
+
+def test_bench_with_peers(moe, tmp_path):
+    ckpt, out = moe
+    report_file = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", str(out), "--checkpoint", str(ckpt), "--prefill", "8,33",
+                                    "--batch", "1,2", "--new-tokens", "5", "--runs", "1", "-o", str(report_file),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(report_file.read_text())
+    assert json.loads(res.output[res.output.index("{"):]) == report
+    engines = {e["name"]: e for e in report["engines"]}
+    want = {"dualbrain", "transformers"} | ({"onnxruntime-genai"} if importlib.util.find_spec("onnxruntime_genai")
+                                            else set())
+    assert set(engines) == want and all(e["ok"] for e in engines.values()), engines
+    for name, e in engines.items():
+        assert set(e["prefill"]) == {"8", "33"} and all(v > 0 for v in e["prefill"].values())
+        assert set(e["decode"]) == {"1", "2"}
+        assert all(d["tok_s"] > 0 and 0 < d["p50_ms"] <= d["p95_ms"] for d in e["decode"].values())
+        assert e["peak_rss_mib"] > 0 and len(e["greedy_ids"]) == 5
+        assert e["tokens_match"] is (None if name == "dualbrain" else True)
+    assert report["roofline_decode_tok_s"] > 0 and report["size_bytes"] > 0
+
+
+def test_decode_bytes_counts_the_weights_one_token_reads(moe):
+    """Independent count from the checkpoint's own safetensors header: every language-model weight,
+    less the embedding table but one row, with only top-k / E of each expert tensor."""
+    from dualbrain.bench import decode_bytes
+    from dualbrain.exporter.checkpoint import read_header
+    from dualbrain.runtime.spec import ModelSpec
+
+    ckpt, out = moe
+    spec = ModelSpec.from_dir(ckpt)
+    total = 0.0
+    for f in ckpt.glob("*.safetensors"):
+        for name, info in read_header(f).items():
+            if not (name.startswith(spec.weight_prefix) or name == "lm_head.weight"):
+                continue
+            n = math.prod(info["shape"])
+            if name.endswith("embed_tokens.weight"):
+                n = spec.hidden_size
+            elif ".mlp.experts." in name:
+                n = n * spec.num_experts_per_tok / spec.num_experts
+            total += n
+    assert decode_bytes(out) == int(total) * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give the export to benchmark"),
+    (["{out}", "--prefill", "8,x"], "--prefill must be comma-separated integers"),
+    (["{out}", "--batch", "0"], "--batch must list positive integers"),
+    (["{out}", "--checkpoint", "{tmp}"], "no config.json there"),
+])
+def test_bench_bad_arguments(moe, tmp_path, args, message):
+    _, out = moe
+    res = CliRunner().invoke(main, ["bench", *[a.format(out=out, tmp=tmp_path) for a in args]])
+    assert res.exit_code == 2 and message in res.output, res.output
