@@ -1,8 +1,7 @@
 """`dualbrain bench`: speed of an export beside the engines a user would pick instead, in one run.
 
-Each engine runs in its own process (so peak RSS is its own), behind one runner interface:
-`run(prompt, config) -> {greedy_ids, prefill: {length: tok/s}, decode: {batch: {tok_s, p50_ms, p95_ms}},
-peak_rss_mib}`. Runners: dualbrain (ONNX Runtime, the export), transformers eager (needs the
+Each engine runs in its own process (so peak RSS is its own), behind one runner interface (below),
+measured by one driver (`measure`). Runners: dualbrain (ONNX Runtime, the export), transformers eager (needs the
 checkpoint), onnxruntime-genai (its own model builder on the checkpoint, when installed) and llama.cpp's
 `llama-bench` (on a GGUF the user converted; it prints no tokens, so its tokens are not checked).
 Every figure is the median of `runs` runs. Greedy tokens are compared with dualbrain's before any
@@ -56,129 +55,125 @@ def _prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 
 # ---- runners (each runs inside its own worker process) ------------------------------------------
+# A runner has `vocab`, `max_context`, `time_prefill(ids) -> seconds` (one prompt, from scratch) and
+# `decode(prompts, n) -> (row 0's n greedy ids, the times of the n - 1 steps after the first token)`.
 
-def run_dualbrain(export: str, ckpt: str | None, cfg: BenchConfig, workdir: str) -> dict:
-    from dualbrain.runtime.generate import decode_one, prefill
-    from dualbrain.runtime.model import Model
+class DualbrainRunner:
+    def __init__(self, export: str, ckpt: str | None, workdir: str):
+        from dualbrain.runtime.model import Model
 
-    model = Model.load(export)
-    out: dict[str, Any] = {"prefill": {}, "decode": {}}
-    for length in cfg.prefill:
-        if length > model.max_context:
-            continue
-        ids = np.asarray(_prompts(model.vocab_size, 1, length, seed=length))
-        times = []
-        for _ in range(cfg.runs + 1):            # the first run warms up
-            st = model.new_state(1, capacity=length + 1)
+        self.model = Model.load(export)
+        self.vocab, self.max_context = self.model.vocab_size, self.model.max_context
+
+    def time_prefill(self, ids: list[int]) -> float:
+        st = self.model.new_state(1, capacity=len(ids) + 1)
+        t = time.perf_counter()
+        self.model.forward(np.asarray([ids]), st)
+        return time.perf_counter() - t
+
+    def decode(self, prompts: list[list[int]], n: int) -> tuple[list[int], list[float]]:
+        from dualbrain.runtime.generate import decode_one, prefill
+
+        state, logits = prefill(self.model, prompts, new_tokens=n)
+        return _greedy_loop(lambda: logits.argmax(-1), n, lambda tok: decode_one(self.model, state, tok))
+
+
+class TransformersRunner:
+    def __init__(self, export: str, ckpt: str | None, workdir: str):
+        import torch
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        text = self.model.config.get_text_config()
+        self.vocab, self.max_context = text.vocab_size, text.max_position_embeddings
+
+    def time_prefill(self, ids: list[int]) -> float:
+        with self.torch.no_grad():
             t = time.perf_counter()
-            model.forward(ids, st)
-            times.append(time.perf_counter() - t)
-        out["prefill"][length] = length / statistics.median(times[1:])
-    for batch in cfg.batches:
-        prompts = _prompts(model.vocab_size, batch, cfg.prompt_len)
-        rates, steps = [], []
-        for r in range(cfg.runs + 1):
-            state, logits = prefill(model, prompts, new_tokens=cfg.new_tokens)
-            ids, step_times = [], []
-            for _ in range(cfg.new_tokens):
-                tok = logits.argmax(-1)
-                ids.append(int(tok[0]))
-                t = time.perf_counter()
-                logits = decode_one(model, state, tok)
-                step_times.append(time.perf_counter() - t)
-            if r:
-                rates.append(batch * cfg.new_tokens / sum(step_times))
-                steps += step_times
-            if batch == cfg.batches[0]:
-                out["greedy_ids"] = ids[:CHECK_TOKENS]
-        p50, p95 = _ms_percentiles(steps)
-        out["decode"][batch] = {"tok_s": statistics.median(rates), "p50_ms": p50, "p95_ms": p95}
-    return out
+            self.model(input_ids=self.torch.tensor([ids]), use_cache=True)
+            return time.perf_counter() - t
+
+    def decode(self, prompts: list[list[int]], n: int) -> tuple[list[int], list[float]]:
+        torch = self.torch
+        with torch.no_grad():
+            res = self.model(input_ids=torch.tensor(prompts), use_cache=True)
+            box = {"cache": res.past_key_values, "logits": res.logits[:, -1]}
+
+            def step(tok):
+                r = self.model(input_ids=torch.as_tensor(tok)[:, None], past_key_values=box["cache"], use_cache=True)
+                box["cache"], box["logits"] = r.past_key_values, r.logits[:, -1]
+                return box["logits"]
+            return _greedy_loop(lambda: box["logits"].argmax(-1).numpy(), n, lambda tok: step(tok).argmax(-1).numpy(),
+                                step_returns_tokens=True)
 
 
-def run_transformers(export: str, ckpt: str | None, cfg: BenchConfig, workdir: str) -> dict:
-    import torch
-    import transformers
+class OnnxruntimeGenaiRunner:
+    def __init__(self, export: str, ckpt: str | None, workdir: str):
+        import onnxruntime_genai as og
 
-    transformers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    vocab = model.config.get_text_config().vocab_size
-    out: dict[str, Any] = {"prefill": {}, "decode": {}}
-    with torch.no_grad():
-        for length in cfg.prefill:
-            ids = torch.tensor(_prompts(vocab, 1, length, seed=length))
-            times = []
-            for _ in range(cfg.runs + 1):
-                t = time.perf_counter()
-                model(input_ids=ids, use_cache=True)
-                times.append(time.perf_counter() - t)
-            out["prefill"][length] = length / statistics.median(times[1:])
-        for batch in cfg.batches:
-            prompts = torch.tensor(_prompts(vocab, batch, cfg.prompt_len))
-            rates, steps = [], []
-            for r in range(cfg.runs + 1):
-                res = model(input_ids=prompts, use_cache=True)
-                cache, logits = res.past_key_values, res.logits[:, -1]
-                ids, step_times = [], []
-                for _ in range(cfg.new_tokens):
-                    tok = logits.argmax(-1, keepdim=True)
-                    ids.append(int(tok[0, 0]))
-                    t = time.perf_counter()
-                    res = model(input_ids=tok, past_key_values=cache, use_cache=True)
-                    step_times.append(time.perf_counter() - t)
-                    cache, logits = res.past_key_values, res.logits[:, -1]
-                if r:
-                    rates.append(batch * cfg.new_tokens / sum(step_times))
-                    steps += step_times
-                if batch == cfg.batches[0]:
-                    out["greedy_ids"] = ids[:CHECK_TOKENS]
-            p50, p95 = _ms_percentiles(steps)
-            out["decode"][batch] = {"tok_s": statistics.median(rates), "p50_ms": p50, "p95_ms": p95}
-    return out
+        built = Path(workdir) / "onnxruntime-genai"
+        if not (built / "genai_config.json").is_file():
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", ckpt, "-o", str(built),
+                            "-p", "fp32", "-e", "cpu", "-c", str(Path(workdir) / "onnxruntime-genai-cache")],
+                           check=True, capture_output=True)
+        self.og, self.model = og, og.Model(str(built))
+        cfg = json.loads((Path(ckpt) / "config.json").read_text())
+        text = cfg.get("text_config") or cfg
+        self.vocab, self.max_context = text["vocab_size"], text.get("max_position_embeddings", 4096)
 
-
-def run_onnxruntime_genai(export: str, ckpt: str | None, cfg: BenchConfig, workdir: str) -> dict:
-    import onnxruntime_genai as og
-
-    built = Path(workdir) / "onnxruntime-genai"
-    if not (built / "genai_config.json").is_file():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", ckpt, "-o", str(built),
-                        "-p", "fp32", "-e", "cpu", "-c", str(Path(workdir) / "onnxruntime-genai-cache")],
-                       check=True, capture_output=True)
-    model = og.Model(str(built))
-    vocab = json.loads((Path(ckpt) / "config.json").read_text())
-    vocab = (vocab.get("text_config") or vocab)["vocab_size"]
-    out: dict[str, Any] = {"prefill": {}, "decode": {}}
-
-    def generator(batch: int, max_length: int):
-        p = og.GeneratorParams(model)
+    def _generator(self, batch: int, max_length: int):
+        p = self.og.GeneratorParams(self.model)
         p.set_search_options(max_length=max_length, do_sample=False, batch_size=batch)
-        return og.Generator(model, p)
+        return self.og.Generator(self.model, p)
 
-    for length in cfg.prefill:
-        ids = np.asarray(_prompts(vocab, 1, length, seed=length), np.int32)
-        times = []
-        for _ in range(cfg.runs + 1):
-            g = generator(1, length + 2)
-            t = time.perf_counter()
-            g.append_tokens(ids)
+    def time_prefill(self, ids: list[int]) -> float:
+        g = self._generator(1, len(ids) + 2)
+        t = time.perf_counter()
+        g.append_tokens(np.asarray([ids], np.int32))
+        g.generate_next_token()
+        return time.perf_counter() - t
+
+    def decode(self, prompts: list[list[int]], n: int) -> tuple[list[int], list[float]]:
+        g = self._generator(len(prompts), len(prompts[0]) + n + 1)
+        g.append_tokens(np.asarray(prompts, np.int32))
+        g.generate_next_token()                      # the first token comes from the prefill
+
+        def step(tok):
             g.generate_next_token()
-            times.append(time.perf_counter() - t)
-        out["prefill"][length] = length / statistics.median(times[1:])
+            return g.get_next_tokens()
+        return _greedy_loop(lambda: g.get_next_tokens(), n, step, step_returns_tokens=True)
+
+
+def _greedy_loop(first, n: int, step, *, step_returns_tokens: bool = False) -> tuple[list[int], list[float]]:
+    """n greedy tokens: the first from `first()`, each next from a timed `step(tokens)` (which returns
+    logits, or the next tokens with `step_returns_tokens`)."""
+    tok = np.asarray(first())
+    ids, times = [int(tok[0])], []
+    while len(ids) < n:
+        t = time.perf_counter()
+        out = step(tok)
+        times.append(time.perf_counter() - t)
+        tok = np.asarray(out) if step_returns_tokens else np.asarray(out).argmax(-1)
+        ids.append(int(tok[0]))
+    return ids, times
+
+
+def measure(runner, cfg: BenchConfig) -> dict:
+    """The figures of one runner: medians over `cfg.runs` runs, after one warm-up run each."""
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    for length in cfg.prefill:
+        if length > runner.max_context:
+            continue
+        ids = _prompts(runner.vocab, 1, length, seed=length)[0]
+        times = [runner.time_prefill(ids) for _ in range(cfg.runs + 1)][1:]
+        out["prefill"][length] = length / statistics.median(times)
     for batch in cfg.batches:
-        prompts = np.asarray(_prompts(vocab, batch, cfg.prompt_len), np.int32)
+        prompts = _prompts(runner.vocab, batch, cfg.prompt_len)
         rates, steps = [], []
         for r in range(cfg.runs + 1):
-            g = generator(batch, cfg.prompt_len + cfg.new_tokens + 1)
-            g.append_tokens(prompts)
-            g.generate_next_token()                       # the first token comes from the prefill
-            ids, step_times = [int(g.get_next_tokens()[0])], []
-            for _ in range(cfg.new_tokens - 1):
-                t = time.perf_counter()
-                g.generate_next_token()
-                step_times.append(time.perf_counter() - t)
-                ids.append(int(g.get_next_tokens()[0]))
+            ids, step_times = runner.decode(prompts, cfg.new_tokens)
             if r:
                 rates.append(batch * len(step_times) / sum(step_times))
                 steps += step_times
@@ -189,12 +184,13 @@ def run_onnxruntime_genai(export: str, ckpt: str | None, cfg: BenchConfig, workd
     return out
 
 
-RUNNERS = {"dualbrain": run_dualbrain, "transformers": run_transformers, "onnxruntime-genai": run_onnxruntime_genai}
+RUNNERS = {"dualbrain": DualbrainRunner, "transformers": TransformersRunner,
+           "onnxruntime-genai": OnnxruntimeGenaiRunner}
 
 
 def _worker(name: str, export: str, ckpt: str | None, cfg: dict, workdir: str) -> None:
-    res = RUNNERS[name](export, ckpt, BenchConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in cfg.items()}), workdir)
+    runner = RUNNERS[name](export, ckpt, workdir)
+    res = measure(runner, BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
     res["peak_rss_mib"] = _peak_rss_mib()
     print("RESULT " + json.dumps(res))
 
