@@ -13,6 +13,7 @@ import click
 
 from dualbrain.console import progress_bar
 from dualbrain.errors import DualbrainError
+from dualbrain.exporter.tiny import PRESETS as TINY_PRESETS
 from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES
 
 
@@ -173,13 +174,14 @@ def _generate_batch(model_dir, batch_file, max_batch, backend, options, as_json)
         raise DualbrainError("--max-batch must be positive")
     specs = read_requests(batch_file)                 # every line checked before anything loads
     model = Model.load(model_dir, backend=backend, **options)
-    jobs = [(spec.prompt_ids(model), spec.params(model.generation_config)) for spec in specs]
-    for spec, (ids, _) in zip(specs, jobs):
-        if len(ids) > model.max_context:
-            raise DualbrainError(f"line {spec.line}: prompt of {len(ids)} tokens is longer than the export's "
-                                 f"maximum context of {model.max_context}")
-    engine = Engine(model, max_batch=min(max_batch, len(jobs)))
-    reqs = [engine.submit(ids, params) for ids, params in jobs]
+    engine = Engine(model, max_batch=min(max_batch, len(specs)))
+    reqs = []
+    for spec in specs:            # every request is checked (ids, length) before the engine takes a step
+        ids, params = spec.prompt_ids(model), spec.params(model.generation_config)
+        try:
+            reqs.append(engine.submit(ids, params))
+        except DualbrainError as e:
+            raise DualbrainError(f"line {spec.line}: {e}") from None
     update, bar = progress_bar("generating")
     with bar:
         while not engine.idle:
@@ -239,7 +241,7 @@ def diff(checkpoint, model_dir, tolerance, prompt_len, engines, as_json):
 @click.option("--dtype", type=click.Choice(FLOAT_DTYPES), default="float32", show_default=True)
 @click.option("--shards", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--preset", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True,
+@click.option("--preset", type=click.Choice(TINY_PRESETS), default="tiny", show_default=True,
               help="tiny: hidden 64, 4 layers (tests). mid: hidden 1024, 12 layers, vocab 32000; with --family moe "
                    "64 experts top-8, about 2.8 GB in fp32 (the CPU benchmarks' model).")
 def make_tiny(out, family, layout, experts, dtype, shards, seed, preset):

@@ -8,7 +8,7 @@ entry in `KINDS`, declaring once:
 - its signature: inputs, outputs and the state it carries between calls, and the outputs its window
   variant adds (the state after every position, for rollback) when it has one (`signature`);
 - its place in the chain: the input it takes from the block before and the output it hands on
-  (`takes` / `gives`), and whether the linked graph runs it on the last position only;
+  (`takes` / `gives`), and whether the linked graph runs it on the last `logits_to_keep` positions only;
 - the torch module that computes it at export (`module`, imported lazily: the runtime has no torch);
 - for `diff`, how to read its state out of transformers' cache (`reference_state`, lazy too).
 

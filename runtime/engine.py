@@ -16,7 +16,7 @@ servers); `async for` over a request works from asyncio code.
 
 Admission: requests wait for a free row (one prefill at a time). The batch's KV cache is `max_batch`
 rows as long as the longest running request's prompt + new tokens; with `kv_bytes`, a request that
-would make it larger waits, and one that could never fit is refused at `submit`.
+would make it larger than that is refused at `submit`, saying how much it needs.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class Request:
         self.row: int | None = None
         self.next_token: int | None = None   # sampled, not yet fed
         self.need = len(prompt) + params.max_new_tokens
+        self._stop_span = max((len(s) for s in params.stop), default=0)   # a new match ends in the last delta
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._cancel = False
@@ -147,10 +148,9 @@ class Request:
         self.text += delta
         self._events.put((token, delta))
         p, eng = self.params, self.engine
-        span = max((len(s) for s in p.stop), default=0)
         if token in eng.eos:
             g.finish_reason = "eos"
-        elif delta and p.stop and any(s in self.text[-(len(delta) + span):] for s in p.stop):
+        elif delta and p.stop and any(s in self.text[-(len(delta) + self._stop_span):] for s in p.stop):
             g.finish_reason = "stop"
         elif len(g.new_ids) >= p.max_new_tokens or len(g.prompt_ids) + len(g.new_ids) >= eng.model.max_context:
             g.finish_reason = "length"
@@ -201,17 +201,13 @@ class Engine:
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
-        self.steps = 0
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stop = False
-        # bytes of K/V one row keeps per position, over every appended state of every layer
-        self.kv_bytes_per_position = sum(
-            int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(model.np_dtype(s.dtype)).itemsize
-            for b in model.layers for s in b.state if s.append)
+        self.kv_bytes_per_position = model.kv_bytes_per_position
 
     # ---- submitting -----------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
@@ -248,9 +244,7 @@ class Engine:
             self._drop_cancelled()
             worked = self._decode()
             self._admit()
-            worked = self._prefill_chunk() or worked
-            self.steps += 1
-            return worked
+            return self._prefill_chunk() or worked
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -270,12 +264,7 @@ class Engine:
         with self._lock:
             if not self.waiting:
                 return
-            req = self.waiting[0]
-            if self.kv_bytes is not None:
-                running = [r.need for r in self.rows if r is not None]
-                if self._kv_need(max(running + [req.need])) > self.kv_bytes:
-                    return                     # waits for a running request to finish
-            self.waiting.popleft()
+            req = self.waiting.popleft()       # fits: submit refused any that could not
         req.state = self.model.new_state(1, capacity=min(self.model.max_context, req.need))
         req.t_start = time.perf_counter()
         self.prefilling = req

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dualbrain.errors import DualbrainError
-from dualbrain.runtime.engine import Generation
+from dualbrain.runtime.engine import Engine, Generation
 from dualbrain.runtime.model import Model, State
 from dualbrain.runtime.sampling import SamplingParams
 
@@ -61,29 +61,21 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     """Generate for each prompt (every row with `params`), on a step engine with one row per prompt.
     `on_token(row, id, text_delta)` streams tokens as they come (a row's last token may report a
     second delta: text held back until the stream ended)."""
-    from dualbrain.runtime.engine import Engine
-
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
         raise DualbrainError("every prompt needs at least one token")
-    for p in prompts:
-        model.check_ids(p)
-        if len(p) > model.max_context:
-            raise DualbrainError(
-                f"prompt of {len(p)} tokens is longer than the export's maximum context of {model.max_context}"
-            )
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = sum(len(p) for p in prompts)
     longest = max(len(p) for p in prompts)
     engine = Engine(model, max_batch=len(prompts), prefill_chunk=longest,
                     capacity=min(model.max_context, longest + params.max_new_tokens))
     t0 = time.perf_counter()
-    reqs = [engine.submit(p, params) for p in prompts]
+    reqs = [engine.submit(p, params) for p in prompts]     # checks every prompt before anything runs
     t1 = None
     while not engine.idle:
         engine.step()
-        for row, req in enumerate(reqs):
-            for tok, delta in req.drain():
-                if on_token:
+        if on_token:
+            for row, req in enumerate(reqs):
+                for tok, delta in req.drain():
                     on_token(row, tok, delta)
         if t1 is None and all(r.generation.new_ids for r in reqs):
             t1 = time.perf_counter()       # every prompt prefilled: its first token came from prefill

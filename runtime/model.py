@@ -17,7 +17,7 @@ import numpy as np
 
 from dualbrain.errors import DualbrainError, read_json_object
 from dualbrain.runtime.backends import Backend, load_backend
-from dualbrain.runtime.blocks import KINDS, LAST_HIDDEN, LOGITS_TO_KEEP, model_feeds
+from dualbrain.runtime.blocks import KINDS, LAST_HIDDEN, LOGITS_TO_KEEP, MODEL_INPUTS, model_feeds
 from dualbrain.runtime.dtypes import numpy_dtype
 from dualbrain.runtime.manifest import Manifest, load_manifest, state_name
 from dualbrain.runtime.spec import ModelSpec
@@ -42,8 +42,12 @@ class Model:
         self._linked_window_out = [
             pairs + [(state_name(b.name, s.window_output), s.window_output) for s in b.state if s.window_output]
             for pairs, b in zip(self._linked_out, self.layers)]
-        self._linked_inputs = [t for b in manifest.blocks for t in b.inputs]   # model inputs picked by name
+        # the model-level inputs the linked graph takes (each once), and what it is asked to return
+        self._linked_inputs = list({t.name: t for b in manifest.blocks for t in b.inputs
+                                    if t.name in MODEL_INPUTS}.values())
         self._output = KINDS[self.head.kind].gives
+        self._linked_fetch = {window: [self._output, LAST_HIDDEN] + [full for layer in outs for full, _ in layer]
+                              for window, outs in ((False, self._linked_out), (True, self._linked_window_out))}
         self._tokenizer = None
         gen = model_dir / "generation_config.json"
         self.generation_config = read_json_object(gen) if gen.is_file() else None
@@ -77,6 +81,12 @@ class Model:
         generation knows prompt + new tokens); it grows by doubling up to the export's max_context."""
         cap = capacity if capacity is not None else min(self.max_context, 1024)
         return State(self.layers, batch, max(1, cap), self.max_context, self.np_dtype)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of K/V one row keeps per position, over every appended state of every layer."""
+        return sum(int(np.prod([d for d in s.shape if isinstance(d, int)])) * self.np_dtype(s.dtype).itemsize
+                   for b in self.layers for s in b.state if s.append)
 
     def np_dtype(self, dtype: str):
         """The numpy dtype this backend feeds/returns for a manifest dtype (bf16 exports compute in
@@ -167,8 +177,7 @@ class Model:
             st = state.feeds(i)
             feeds.update((full, st[name]) for full, name in ins)
         outs = self._linked_window_out if step.window else self._linked_out
-        fetch = [self._output, LAST_HIDDEN] + [full for layer in outs for full, _ in layer]
-        out = self.backend.run_linked(feeds, fetch, window=step.window)
+        out = self.backend.run_linked(feeds, self._linked_fetch[step.window], window=step.window)
         for i, layer in enumerate(outs):
             step.outputs[i] = {name: out[full] for full, name in layer}
         return out[self._output], out[LAST_HIDDEN]

@@ -51,8 +51,7 @@ def main() -> int:
         export_checkpoint(ckpt, out, max_context=args.tokens + 64)
     model = Model.load(out)
     state, logits = prefill(model, [[5, 17, 300, 42]], new_tokens=args.tokens)   # as generate() does
-    kv_per_token = sum(int(np.prod([d for d in s.shape if isinstance(d, int)])) * np.dtype(model.np_dtype(s.dtype)).itemsize
-                       for b in model.layers for s in b.state if s.append)
+    kv_per_token = model.kv_bytes_per_position
     samples = []
     t0 = time.perf_counter()
     for i in range(args.tokens):
