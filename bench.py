@@ -322,7 +322,7 @@ def print_report(report: dict) -> None:
         t.add_column(f"prefill {n}\ntok/s", justify="right")
     for b in cfg["batches"]:
         t.add_column(f"decode b{b}\ntok/s", justify="right")
-        t.add_column(f"b{b} ms/token\nP50 / P95", justify="right")
+        t.add_column(f"b{b} ms/{'token' if b == 1 else 'step'}\nP50 / P95", justify="right")
     t.add_column("peak RSS\nMiB", justify="right")
     t.add_column("tokens")
     for e in report["engines"]:
