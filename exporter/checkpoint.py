@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from dualbrain.errors import DualbrainError
 from dualbrain.runtime import dtypes
-from dualbrain.runtime.spec import LINEAR, ModelSpec
+from dualbrain.runtime.spec import FULL, LINEAR, ModelSpec
 
 if TYPE_CHECKING:  # torch is an export-time dependency only
     import torch
@@ -204,16 +204,36 @@ class Checkpoint:
 
     def layer_weights(self, i: int, dtype=None) -> dict[str, "torch.Tensor"]:
         """All tensors of decoder layer `i` (cast to `dtype`), names relative to the layer, experts stacked."""
-        out = {}
-        for name, shape in expected_layer_shapes(self.spec, i).items():
-            if name.startswith("mlp.experts."):
-                continue
-            out[name] = self.get(f"layers.{i}.{name}", shape, dtype=dtype)
-        if self.spec.is_moe:
-            out.update(self._experts(i, dtype))
+        return self._decoder_layer(f"{self.prefix}layers.{i}.", self.spec.layer_types[i], dtype)
+
+    # ---- the multi-token-prediction head (top-level `mtp.*`, beside the language model) ---------------
+    MTP_PREFIX = "mtp."
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.MTP_PREFIX + "fc.weight" in self.where
+
+    def mtp_weights(self, dtype=None) -> dict[str, "torch.Tensor"]:
+        """The MTP head: fc, its norms (`norm.weight` is `mtp.norm`), one full-attention decoder layer
+        (`layer.*`), and the model's final norm (`final_norm.weight`) and lm_head it shares."""
+        out = {name: self.get(self.MTP_PREFIX + name, shape, absolute=True, dtype=dtype)
+               for name, shape in mtp_shapes(self.spec).items()}
+        out.update({f"layer.{k}": v for k, v in self._decoder_layer(self.MTP_PREFIX + "layers.0.", FULL, dtype).items()})
+        head = self.head_weights(dtype)
+        out["final_norm.weight"], out["lm_head.weight"] = head["norm.weight"], head["lm_head.weight"]
         return out
 
-    def _experts(self, i: int, dtype=None) -> dict[str, "torch.Tensor"]:
+    def _decoder_layer(self, base: str, layer_type: str, dtype=None) -> dict[str, "torch.Tensor"]:
+        """The tensors of one decoder layer under the absolute name `base`, experts stacked."""
+        out = {}
+        for name, shape in layer_shapes(self.spec, layer_type).items():
+            if not name.startswith("mlp.experts."):
+                out[name] = self.get(base + name, shape, absolute=True, dtype=dtype)
+        if self.spec.is_moe:
+            out.update(self._experts(base, dtype))
+        return out
+
+    def _experts(self, base: str, dtype=None) -> dict[str, "torch.Tensor"]:
         """Stacked gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I], from either layout.
 
         Filled one expert at a time, so the peak is the stacked result plus one expert, whatever
@@ -223,17 +243,17 @@ class Checkpoint:
 
         s = self.spec
         e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
-        base = f"layers.{i}.mlp.experts."
-        stacked = self.has(base + "gate_up_proj")
+        base = base + "mlp.experts."
+        stacked = base + "gate_up_proj" in self.where
         if stacked:
-            gu_name = self._checked(base + "gate_up_proj", (e, 2 * inter, h))
-            dn_name = self._checked(base + "down_proj", (e, h, inter))
+            gu_name = self._checked(base + "gate_up_proj", (e, 2 * inter, h), absolute=True)
+            dn_name = self._checked(base + "down_proj", (e, h, inter), absolute=True)
             first = gu_name
-        elif self.has(base + "0.gate_proj.weight"):
-            first = self._checked(base + "0.gate_proj.weight", (inter, h))
+        elif base + "0.gate_proj.weight" in self.where:
+            first = self._checked(base + "0.gate_proj.weight", (inter, h), absolute=True)
         else:
             raise DualbrainError(
-                f"checkpoint is missing tensor {self.prefix + base + 'gate_up_proj'!r} "
+                f"checkpoint is missing tensor {base + 'gate_up_proj'!r} "
                 "(nor per-expert mlp.experts.N.gate_proj.weight tensors)"
             )
         dtype = dtype or _torch_dtype(self.meta[first]["dtype"])
@@ -244,9 +264,9 @@ class Checkpoint:
                 gate_up[j] = self._read_row(gu_name, j)
                 down[j] = self._read_row(dn_name, j)
             else:
-                gate_up[j, :inter] = self.get(f"{base}{j}.gate_proj.weight", (inter, h))
-                gate_up[j, inter:] = self.get(f"{base}{j}.up_proj.weight", (inter, h))
-                down[j] = self.get(f"{base}{j}.down_proj.weight", (h, inter))
+                gate_up[j, :inter] = self.get(f"{base}{j}.gate_proj.weight", (inter, h), absolute=True)
+                gate_up[j, inter:] = self.get(f"{base}{j}.up_proj.weight", (inter, h), absolute=True)
+                down[j] = self.get(f"{base}{j}.down_proj.weight", (h, inter), absolute=True)
         return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
 
     def validate(self) -> None:
@@ -257,21 +277,30 @@ class Checkpoint:
         if not s.tie_word_embeddings:
             self._check("lm_head.weight", (s.vocab_size, s.hidden_size), absolute=True)
         for i in range(s.num_layers):
-            for name, shape in expected_layer_shapes(s, i).items():
-                if name.startswith("mlp.experts."):
-                    continue
-                self._check(f"layers.{i}.{name}", shape)
-            if s.is_moe:
-                base = f"layers.{i}.mlp.experts."
-                e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
-                if self.has(base + "gate_up_proj"):
-                    self._check(base + "gate_up_proj", (e, 2 * inter, h))
-                    self._check(base + "down_proj", (e, h, inter))
-                else:
-                    for j in range(e):
-                        self._check(f"{base}{j}.gate_proj.weight", (inter, h))
-                        self._check(f"{base}{j}.up_proj.weight", (inter, h))
-                        self._check(f"{base}{j}.down_proj.weight", (h, inter))
+            self._check_decoder_layer(f"{self.prefix}layers.{i}.", s.layer_types[i])
+        if self.has_mtp:
+            for name, shape in mtp_shapes(s).items():
+                self._check(self.MTP_PREFIX + name, shape, absolute=True)
+            self._check_decoder_layer(self.MTP_PREFIX + "layers.0.", FULL)
+            if any(k.startswith(self.MTP_PREFIX + "layers.1.") for k in self.where):
+                raise DualbrainError("checkpoint has more than one MTP layer (mtp.layers.1.*): dualbrain runs one")
+
+    def _check_decoder_layer(self, base: str, layer_type: str) -> None:
+        s = self.spec
+        for name, shape in layer_shapes(s, layer_type).items():
+            if not name.startswith("mlp.experts."):
+                self._check(base + name, shape, absolute=True)
+        if s.is_moe:
+            base += "mlp.experts."
+            e, h, inter = s.num_experts, s.hidden_size, s.moe_intermediate_size
+            if base + "gate_up_proj" in self.where:
+                self._check(base + "gate_up_proj", (e, 2 * inter, h), absolute=True)
+                self._check(base + "down_proj", (e, h, inter), absolute=True)
+            else:
+                for j in range(e):
+                    self._check(f"{base}{j}.gate_proj.weight", (inter, h), absolute=True)
+                    self._check(f"{base}{j}.up_proj.weight", (inter, h), absolute=True)
+                    self._check(f"{base}{j}.down_proj.weight", (h, inter), absolute=True)
 
     def _check(self, name: str, shape: tuple[int, ...], absolute: bool = False) -> None:
         full = name if absolute else self.prefix + name
@@ -286,9 +315,21 @@ class Checkpoint:
 
 def expected_layer_shapes(s: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of decoder layer `i`, relative to `layers.{i}.`."""
+    return layer_shapes(s, s.layer_types[i])
+
+
+def mtp_shapes(s: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The MTP head's own tensors (besides its decoder layer), relative to `mtp.`."""
+    h = s.hidden_size
+    return {"fc.weight": (h, 2 * h), "pre_fc_norm_embedding.weight": (h,), "pre_fc_norm_hidden.weight": (h,),
+            "norm.weight": (h,)}
+
+
+def layer_shapes(s: ModelSpec, layer_type: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a decoder layer of `layer_type`, relative to the layer."""
     h = s.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-    if s.layer_types[i] == LINEAR:
+    if layer_type == LINEAR:
         kd = s.linear_num_key_heads * s.linear_key_head_dim
         vd = s.linear_num_value_heads * s.linear_value_head_dim
         hv = s.linear_num_value_heads

@@ -22,12 +22,12 @@ from dualbrain.artifacts import JOURNAL, resumable_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.exporter.checkpoint import Checkpoint, expected_layer_shapes
 from dualbrain.exporter.link import link_blocks
-from dualbrain.runtime.blocks import BlockKind, TensorInfo, model_blocks, random_feeds
+from dualbrain.runtime.blocks import KINDS, MTP, BlockKind, PlannedBlock, TensorInfo, model_blocks, random_feeds
 from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES, dtype as dtype_info, from_torch, torch_dtype
 from dualbrain.exporter.window import write_window_variant
 from dualbrain.runtime.manifest import MANIFEST, BlockInfo, Manifest, file_digest
 from dualbrain.runtime.manifest import VERSION as MANIFEST_VERSION
-from dualbrain.runtime.spec import ModelSpec
+from dualbrain.runtime.spec import FULL, ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -158,7 +158,55 @@ def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     s = ckpt.spec
     params = 2 * s.vocab_size * s.hidden_size + s.hidden_size
     params += sum(math.prod(shape) for i in range(s.num_layers) for shape in expected_layer_shapes(s, i).values())
+    if ckpt.has_mtp:    # about one more attention layer (its lm_head is the head's)
+        params += sum(math.prod(shape) for shape in expected_layer_shapes(s, s.layer_types.index(FULL)).values())
     return params * dtype_info(dtype).itemsize
+
+
+def share_weight(path: Path, name: str, source: Path, source_name: str) -> bool:
+    """Make initializer `name` of the graph at `path` read `source_name`'s bytes from `source`'s data
+    file (same directory) when they are the same tensor, and drop its own copy; returns whether it did.
+
+    The MTP head uses the model's lm_head: without this its graph would carry a second copy (about
+    1 GB for the 35B model, on disk and in memory)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    src = onnx.load(str(source), load_external_data=False)
+    t = next((x for x in model.graph.initializer if x.name == name), None)
+    o = next((x for x in src.graph.initializer if x.name == source_name), None)
+    ext = onnx.TensorProto.EXTERNAL
+    if t is None or o is None or t.data_location != ext or o.data_location != ext \
+            or list(t.dims) != list(o.dims) or t.data_type != o.data_type:
+        return False
+    loc = lambda x: {e.key: e.value for e in x.external_data}  # noqa: E731
+    data, src_info = path.with_name(path.name + ".data"), loc(o)
+    with open(data, "rb") as f, open(source.with_name(src_info["location"]), "rb") as g:
+        mine = loc(t)
+        f.seek(int(mine.get("offset", 0)))
+        g.seek(int(src_info.get("offset", 0)))
+        if f.read(int(mine["length"])) != g.read(int(src_info["length"])):
+            return False
+    tmp = data.with_name(data.name + ".tmp")
+    with open(data, "rb") as old, open(tmp, "wb") as out:
+        for x in model.graph.initializer:
+            if x.data_location != ext:
+                continue
+            info = loc(x)
+            del x.external_data[:]
+            if x is t:
+                entries = src_info
+            else:
+                old.seek(int(info.get("offset", 0)))
+                raw = old.read(int(info["length"]))
+                out.write(b"\0" * ((-out.tell()) % 64))
+                entries = {"location": data.name, "offset": str(out.tell()), "length": str(len(raw))}
+                out.write(raw)
+            for k, v in entries.items():
+                x.external_data.add(key=k, value=v)
+    tmp.replace(data)
+    onnx.save(model, str(path))
+    return True
 
 
 def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, max_context: int, quant: str | None = None) -> str:
@@ -216,7 +264,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
             f"not enough disk space for the export: about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"
         )
     tdt = torch_dtype(dtype)
-    plan = model_blocks(spec)
+    plan = model_blocks(spec) + ([PlannedBlock(MTP, KINDS[MTP])] if ckpt.has_mtp else [])
     blocks: list[BlockInfo] = []
     with resumable_output_dir(out, _resume_key(root, ckpt, dtype, max_context, quant)) as (part, journal):
         reused = 0
@@ -239,7 +287,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                     traced[kind.name] = path
                 del module
                 gc.collect()
-                if quant:
+                if kind.name == MTP:
+                    share_weight(path, "lm_head", part / "head.onnx", "lm_head")
+                if quant and kind.name != MTP:   # a quantized MTP head loses acceptance: it keeps the float dtype
                     quantize_block(part / f"{name}.onnx", quant)
                 if window_file:
                     write_window_variant(path, part / window_file, sig)

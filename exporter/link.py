@@ -49,8 +49,9 @@ def link_blocks(out_dir: Path, manifest: Manifest, *, window: bool = False) -> s
     opsets: dict[str, int] = {}
     inputs: dict[str, onnx.ValueInfoProto] = {}
     prev_hidden = None
-    last = manifest.blocks[-1]
-    for block in manifest.blocks:
+    chain = manifest.chain
+    last = chain[-1]
+    for block in chain:
         kind = KINDS[block.kind]
         variant = window and block.window_file is not None
         m = onnx.load(str(out_dir / block.graph(variant)[0]), load_external_data=False)

@@ -302,6 +302,37 @@ def _build_model(family: str, layout: str, text_cfg: dict[str, Any], tie_embeddi
     return Cond(config)
 
 
+def _tiny_init(name: str, shape: tuple[int, ...], normal, g, tie_embeddings: bool = False):
+    """One text weight of a tiny model, by what it is (also the MTP head's: `_mtp_tensors`)."""
+    import torch
+
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith("embed_tokens.weight"):
+        return normal(shape, 0.5 if tie_embeddings else 1.0)
+    if name == "lm_head.weight":
+        return normal(shape, 0.6)
+    if name.endswith("linear_attn.norm.weight"):  # gated RMSNorm: plain `w * x`, init 1
+        return normal(shape, 0.1, 1.0)
+    if name.endswith("norm.weight") or ".pre_fc_norm_" in name:  # zero-centred `(1 + w) * x` RMSNorms
+        return normal(shape, 0.1)
+    if leaf == "A_log":
+        return torch.empty(shape).uniform_(1.0, 16.0, generator=g).log_()
+    if leaf == "dt_bias":
+        return normal(shape, 0.5, 1.0)
+    if name.endswith("conv1d.weight"):  # [C, 1, K]
+        return normal(shape, 1.0 / math.sqrt(shape[-1]))
+    if name.endswith("experts.gate_up_proj"):  # [E, 2I, H]
+        return normal(shape, 1.0 / math.sqrt(shape[2]))
+    if name.endswith("experts.down_proj"):  # [E, H, I]
+        return normal(shape, 0.5 / math.sqrt(shape[2]))
+    if name.endswith("mlp.gate.weight"):  # router [E, H]: peaked routing
+        return normal(shape, 2.0 / math.sqrt(shape[1]))
+    if len(shape) == 2:  # nn.Linear [out, in]
+        out_proj = any(s in name for s in ("o_proj", "down_proj", "out_proj"))
+        return normal(shape, (0.5 if out_proj else 1.0) / math.sqrt(shape[1]))
+    raise RuntimeError(f"no tiny init rule for {name} {shape}")  # pragma: no cover
+
+
 def _init_tiny_weights(model, seed: int, tie_embeddings: bool) -> None:
     """Explicit, seeded, non-degenerate initialisation of the text weights (vision tower left as built).
 
@@ -318,33 +349,7 @@ def _init_tiny_weights(model, seed: int, tie_embeddings: bool) -> None:
     for name, p in model.named_parameters():
         if "visual" in name:
             continue
-        shape = tuple(p.shape)
-        leaf = name.rsplit(".", 1)[-1]
-        if name.endswith("embed_tokens.weight"):
-            new = normal(shape, 0.5 if tie_embeddings else 1.0)
-        elif name == "lm_head.weight":
-            new = normal(shape, 0.6)
-        elif name.endswith("linear_attn.norm.weight"):  # gated RMSNorm: plain `w * x`, init 1
-            new = normal(shape, 0.1, 1.0)
-        elif name.endswith("norm.weight"):  # zero-centred `(1 + w) * x` RMSNorms (layer, q/k, final)
-            new = normal(shape, 0.1)
-        elif leaf == "A_log":
-            new = torch.empty(shape).uniform_(1.0, 16.0, generator=g).log_()
-        elif leaf == "dt_bias":
-            new = normal(shape, 0.5, 1.0)
-        elif name.endswith("conv1d.weight"):  # [C, 1, K]
-            new = normal(shape, 1.0 / math.sqrt(shape[-1]))
-        elif name.endswith("experts.gate_up_proj"):  # [E, 2I, H]
-            new = normal(shape, 1.0 / math.sqrt(shape[2]))
-        elif name.endswith("experts.down_proj"):  # [E, H, I]
-            new = normal(shape, 0.5 / math.sqrt(shape[2]))
-        elif name.endswith("mlp.gate.weight"):  # router [E, H]: peaked routing
-            new = normal(shape, 2.0 / math.sqrt(shape[1]))
-        elif p.dim() == 2:  # nn.Linear [out, in]
-            out_proj = any(s in name for s in ("o_proj", "down_proj", "out_proj"))
-            new = normal(shape, (0.5 if out_proj else 1.0) / math.sqrt(shape[1]))
-        else:  # pragma: no cover - every text parameter is covered above
-            raise RuntimeError(f"no tiny init rule for {name} {shape}")
+        new = _tiny_init(name, tuple(p.shape), normal, g, tie_embeddings)
         with torch.no_grad():
             p.copy_(new.to(p.dtype))
     if tie_embeddings:
@@ -400,50 +405,51 @@ def _to_per_expert(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mtp_tensors(text_cfg: dict[str, Any], family: str, torch_dtype, seed: int) -> dict[str, Any]:
-    """A fake multi-token-prediction head shaped like the published one (stacked experts for MoE)."""
+    """A multi-token-prediction head shaped like the published one (stacked experts for MoE), random with
+    the spreads of the model's own weights (`_tiny_init`), so its logits are peaked, not near-uniform."""
     import torch
 
     g = torch.Generator().manual_seed(int(seed) * 31 + 5)
     H = text_cfg["hidden_size"]
     nq, nkv, hd = text_cfg["num_attention_heads"], text_cfg["num_key_value_heads"], text_cfg["head_dim"]
 
-    def r(*shape):
-        return (torch.randn(shape, generator=g) * 0.02).to(torch_dtype)
+    def normal(shape, std, mean=0.0):
+        return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
 
-    t = {
-        "mtp.fc.weight": r(H, 2 * H),
-        "mtp.pre_fc_norm_embedding.weight": r(H),
-        "mtp.pre_fc_norm_hidden.weight": r(H),
-        "mtp.norm.weight": r(H),
-        "mtp.layers.0.input_layernorm.weight": r(H),
-        "mtp.layers.0.post_attention_layernorm.weight": r(H),
-        "mtp.layers.0.self_attn.q_proj.weight": r(2 * nq * hd, H),  # gated attention: query + gate
-        "mtp.layers.0.self_attn.k_proj.weight": r(nkv * hd, H),
-        "mtp.layers.0.self_attn.v_proj.weight": r(nkv * hd, H),
-        "mtp.layers.0.self_attn.o_proj.weight": r(H, nq * hd),
-        "mtp.layers.0.self_attn.q_norm.weight": r(hd),
-        "mtp.layers.0.self_attn.k_norm.weight": r(hd),
+    shapes = {
+        "mtp.fc.weight": (H, 2 * H),
+        "mtp.pre_fc_norm_embedding.weight": (H,),
+        "mtp.pre_fc_norm_hidden.weight": (H,),
+        "mtp.norm.weight": (H,),
+        "mtp.layers.0.input_layernorm.weight": (H,),
+        "mtp.layers.0.post_attention_layernorm.weight": (H,),
+        "mtp.layers.0.self_attn.q_proj.weight": (2 * nq * hd, H),  # gated attention: query + gate
+        "mtp.layers.0.self_attn.k_proj.weight": (nkv * hd, H),
+        "mtp.layers.0.self_attn.v_proj.weight": (nkv * hd, H),
+        "mtp.layers.0.self_attn.o_proj.weight": (H, nq * hd),
+        "mtp.layers.0.self_attn.q_norm.weight": (hd,),
+        "mtp.layers.0.self_attn.k_norm.weight": (hd,),
     }
     if family == "dense":
         inter = text_cfg["intermediate_size"]
-        t.update({
-            "mtp.layers.0.mlp.gate_proj.weight": r(inter, H),
-            "mtp.layers.0.mlp.up_proj.weight": r(inter, H),
-            "mtp.layers.0.mlp.down_proj.weight": r(H, inter),
+        shapes.update({
+            "mtp.layers.0.mlp.gate_proj.weight": (inter, H),
+            "mtp.layers.0.mlp.up_proj.weight": (inter, H),
+            "mtp.layers.0.mlp.down_proj.weight": (H, inter),
         })
     else:
         E, inter = text_cfg["num_experts"], text_cfg["moe_intermediate_size"]
         sh = text_cfg["shared_expert_intermediate_size"]
-        t.update({
-            "mtp.layers.0.mlp.gate.weight": r(E, H),
-            "mtp.layers.0.mlp.experts.gate_up_proj": r(E, 2 * inter, H),
-            "mtp.layers.0.mlp.experts.down_proj": r(E, H, inter),
-            "mtp.layers.0.mlp.shared_expert.gate_proj.weight": r(sh, H),
-            "mtp.layers.0.mlp.shared_expert.up_proj.weight": r(sh, H),
-            "mtp.layers.0.mlp.shared_expert.down_proj.weight": r(H, sh),
-            "mtp.layers.0.mlp.shared_expert_gate.weight": r(1, H),
+        shapes.update({
+            "mtp.layers.0.mlp.gate.weight": (E, H),
+            "mtp.layers.0.mlp.experts.gate_up_proj": (E, 2 * inter, H),
+            "mtp.layers.0.mlp.experts.down_proj": (E, H, inter),
+            "mtp.layers.0.mlp.shared_expert.gate_proj.weight": (sh, H),
+            "mtp.layers.0.mlp.shared_expert.up_proj.weight": (sh, H),
+            "mtp.layers.0.mlp.shared_expert.down_proj.weight": (H, sh),
+            "mtp.layers.0.mlp.shared_expert_gate.weight": (1, H),
         })
-    return t
+    return {k: _tiny_init(k, shape, normal, g).to(torch_dtype) for k, shape in shapes.items()}
 
 
 def _read_all_safetensors(d: Path) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 An export is a chain of blocks: `embed` turns token ids into hidden states, one block per decoder
 layer (`linear_attention` = Gated DeltaNet, `full_attention` = gated attention, as the config's
-`layer_types` say), and `head` turns hidden states into logits. Each kind is one `BlockKind`
-entry in `KINDS`, declaring once:
+`layer_types` say), and `head` turns hidden states into logits. Side blocks sit beside the chain and
+are run on their own by a mode: `mtp`, the checkpoint's multi-token-prediction head, exported when the
+checkpoint has one. Each kind is one `BlockKind` entry in `KINDS`, declaring once:
 
 - its signature: inputs, outputs and the state it carries between calls, and the outputs its window
   variant adds (the state after every position, for rollback) when it has one (`signature`);
@@ -29,6 +30,7 @@ from dualbrain.runtime.spec import FULL, LINEAR, ModelSpec
 
 EMBED = "embed"
 HEAD = "head"
+MTP = "mtp"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class BlockKind:
     gives: str                  # output handed to the next block (the last block's is the model's output)
     last_positions: bool = False   # the linked graph runs it on the last `logits_to_keep` positions only
     reference_state: str | None = None  # "module:callable" (transformers cache, layer, spec) -> {state input: tensor}
+    side: bool = False          # beside the chain, run on its own by a mode (the MTP head): never linked
 
     def torch_module(self):
         return _resolve(self.module)
@@ -93,6 +96,7 @@ def _hidden(spec: ModelSpec, dtype: str, name: str) -> TensorInfo:
 
 
 MASK = TensorInfo("attention_mask", "int64", ("batch", "total"))
+NORMALIZE_HIDDEN = TensorInfo("normalize_hidden", "int64", (1,))
 
 
 def _layer(spec: ModelSpec, dtype: str, extra_inputs: tuple[TensorInfo, ...], states: tuple[StateInfo, ...],
@@ -139,6 +143,26 @@ def gated_attention_signature(spec: ModelSpec, dtype: str) -> Signature:
                   (TensorInfo("new_key", dtype, kv_new), TensorInfo("new_value", dtype, kv_new)))
 
 
+def mtp_signature(spec: ModelSpec, dtype: str) -> Signature:
+    """The multi-token-prediction head (one full-attention decoder layer with its own K/V cache).
+
+    Position t takes the hidden state `hidden` at t and the embedding `embedded` of token t+1 and
+    predicts token t+2. `normalize_hidden` [1] = 1 applies the model's final norm to `hidden` first
+    (a target hidden state entering the head, when the head is fed final-normed states); 0 feeds it as
+    is (pre-norm target states, or this head's own `hidden_out` when chaining drafts)."""
+    kv_past = ("past", "batch", spec.num_kv_heads, spec.head_dim)
+    kv_new = ("seq", "batch", spec.num_kv_heads, spec.head_dim)
+    states = (StateInfo("past_key", "new_key", dtype, kv_past, append=True),
+              StateInfo("past_value", "new_value", dtype, kv_past, append=True))
+    ins = (_hidden(spec, dtype, "hidden"), _hidden(spec, dtype, "embedded"), NORMALIZE_HIDDEN, MASK,
+           TensorInfo("position_ids", "int64", ("batch", "seq")),
+           *(TensorInfo(s.input, s.dtype, s.shape) for s in states))
+    outs = (TensorInfo("logits", "float32", ("batch", "seq", spec.vocab_size)),
+            _hidden(spec, dtype, "hidden_out"),     # after mtp.norm: what lm_head reads, and the next draft's hidden
+            TensorInfo("new_key", dtype, kv_new), TensorInfo("new_value", dtype, kv_new))
+    return Signature(ins, outs, states)
+
+
 # ---- the registry --------------------------------------------------------------------------------
 
 _LAYERS = "dualbrain.exporter.blocks.layers"
@@ -149,6 +173,7 @@ KINDS: dict[str, BlockKind] = {k.name: k for k in (
     BlockKind(FULL, gated_attention_signature, f"{_LAYERS}:DecoderLayer", takes="hidden", gives="hidden_out",
               reference_state=f"{_LAYERS}:GatedAttentionMixer.reference_state"),
     BlockKind(HEAD, head_signature, f"{_LAYERS}:Head", takes="hidden", gives="logits", last_positions=True),
+    BlockKind(MTP, mtp_signature, f"{_LAYERS}:MtpHead", takes="hidden", gives="logits", side=True),
 )}
 
 
@@ -164,6 +189,7 @@ def model_blocks(spec: ModelSpec) -> list[PlannedBlock]:
     return ([PlannedBlock(EMBED, KINDS[EMBED])]
             + [PlannedBlock(f"layer_{i:03d}", KINDS[t], i) for i, t in enumerate(spec.layer_types)]
             + [PlannedBlock(HEAD, KINDS[HEAD])])
+
 
 
 # ---- the model's own inputs ---------------------------------------------------------------------
@@ -197,6 +223,8 @@ def random_feeds(inputs, vocab_size: int, *, batch: int = 2, seq: int = 5, past:
             feeds[t.name] = np.ones(shape, np.int64)
         elif t.name == "position_ids":
             feeds[t.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), shape).copy()
+        elif t.dtype == "int64":       # a flag such as normalize_hidden
+            feeds[t.name] = rng.integers(0, 2, shape).astype(np.int64)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(float_dtype(t.dtype))
     return feeds

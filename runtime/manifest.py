@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 @dataclass(frozen=True)
 class BlockInfo:
     name: str
-    kind: str                      # a runtime.blocks.KINDS name: embed | linear_attention | full_attention | head
+    kind: str                      # a runtime.blocks.KINDS name: embed | linear_attention | full_attention | head | mtp
     file: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
@@ -75,6 +75,15 @@ class Manifest:
     @property
     def layers(self) -> list[BlockInfo]:
         return [b for b in self.blocks if b.layer is not None]
+
+    @property
+    def chain(self) -> list[BlockInfo]:
+        """The model's own blocks in order (embed, layers, head), without side blocks."""
+        return [b for b in self.blocks if not KINDS[b.kind].side]
+
+    def side(self, kind: str) -> BlockInfo | None:
+        """The side block of `kind` (e.g. the MTP head), if the export has one."""
+        return next((b for b in self.blocks if b.kind == kind and KINDS[kind].side), None)
 
     def block(self, name: str) -> BlockInfo:
         for b in self.blocks:
@@ -215,8 +224,11 @@ def check_structure(man: Manifest) -> None:
     if unknown:
         raise DualbrainError(f"manifest.json: unknown block kind {unknown[0]!r} (this dualbrain knows "
                              f"{', '.join(KINDS)})")
-    if [(b.kind, b.layer) for b in man.blocks] != [(p.kind.name, p.layer) for p in model_blocks(man.model)]:
+    if [(b.kind, b.layer) for b in man.chain] != [(p.kind.name, p.layer) for p in model_blocks(man.model)]:
         raise DualbrainError("manifest.json: blocks do not match the model (embed, one block per layer, head)")
+    side = [b.kind for b in man.blocks if KINDS[b.kind].side]
+    if len(set(side)) != len(side):
+        raise DualbrainError("manifest.json: a side block kind appears twice")
     names = [b.name for b in man.blocks]
     if len(set(names)) != len(names):
         raise DualbrainError("manifest.json: duplicate block names")

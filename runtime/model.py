@@ -43,7 +43,7 @@ class Model:
             pairs + [(state_name(b.name, s.window_output), s.window_output) for s in b.state if s.window_output]
             for pairs, b in zip(self._linked_out, self.layers)]
         # the model-level inputs the linked graph takes (each once), and what it is asked to return
-        self._linked_inputs = list({t.name: t for b in manifest.blocks for t in b.inputs
+        self._linked_inputs = list({t.name: t for b in manifest.chain for t in b.inputs
                                     if t.name in MODEL_INPUTS}.values())
         self._output = KINDS[self.head.kind].gives
         self._linked_fetch = {window: [self._output, LAST_HIDDEN] + [full for layer in outs for full, _ in layer]

@@ -23,7 +23,9 @@ def moe_export(artifacts):
 def test_manifest_describes_blocks_and_state(moe_export):
     man = load_manifest(moe_export, verify_hashes=True)
     kinds = [b.kind for b in man.blocks]
-    assert kinds == ["embed", "linear_attention", "linear_attention", "linear_attention", "full_attention", "head"]
+    assert kinds == ["embed", "linear_attention", "linear_attention", "linear_attention", "full_attention", "head",
+                     "mtp"]      # the published layout ships an MTP head: a side block after the chain
+    assert [b.kind for b in man.chain] == kinds[:-1]
     gdn = man.blocks[1]
     assert [s.input for s in gdn.state] == ["conv_state", "recurrent_state"]
     assert gdn.state[1].dtype == "float32" and gdn.state[1].shape == ("batch", 4, 16, 24)

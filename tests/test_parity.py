@@ -102,7 +102,7 @@ def test_batch_equals_solo(case):
 def test_every_block_within_tolerance(case):
     ckpt, out, _, _ = case
     rows = diff(ckpt, out)
-    assert rows and len({r.block for r in rows}) == len(Model.load(out).manifest.blocks)
+    assert rows and len({r.block for r in rows}) == len(Model.load(out).manifest.chain)
     worst = max(rows, key=lambda r: r.rel)
     assert all(r.ok for r in rows), f"over tolerance: {worst}"
     assert worst.rel <= 1e-5

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from dualbrain.exporter.blocks.norms import (
     apply_rotary, l2norm, rms_norm_gated, rms_norm_zero_centred, rotary_cos_sin,
 )
-from dualbrain.runtime.spec import LINEAR, ModelSpec
+from dualbrain.runtime.spec import FULL, LINEAR, ModelSpec
 from dualbrain.plugins.causal_conv.op import causal_conv1d
 from dualbrain.plugins.gated_delta.op import gated_delta_rule
 from dualbrain.plugins.moe_dispatch.op import interleave_gate_up_, moe_dispatch
@@ -194,10 +194,10 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: mixer (GDN or gated attention), then MLP or MoE."""
 
-    def __init__(self, spec: ModelSpec, index: int, w: dict[str, torch.Tensor]):
+    def __init__(self, spec: ModelSpec, layer_type: str, w: dict[str, torch.Tensor]):
         super().__init__()
         self.eps = spec.rms_norm_eps
-        self.is_linear = spec.layer_types[index] == LINEAR
+        self.is_linear = layer_type == LINEAR
         self.input_norm = _frozen(w["input_layernorm.weight"])
         self.post_norm = _frozen(w["post_attention_layernorm.weight"])
         self.mixer = GatedDeltaNetMixer(spec, w) if self.is_linear else GatedAttentionMixer(spec, w)
@@ -208,10 +208,46 @@ class DecoderLayer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, spec: ModelSpec, ckpt, layer: int, dtype) -> "DecoderLayer":
-        return cls(spec, layer, ckpt.layer_weights(layer, dtype))
+        return cls(spec, spec.layer_types[layer], ckpt.layer_weights(layer, dtype))
 
     def forward(self, hidden, attention_mask, *state):
         mixed = self.mixer(rms_norm_zero_centred(hidden, self.input_norm, self.eps), attention_mask, *state)
         hidden = hidden + mixed[0]
         hidden = hidden + self.ffn(rms_norm_zero_centred(hidden, self.post_norm, self.eps))
         return (hidden, *mixed[1:])
+
+
+class MtpHead(nn.Module):
+    """The multi-token-prediction head the checkpoints ship (`mtp.*`): position t reads the hidden
+    state at t and the embedding of token t+1 and predicts token t+2,
+
+        x = fc(cat(norm_e(embedded), norm_h(h)))     fc weight [H, 2H], embedding half first
+        x = one full-attention decoder layer (x)      with its own K/V cache
+        logits = lm_head(mtp.norm(x))                 the model's own lm_head; mtp.norm(x) is also
+                                                      the hidden the next chained draft reads
+
+    where h is `hidden`, passed through the model's final norm first when `normalize_hidden` is 1
+    (the runtime's switch between final-normed and pre-norm target states: runtime.solver.mtp)."""
+
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.eps = spec.rms_norm_eps
+        self.final_norm = _frozen(w["final_norm.weight"])
+        self.norm_e = _frozen(w["pre_fc_norm_embedding.weight"])
+        self.norm_h = _frozen(w["pre_fc_norm_hidden.weight"])
+        self.fc = _frozen(w["fc.weight"])
+        self.layer = DecoderLayer(spec, FULL, {k[len("layer."):]: v for k, v in w.items() if k.startswith("layer.")})
+        self.norm = _frozen(w["norm.weight"])
+        self.lm_head = _frozen(w["lm_head.weight"])
+
+    @classmethod
+    def from_checkpoint(cls, spec: ModelSpec, ckpt, layer, dtype) -> "MtpHead":
+        return cls(spec, ckpt.mtp_weights(dtype))
+
+    def forward(self, hidden, embedded, normalize_hidden, attention_mask, position_ids, past_key, past_value):
+        h = torch.where(normalize_hidden.bool(), rms_norm_zero_centred(hidden, self.final_norm, self.eps), hidden)
+        x = torch.cat([rms_norm_zero_centred(embedded, self.norm_e, self.eps),
+                       rms_norm_zero_centred(h, self.norm_h, self.eps)], dim=-1)
+        x, new_key, new_value = self.layer(F.linear(x, self.fc), attention_mask, position_ids, past_key, past_value)
+        y = rms_norm_zero_centred(x, self.norm, self.eps)
+        return F.linear(y, self.lm_head).float(), y, new_key, new_value

@@ -93,7 +93,7 @@ class OrtBackend:
             self._files[LINKED] = manifest.linked
             if manifest.linked_window:
                 self._files[LINKED + WINDOW] = manifest.linked_window
-        for b in manifest.blocks:
+        for b in manifest.chain:      # side blocks (the MTP head) load when a mode first runs them
             self._session(b.name)
         if LINKED in self._files:
             self._session(LINKED)
