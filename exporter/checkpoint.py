@@ -207,18 +207,16 @@ class Checkpoint:
         return self._decoder_layer(f"{self.prefix}layers.{i}.", self.spec.layer_types[i], dtype)
 
     # ---- the multi-token-prediction head (top-level `mtp.*`, beside the language model) ---------------
-    MTP_PREFIX = "mtp."
-
     @property
     def has_mtp(self) -> bool:
-        return self.MTP_PREFIX + "fc.weight" in self.where
+        return MTP_PREFIX + "fc.weight" in self.where
 
     def mtp_weights(self, dtype=None) -> dict[str, "torch.Tensor"]:
         """The MTP head: fc, its norms (`norm.weight` is `mtp.norm`), one full-attention decoder layer
         (`layer.*`), and the model's final norm (`final_norm.weight`) and lm_head it shares."""
-        out = {name: self.get(self.MTP_PREFIX + name, shape, absolute=True, dtype=dtype)
+        out = {name: self.get(MTP_PREFIX + name, shape, absolute=True, dtype=dtype)
                for name, shape in mtp_shapes(self.spec).items()}
-        out.update({f"layer.{k}": v for k, v in self._decoder_layer(self.MTP_PREFIX + "layers.0.", FULL, dtype).items()})
+        out.update({f"layer.{k}": v for k, v in self._decoder_layer(MTP_PREFIX + "layers.0.", FULL, dtype).items()})
         head = self.head_weights(dtype)
         out["final_norm.weight"], out["lm_head.weight"] = head["norm.weight"], head["lm_head.weight"]
         return out
@@ -280,9 +278,9 @@ class Checkpoint:
             self._check_decoder_layer(f"{self.prefix}layers.{i}.", s.layer_types[i])
         if self.has_mtp:
             for name, shape in mtp_shapes(s).items():
-                self._check(self.MTP_PREFIX + name, shape, absolute=True)
-            self._check_decoder_layer(self.MTP_PREFIX + "layers.0.", FULL)
-            if any(k.startswith(self.MTP_PREFIX + "layers.1.") for k in self.where):
+                self._check(MTP_PREFIX + name, shape, absolute=True)
+            self._check_decoder_layer(MTP_PREFIX + "layers.0.", FULL)
+            if any(k.startswith(MTP_PREFIX + "layers.1.") for k in self.where):
                 raise DualbrainError("checkpoint has more than one MTP layer (mtp.layers.1.*): dualbrain runs one")
 
     def _check_decoder_layer(self, base: str, layer_type: str) -> None:
@@ -311,6 +309,9 @@ class Checkpoint:
             raise DualbrainError(f"tensor {full!r} has shape {got}, the config implies {tuple(shape)}")
         if self.meta[full]["dtype"] not in FLOAT_DTYPES:
             raise DualbrainError(f"tensor {full!r} has dtype {self.meta[full]['dtype']}, expected a float type")
+
+
+MTP_PREFIX = "mtp."     # the MTP head's tensors sit at the top level, not under the language model's prefix
 
 
 def expected_layer_shapes(s: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from dualbrain.artifacts import JOURNAL, resumable_output_dir
 from dualbrain.errors import DualbrainError
-from dualbrain.exporter.checkpoint import Checkpoint, expected_layer_shapes
+from dualbrain.exporter.checkpoint import Checkpoint, expected_layer_shapes, layer_shapes, mtp_shapes
 from dualbrain.exporter.link import link_blocks
 from dualbrain.runtime.blocks import KINDS, MTP, BlockKind, PlannedBlock, TensorInfo, model_blocks, random_feeds
 from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES, dtype as dtype_info, from_torch, torch_dtype
@@ -108,6 +108,20 @@ def export_block(module, spec: ModelSpec, kind: BlockKind, dtype: str, path: Pat
     return attach_functions(path)
 
 
+def _point_external(t, entries: dict[str, str]) -> None:
+    """Make initializer `t` read its bytes from the external-data `entries` (location, offset, length)."""
+    del t.external_data[:]
+    for k, v in entries.items():
+        t.external_data.add(key=k, value=v)
+
+
+def _write_external(out, t, raw: bytes, data_name: str) -> None:
+    """Append `raw` to the open data file `out` (64-byte aligned) as initializer `t`'s bytes."""
+    out.write(b"\0" * ((-out.tell()) % 64))
+    _point_external(t, {"location": data_name, "offset": str(out.tell()), "length": str(len(raw))})
+    out.write(raw)
+
+
 def reweight_block(template: Path, module, path: Path) -> bool:
     """Write `path` as a copy of the traced `template` graph with `module`'s weights.
 
@@ -143,13 +157,7 @@ def reweight_block(template: Path, module, path: Path) -> bool:
             else:  # a constant of the graph itself: identical for every layer of this kind
                 old.seek(int(info.get("offset", 0)))
                 raw = old.read(int(info["length"]))
-            pad = (-out.tell()) % 64
-            out.write(b"\0" * pad)
-            offset = out.tell()
-            out.write(raw)
-            del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                t.external_data.add(key=k, value=v)
+            _write_external(out, t, raw, data_name)
     onnx.save(model, str(path))
     return True
 
@@ -158,8 +166,8 @@ def estimate_output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     s = ckpt.spec
     params = 2 * s.vocab_size * s.hidden_size + s.hidden_size
     params += sum(math.prod(shape) for i in range(s.num_layers) for shape in expected_layer_shapes(s, i).values())
-    if ckpt.has_mtp:    # about one more attention layer (its lm_head is the head's)
-        params += sum(math.prod(shape) for shape in expected_layer_shapes(s, s.layer_types.index(FULL)).values())
+    if ckpt.has_mtp:    # its lm_head is the head's
+        params += sum(math.prod(shape) for shape in (*layer_shapes(s, FULL).values(), *mtp_shapes(s).values()))
     return params * dtype_info(dtype).itemsize
 
 
@@ -192,18 +200,12 @@ def share_weight(path: Path, name: str, source: Path, source_name: str) -> bool:
         for x in model.graph.initializer:
             if x.data_location != ext:
                 continue
-            info = loc(x)
-            del x.external_data[:]
             if x is t:
-                entries = src_info
+                _point_external(x, src_info)
             else:
+                info = loc(x)
                 old.seek(int(info.get("offset", 0)))
-                raw = old.read(int(info["length"]))
-                out.write(b"\0" * ((-out.tell()) % 64))
-                entries = {"location": data.name, "offset": str(out.tell()), "length": str(len(raw))}
-                out.write(raw)
-            for k, v in entries.items():
-                x.external_data.add(key=k, value=v)
+                _write_external(out, x, old.read(int(info["length"])), data.name)
     tmp.replace(data)
     onnx.save(model, str(path))
     return True
@@ -287,9 +289,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                     traced[kind.name] = path
                 del module
                 gc.collect()
-                if kind.name == MTP:
-                    share_weight(path, "lm_head", part / "head.onnx", "lm_head")
-                if quant and kind.name != MTP:   # a quantized MTP head loses acceptance: it keeps the float dtype
+                for weight, block, source in kind.shares:
+                    share_weight(path, weight, part / f"{block}.onnx", source)
+                if quant and kind.quantize:
                     quantize_block(part / f"{name}.onnx", quant)
                 if window_file:
                     write_window_variant(path, part / window_file, sig)

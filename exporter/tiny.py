@@ -404,51 +404,22 @@ def _to_per_expert(tensors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _mtp_tensors(text_cfg: dict[str, Any], family: str, torch_dtype, seed: int) -> dict[str, Any]:
-    """A multi-token-prediction head shaped like the published one (stacked experts for MoE), random with
-    the spreads of the model's own weights (`_tiny_init`), so its logits are peaked, not near-uniform."""
+def _mtp_tensors(spec, torch_dtype, seed: int) -> dict[str, Any]:
+    """A multi-token-prediction head in the published layout (the checkpoint reader's own shapes:
+    `mtp_shapes` + one full-attention decoder layer, stacked experts for MoE), random with the spreads
+    of the model's own weights (`_tiny_init`), so its logits are peaked, not near-uniform."""
     import torch
 
+    from dualbrain.exporter.checkpoint import MTP_PREFIX, layer_shapes, mtp_shapes
+    from dualbrain.runtime.spec import FULL
+
     g = torch.Generator().manual_seed(int(seed) * 31 + 5)
-    H = text_cfg["hidden_size"]
-    nq, nkv, hd = text_cfg["num_attention_heads"], text_cfg["num_key_value_heads"], text_cfg["head_dim"]
 
     def normal(shape, std, mean=0.0):
         return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
 
-    shapes = {
-        "mtp.fc.weight": (H, 2 * H),
-        "mtp.pre_fc_norm_embedding.weight": (H,),
-        "mtp.pre_fc_norm_hidden.weight": (H,),
-        "mtp.norm.weight": (H,),
-        "mtp.layers.0.input_layernorm.weight": (H,),
-        "mtp.layers.0.post_attention_layernorm.weight": (H,),
-        "mtp.layers.0.self_attn.q_proj.weight": (2 * nq * hd, H),  # gated attention: query + gate
-        "mtp.layers.0.self_attn.k_proj.weight": (nkv * hd, H),
-        "mtp.layers.0.self_attn.v_proj.weight": (nkv * hd, H),
-        "mtp.layers.0.self_attn.o_proj.weight": (H, nq * hd),
-        "mtp.layers.0.self_attn.q_norm.weight": (hd,),
-        "mtp.layers.0.self_attn.k_norm.weight": (hd,),
-    }
-    if family == "dense":
-        inter = text_cfg["intermediate_size"]
-        shapes.update({
-            "mtp.layers.0.mlp.gate_proj.weight": (inter, H),
-            "mtp.layers.0.mlp.up_proj.weight": (inter, H),
-            "mtp.layers.0.mlp.down_proj.weight": (H, inter),
-        })
-    else:
-        E, inter = text_cfg["num_experts"], text_cfg["moe_intermediate_size"]
-        sh = text_cfg["shared_expert_intermediate_size"]
-        shapes.update({
-            "mtp.layers.0.mlp.gate.weight": (E, H),
-            "mtp.layers.0.mlp.experts.gate_up_proj": (E, 2 * inter, H),
-            "mtp.layers.0.mlp.experts.down_proj": (E, H, inter),
-            "mtp.layers.0.mlp.shared_expert.gate_proj.weight": (sh, H),
-            "mtp.layers.0.mlp.shared_expert.up_proj.weight": (sh, H),
-            "mtp.layers.0.mlp.shared_expert.down_proj.weight": (H, sh),
-            "mtp.layers.0.mlp.shared_expert_gate.weight": (1, H),
-        })
+    shapes = {MTP_PREFIX + k: v for k, v in mtp_shapes(spec).items()}
+    shapes.update({f"{MTP_PREFIX}layers.0.{k}": v for k, v in layer_shapes(spec, FULL).items()})
     return {k: _tiny_init(k, shape, normal, g).to(torch_dtype) for k, shape in shapes.items()}
 
 
@@ -553,7 +524,9 @@ def make_tiny(
         # weight converter); normalise to stacked, add the mtp head, then emit the requested format.
         tensors = _to_stacked(tensors)
         if layout == "conditional":
-            tensors.update(_mtp_tensors(text_cfg, family, torch_dtype, seed))
+            from dualbrain.runtime.spec import ModelSpec
+
+            tensors.update(_mtp_tensors(ModelSpec.from_dir(part), torch_dtype, seed))
         if family == "moe" and experts == "per_expert":
             tensors = _to_per_expert(tensors)
         _write_shards(part, tensors, shards)

@@ -73,6 +73,9 @@ class BlockKind:
     last_positions: bool = False   # the linked graph runs it on the last `logits_to_keep` positions only
     reference_state: str | None = None  # "module:callable" (transformers cache, layer, spec) -> {state input: tensor}
     side: bool = False          # beside the chain, run on its own by a mode (the MTP head): never linked
+    quantize: bool = True       # --quant applies to it (the MTP head stays float: quantizing it costs acceptance)
+    # weights read from another block's data file instead of a copy: (initializer, block, its initializer)
+    shares: tuple[tuple[str, str, str], ...] = ()
 
     def torch_module(self):
         return _resolve(self.module)
@@ -132,15 +135,23 @@ def gated_deltanet_signature(spec: ModelSpec, dtype: str) -> Signature:
     return _layer(spec, dtype, (), states, tuple(TensorInfo(s.output, s.dtype, s.shape) for s in states), window_outs)
 
 
-def gated_attention_signature(spec: ModelSpec, dtype: str) -> Signature:
-    """K/V sequence-major, and only this call's positions out: the runtime appends them to its cache
-    (runtime.state), so a step never copies or reallocates the whole past."""
+def _kv(spec: ModelSpec, dtype: str) -> tuple[tuple[StateInfo, ...], tuple[TensorInfo, ...]]:
+    """An attention layer's appended K/V: the states, and their outputs (this call's positions)."""
     kv_past = ("past", "batch", spec.num_kv_heads, spec.head_dim)
     kv_new = ("seq", "batch", spec.num_kv_heads, spec.head_dim)
     states = (StateInfo("past_key", "new_key", dtype, kv_past, append=True),
               StateInfo("past_value", "new_value", dtype, kv_past, append=True))
-    return _layer(spec, dtype, (TensorInfo("position_ids", "int64", ("batch", "seq")),), states,
-                  (TensorInfo("new_key", dtype, kv_new), TensorInfo("new_value", dtype, kv_new)))
+    return states, (TensorInfo("new_key", dtype, kv_new), TensorInfo("new_value", dtype, kv_new))
+
+
+POSITIONS = TensorInfo("position_ids", "int64", ("batch", "seq"))
+
+
+def gated_attention_signature(spec: ModelSpec, dtype: str) -> Signature:
+    """K/V sequence-major, and only this call's positions out: the runtime appends them to its cache
+    (runtime.state), so a step never copies or reallocates the whole past."""
+    states, outs = _kv(spec, dtype)
+    return _layer(spec, dtype, (POSITIONS,), states, outs)
 
 
 def mtp_signature(spec: ModelSpec, dtype: str) -> Signature:
@@ -150,16 +161,12 @@ def mtp_signature(spec: ModelSpec, dtype: str) -> Signature:
     predicts token t+2. `normalize_hidden` [1] = 1 applies the model's final norm to `hidden` first
     (a target hidden state entering the head, when the head is fed final-normed states); 0 feeds it as
     is (pre-norm target states, or this head's own `hidden_out` when chaining drafts)."""
-    kv_past = ("past", "batch", spec.num_kv_heads, spec.head_dim)
-    kv_new = ("seq", "batch", spec.num_kv_heads, spec.head_dim)
-    states = (StateInfo("past_key", "new_key", dtype, kv_past, append=True),
-              StateInfo("past_value", "new_value", dtype, kv_past, append=True))
-    ins = (_hidden(spec, dtype, "hidden"), _hidden(spec, dtype, "embedded"), NORMALIZE_HIDDEN, MASK,
-           TensorInfo("position_ids", "int64", ("batch", "seq")),
+    states, kv_outs = _kv(spec, dtype)
+    ins = (_hidden(spec, dtype, "hidden"), _hidden(spec, dtype, "embedded"), NORMALIZE_HIDDEN, MASK, POSITIONS,
            *(TensorInfo(s.input, s.dtype, s.shape) for s in states))
     outs = (TensorInfo("logits", "float32", ("batch", "seq", spec.vocab_size)),
             _hidden(spec, dtype, "hidden_out"),     # after mtp.norm: what lm_head reads, and the next draft's hidden
-            TensorInfo("new_key", dtype, kv_new), TensorInfo("new_value", dtype, kv_new))
+            *kv_outs)
     return Signature(ins, outs, states)
 
 
@@ -173,7 +180,8 @@ KINDS: dict[str, BlockKind] = {k.name: k for k in (
     BlockKind(FULL, gated_attention_signature, f"{_LAYERS}:DecoderLayer", takes="hidden", gives="hidden_out",
               reference_state=f"{_LAYERS}:GatedAttentionMixer.reference_state"),
     BlockKind(HEAD, head_signature, f"{_LAYERS}:Head", takes="hidden", gives="logits", last_positions=True),
-    BlockKind(MTP, mtp_signature, f"{_LAYERS}:MtpHead", takes="hidden", gives="logits", side=True),
+    BlockKind(MTP, mtp_signature, f"{_LAYERS}:MtpHead", takes="hidden", gives="logits", side=True,
+              quantize=False, shares=(("lm_head", HEAD, "lm_head"),)),
 )}
 
 
@@ -189,7 +197,6 @@ def model_blocks(spec: ModelSpec) -> list[PlannedBlock]:
     return ([PlannedBlock(EMBED, KINDS[EMBED])]
             + [PlannedBlock(f"layer_{i:03d}", KINDS[t], i) for i, t in enumerate(spec.layer_types)]
             + [PlannedBlock(HEAD, KINDS[HEAD])])
-
 
 
 # ---- the model's own inputs ---------------------------------------------------------------------

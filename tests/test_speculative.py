@@ -64,6 +64,26 @@ def test_greedy_is_token_identical_to_the_target(pair, prompt_len, k):
             assert res.acceptance_rate == rate
 
 
+def _same_as_fresh(model, state, seq):
+    """`state` holds exactly `seq`'s prefix of its length: one more token gives the logits a fresh
+    prefill of that prefix gives (no marks, no rollback)."""
+    n = int(state.positions[0])
+    fresh = model.new_state(1, capacity=n + 2)
+    model.forward(np.asarray([seq[:n]], np.int64), fresh)
+    z = np.asarray([[seq[0]]], np.int64)
+    return np.allclose(model.forward(z, state), model.forward(z, fresh), rtol=1e-4, atol=1e-4), n
+
+
+def test_rolled_back_states_equal_a_fresh_prefill(pair):
+    large, small = pair
+    prompt = [int(x) for x in np.random.default_rng(4).integers(0, large.vocab_size, 12)]
+    res = speculative_generate(large, small, prompt, SamplingParams(greedy=True, max_new_tokens=40), draft_tokens=3)
+    seq = prompt + res.new_ids
+    for model, state in ((large, res.target_state), (small, res.draft_state)):
+        ok, n = _same_as_fresh(model, state, seq)
+        assert len(seq) - 2 <= n <= len(seq) and ok
+
+
 def test_sampling_runs_seeded_and_reproducible(pair):
     large, small = pair
     params = SamplingParams(seed=3, max_new_tokens=24)

@@ -15,6 +15,7 @@ import numpy as np
 from dualbrain.runtime.model import Model
 from dualbrain.runtime.sampling import SamplingParams, filtered_probs
 from dualbrain.runtime.solver.accept import draw, verify
+from dualbrain.runtime.state import State
 
 
 @dataclass
@@ -22,6 +23,8 @@ class SpeculativeResult:
     new_ids: list[int] = field(default_factory=list)
     drafted: int = 0
     accepted: int = 0
+    target_state: State | None = None    # where each model stands at the end (a continuation resumes here)
+    draft_state: State | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -40,7 +43,7 @@ def speculative_generate(target: Model, drafter: Model, prompt: list[int], param
     ids = np.asarray([prompt], np.int64)
     x0 = draw(filtered_probs(target.forward(ids, big), params)[0], rng)
     drafter.forward(ids, small)
-    res = SpeculativeResult([x0])
+    res = SpeculativeResult([x0], target_state=big, draft_state=small)
     pending = [x0]                       # tokens the drafter has not fed yet
     eos = set(target.eos_ids)
     while len(res.new_ids) < params.max_new_tokens and x0 not in eos:
