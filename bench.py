@@ -345,5 +345,169 @@ def print_report(report: dict) -> None:
           f"{report['roofline_decode_tok_s']:.1f} tok/s at batch 1")
 
 
+# ---- the solver modes (`dualbrain bench --solver`) -------------------------------------------------
+
+@dataclass(frozen=True)
+class SolverBenchConfig:
+    new_tokens: int = 64
+    prompt_len: int = 32
+    prompts: int = 3            # each answered alone (batch 1); latency percentiles over all of them
+    draft_tokens: int = 4
+    threshold: float = 0.5
+
+
+def predicted_speedup(alpha: float, k: float, c: float, v: float = 1.0) -> float:
+    """Leviathan et al.'s cost model: tokens per round over the round's cost in target decode steps,
+    (1 - a^(k+1)) / ((1 - a)(k c + v)), a the per-draft acceptance rate, c the draft step's cost
+    relative to the target's, v the verify call's (1 in the paper: a (k+1)-token call costs one step)."""
+    tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * c + v)
+
+
+def _median_seconds(fn, n: int = 15) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def step_seconds(model, prompt: list[int]) -> float:
+    """A one-token decode step of `model` after `prompt` (median)."""
+    state = model.new_state(1, capacity=len(prompt) + 64)
+    model.forward(np.asarray([prompt], np.int64), state)
+    state.mark()
+
+    def one():
+        model.forward(np.asarray([[prompt[-1]]], np.int64), state)
+        state.rollback(0, 0)
+    return _median_seconds(one)
+
+
+def verify_seconds(model, prompt: list[int], n: int) -> float:
+    """An n-token call after a mark, rolled back (a verify call: per-position GDN states), median."""
+    state = model.new_state(1, capacity=len(prompt) + 64)
+    model.forward(np.asarray([prompt], np.int64), state)
+    state.mark()
+    ids = np.asarray([prompt[:n]], np.int64)
+
+    def one():
+        model.forward(ids, state, logits_to_keep=n)
+        state.rollback(0, 0)
+    return _median_seconds(one)
+
+
+def mtp_step_seconds(drafter, prompt: list[int]) -> float:
+    """One chained draft of the MTP head (one pair) after a cache of the prompt's length (median)."""
+    st = drafter._new_state(1, len(prompt) + 64)
+    h = np.zeros((len(prompt), drafter.model.spec.hidden_size), drafter._hidden_dtype)
+    drafter._run(st, {0: (h, prompt)}, drafter.normalize)
+    st.mark()
+
+    def one():
+        drafter._run(st, {0: (h[:1], prompt[:1])}, 0)
+        st.rollback(0, 0)
+    return _median_seconds(one)
+
+
+def _answer_all(model, mode, prompts: list[list[int]], n: int) -> tuple[list, list[float]]:
+    """Each prompt alone on a one-row engine (greedy, n new tokens); the generations and each one's
+    decode ms per token (after the first token)."""
+    from dualbrain.runtime.engine import Engine
+    from dualbrain.runtime.sampling import SamplingParams
+
+    gens, ms = [], []
+    for p in prompts:
+        engine = Engine(model, max_batch=1, prefill_chunk=len(p), capacity=len(p) + n + 16, mode=mode)
+        req = engine.submit(p, SamplingParams(greedy=True, max_new_tokens=n))
+        gens.append(req.result())
+        k = len(req.generation.new_ids) - 1
+        if k > 0:
+            ms.append(1000 * (req.t_done - req.t_first) / k)
+    return gens, ms
+
+
+def bench_solver(large_dir: str | Path, small_dir: str | Path | None = None, *,
+                 cfg: SolverBenchConfig = SolverBenchConfig(), progress=None) -> dict:
+    """The large model alone, the small one alone and every solver mode the pair allows, on the same
+    prompts in one run: speed, P50/P95 ms per token, acceptance, the cost ratio and the cost model's
+    prediction beside the measured speedup."""
+    from dualbrain.runtime.engine import PlainDecode
+    from dualbrain.runtime.model import Model
+    from dualbrain.runtime.solver import MODES, SolverOptions, build_mode
+    from dualbrain.runtime.solver.drafters import MtpDrafter
+    from dualbrain.runtime.solver.pair import check_pair
+
+    if small_dir is not None:
+        check_pair(large_dir, small_dir)
+    large = Model.load(large_dir)
+    small = Model.load(small_dir) if small_dir is not None else None
+    has_mtp = large.manifest.side("mtp") is not None
+    prompts = _prompts(large.vocab_size, cfg.prompts, cfg.prompt_len, seed=7)
+    options = SolverOptions(draft_tokens=cfg.draft_tokens, threshold=cfg.threshold)
+    runs = [("large", large, None)] + ([("small", small, None)] if small is not None else [])
+    runs += [(name, large, m) for name, m in MODES.items() if (small is not None or not m.needs_small)
+             and (name != "mtp" or has_mtp)]
+    t_large = step_seconds(large, prompts[0])
+    cost = {"speculative": step_seconds(small, prompts[0]) / t_large if small is not None else None,
+            "mtp": mtp_step_seconds(MtpDrafter(large), prompts[0]) / t_large if has_mtp else None}
+    modes: dict[str, dict] = {}
+    reference = None
+    for i, (name, model, spec) in enumerate(runs):
+        if progress:
+            progress(name, i, len(runs))
+        mode = spec.build(large, small, options) if spec is not None else PlainDecode()
+        gens, ms = _answer_all(model, mode, prompts, cfg.new_tokens)
+        p50, p95 = _ms_percentiles([m / 1000 for m in ms])
+        row: dict[str, Any] = {"tok_s": 1000 / p50, "p50_ms": p50, "p95_ms": p95,
+                               "new_tokens": sum(len(g.new_ids) for g in gens)}
+        if name == "large":
+            reference = [g.new_ids for g in gens]
+        else:
+            row["tokens_match_large"] = [g.new_ids for g in gens] == reference
+            row["speedup"] = modes["large"]["p50_ms"] / p50
+        drafted, accepted, rounds = (sum(getattr(g, f) for g in gens) for f in ("drafted", "accepted", "rounds"))
+        if name in cost:
+            alpha = accepted / drafted if drafted else 0.0
+            k = drafted / rounds if rounds else 0.0
+            v = verify_seconds(large, prompts[0], max(1, round(k)) + 1) / t_large
+            row.update(acceptance_rate=alpha, mean_k=k, mean_accepted=accepted / rounds if rounds else 0.0,
+                       tokens_per_round=row["new_tokens"] / rounds if rounds else 0.0, cost_ratio=cost[name],
+                       verify_cost=v, predicted_speedup=predicted_speedup(alpha, k, cost[name]),
+                       predicted_speedup_with_verify_cost=predicted_speedup(alpha, k, cost[name], v))
+        if name == "cascade":
+            row.update(escalation_rate=sum(g.escalations for g in gens) / max(1, rounds),
+                       window=cfg.draft_tokens, threshold=cfg.threshold)
+        modes[name] = row
+    return {"large": str(large_dir), "small": str(small_dir) if small_dir else None, "config": asdict(cfg),
+            "modes": modes}
+
+
+def print_solver_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(x, spec):
+        return "" if x is None else format(x, spec)
+
+    t = Table(title=f"solver modes: large {report['large']}, small {report['small'] or '-'} "
+                    f"(batch 1, greedy, {report['config']['new_tokens']} new tokens)")
+    for col in ("mode", "tok/s", "ms/tok P50/P95", "speedup", "model", "model(v)", "accept", "k", "tok/rnd", "c", "v",
+                "escal", "=large"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for name, m in report["modes"].items():
+        t.add_row(name, f(m["tok_s"], ".1f"), f"{m['p50_ms']:.1f}/{m['p95_ms']:.1f}", f(m.get("speedup"), ".2f"),
+                  f(m.get("predicted_speedup"), ".2f"), f(m.get("predicted_speedup_with_verify_cost"), ".2f"),
+                  f(m.get("acceptance_rate"), ".2f"), f(m.get("mean_k"), ".1f"), f(m.get("tokens_per_round"), ".2f"),
+                  f(m.get("cost_ratio"), ".2f"), f(m.get("verify_cost"), ".2f"), f(m.get("escalation_rate"), ".2f"),
+                  {None: "", True: "yes", False: "no"}[m.get("tokens_match_large")])
+    Console(width=max(140, Console().width)).print(t)
+    print("speedup: measured P50 ms/token of large alone over the mode's, this run; model: (1 - a^(k+1)) / "
+          "((1 - a)(k c + 1)) from the measured acceptance a, drafts per round k and draft cost c (a draft step "
+          "over a large decode step); model(v): the same with the verify call's measured cost v instead of 1")
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2], sys.argv[3] or None, json.loads(sys.argv[4]), sys.argv[5])

@@ -15,6 +15,7 @@ from dualbrain.console import progress_bar
 from dualbrain.errors import DualbrainError
 from dualbrain.exporter.tiny import PRESETS as TINY_PRESETS
 from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES
+from dualbrain.runtime.solver import MODES as SOLVER_MODES
 
 
 class _Group(click.Group):
@@ -93,27 +94,75 @@ def _read_messages(path: Path) -> list:
     return msgs
 
 
+def _options(*decorators):
+    """Apply click options in the order they are listed (one list, shared by several commands)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+_prompt_options = _options(
+    click.option("--prompt", help="One user message, rendered through the chat template."),
+    click.option("--messages", type=click.Path(path_type=Path),
+                 help='JSON file: a list of {"role", "content"} messages.'),
+    click.option("--ids", help="Comma-separated token ids (bypasses tokenizer and chat template)."),
+)
+
+_sampling_options = _options(
+    click.option("--max-new-tokens", type=int, default=256, show_default=True),
+    click.option("--greedy", is_flag=True, help="Greedy decoding (ignores the sampling options)."),
+    click.option("--temperature", type=float, default=None, help="Default: generation_config.json, else Qwen's preset."),
+    click.option("--top-p", type=float, default=None),
+    click.option("--top-k", type=int, default=None),
+    click.option("--presence-penalty", type=float, default=None),
+    click.option("--seed", type=int, default=None),
+    click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    click.option("--think/--no-think", default=True, show_default=True, help="enable_thinking in the chat template."),
+    click.option("--preserve-thinking", is_flag=True, help="Keep earlier turns' reasoning in the prompt."),
+)
+
+
+def _sampling_overrides(max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop) -> dict:
+    """The sampling flags as `SamplingParams.replace` overrides, checked before anything loads."""
+    from dualbrain.runtime.sampling import default_params
+
+    overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                     seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop) or None, greedy=greedy or None)
+    default_params(None, True).replace(**overrides)  # reject bad parameters before loading anything
+    return overrides
+
+
+def _prompt_ids(model, prompt, messages, ids, think, preserve_thinking) -> list[int]:
+    """--ids as they are, else --prompt / --messages rendered with the model's chat template."""
+    if ids is not None:
+        return _parse_ids(ids)
+    msgs = [{"role": "user", "content": prompt}] if prompt is not None else _read_messages(messages)
+    tok = model.tokenizer
+    return tok.encode(tok.render(msgs, enable_thinking=think, preserve_thinking=preserve_thinking))
+
+
+def _streamer(as_json: bool):
+    if as_json:
+        return None
+
+    def stream(row, tok, delta):
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    return stream
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", help="One user message, rendered through the chat template.")
-@click.option("--messages", type=click.Path(path_type=Path), help='JSON file: a list of {"role", "content"} messages.')
-@click.option("--ids", help="Comma-separated token ids (bypasses tokenizer and chat template).")
+@_prompt_options
 @click.option("--batch", "batch_file", type=click.Path(path_type=Path),
               help="JSONL file of requests, one per line: exactly one of prompt / messages / ids, plus any of "
                    "max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop, think. "
                    "Run together with continuous batching; output one result per request, in input order.")
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="With --batch: requests decoded together at most.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--greedy", is_flag=True, help="Greedy decoding (ignores the sampling options).")
-@click.option("--temperature", type=float, default=None, help="Default: generation_config.json, else Qwen's preset.")
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--presence-penalty", type=float, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--think/--no-think", default=True, show_default=True, help="enable_thinking in the chat template.")
-@click.option("--preserve-thinking", is_flag=True, help="Keep earlier turns' reasoning in the prompt.")
+@_sampling_options
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt needs a GPU, TensorRT (or TensorRT-RTX) and engines from `dualbrain build`.")
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
@@ -134,26 +183,76 @@ def generate(model_dir, prompt, messages, ids, batch_file, max_batch, max_new_to
     if batch_file is not None:
         _generate_batch(model_dir, batch_file, max_batch, backend, options, as_json)
         return
-    overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                     seed=seed, max_new_tokens=max_new_tokens, stop=tuple(stop) or None, greedy=greedy or None)
-    default_params(None, think).replace(**overrides)  # reject bad parameters before loading anything
+    overrides = _sampling_overrides(max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop)
     model = Model.load(model_dir, backend=backend, **options)
     params = default_params(model.generation_config, think).replace(**overrides)
-    if ids is not None:
-        prompt_ids = _parse_ids(ids)
-    else:
-        msgs = [{"role": "user", "content": prompt}] if prompt is not None else _read_messages(messages)
-        tok = model.tokenizer
-        prompt_ids = tok.encode(tok.render(msgs, enable_thinking=think, preserve_thinking=preserve_thinking))
-
+    prompt_ids = _prompt_ids(model, prompt, messages, ids, think, preserve_thinking)
     stats = GenerationStats()
-    def stream(row, tok, delta):
-        click.echo(delta, nl=False)
-        sys.stdout.flush()
-
-    gen = run_generate(model, [prompt_ids], params, on_token=None if as_json else stream, stats=stats)[0]
+    gen = run_generate(model, [prompt_ids], params, on_token=_streamer(as_json), stats=stats)[0]
     if as_json:
         click.echo(_result_json(gen, len(prompt_ids), stats.prefill_tokens_per_s, stats.decode_tokens_per_s))
+    else:
+        click.echo()
+
+
+@main.command()
+@click.option("--large", "large_dir", required=True, type=click.Path(path_type=Path),
+              help="The large model's export (System 2): it verifies, and its chat template renders prompts.")
+@click.option("--small", "small_dir", type=click.Path(path_type=Path), default=None,
+              help="The small model's export (System 1): drafts (speculative) or answers (cascade).")
+@click.option("--mode", required=True, type=click.Choice(list(SOLVER_MODES)),
+              help="; ".join(f"{m.name}: {m.help}" for m in SOLVER_MODES.values()) + ".")
+@_prompt_options
+@click.option("--draft-tokens", type=int, default=4, show_default=True,
+              help="speculative/mtp: the most drafts per round (adapted per row below it); cascade: the window.")
+@click.option("--no-adaptive", is_flag=True, help="speculative/mtp: always draft --draft-tokens tokens.")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="cascade: escalate a window when the small model's lowest top-1 probability is below this "
+                   "(0: never, above 1: always).")
+@click.option("--mtp-feed", type=click.Choice(["final-normed", "pre-norm"]), default="final-normed",
+              show_default=True, help="mtp: the target hidden state enters the head after the final norm (vLLM, "
+                                      "SGLang) or before it (mlx-lm).")
+@_sampling_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: generate --json's fields plus drafted, accepted, acceptance_rate, "
+                   "escalations, rounds.")
+def solve(large_dir, small_dir, mode, prompt, messages, ids, draft_tokens, no_adaptive, threshold, mtp_feed,
+          max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop, think, preserve_thinking,
+          as_json):
+    """Run the large and small models together: speculative, mtp or cascade (one request).
+
+    \b
+    dualbrain solve --large L_OUT --small S_OUT --mode speculative --prompt "Hi" --json
+    dualbrain solve --large L_OUT --mode mtp --ids 1,2,3 --greedy
+    """
+    from dualbrain.runtime.generate import GenerationStats
+    from dualbrain.runtime.generate import generate as run_generate
+    from dualbrain.runtime.model import Model
+    from dualbrain.runtime.sampling import default_params
+    from dualbrain.runtime.solver import SolverOptions, build_mode
+    from dualbrain.runtime.solver.pair import check_pair
+
+    if sum(x is not None for x in (prompt, messages, ids)) != 1:
+        raise DualbrainError("give exactly one of --prompt, --messages or --ids")
+    SOLVER_MODES[mode].check(small_dir is not None, draft_tokens)
+    if small_dir is not None and not SOLVER_MODES[mode].needs_small:
+        raise DualbrainError(f"--mode {mode} runs the large model alone: drop --small")
+    overrides = _sampling_overrides(max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop)
+    if small_dir is not None:
+        check_pair(large_dir, small_dir)                 # before anything loads or runs
+    large = Model.load(large_dir)
+    small = Model.load(small_dir) if small_dir is not None else None
+    options = SolverOptions(draft_tokens=draft_tokens, adaptive=not no_adaptive, threshold=threshold,
+                            mtp_feed=mtp_feed)
+    solver = build_mode(mode, large, small, options)
+    params = default_params(large.generation_config, think).replace(**overrides)
+    prompt_ids = _prompt_ids(large, prompt, messages, ids, think, preserve_thinking)
+    stats = GenerationStats()
+    gen = run_generate(large, [prompt_ids], params, on_token=_streamer(as_json), stats=stats, mode=solver)[0]
+    if as_json:
+        click.echo(_result_json(gen, len(prompt_ids), stats.prefill_tokens_per_s, stats.decode_tokens_per_s,
+                                mode=mode, drafted=gen.drafted, accepted=gen.accepted,
+                                acceptance_rate=gen.acceptance_rate, escalations=gen.escalations, rounds=gen.rounds))
     else:
         click.echo()
 
@@ -319,8 +418,19 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
               help="A GGUF of the same checkpoint for llama-bench (convert it with llama.cpp's converter).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@click.option("--solver", is_flag=True,
+              help="Benchmark the solver modes instead: the large model alone, the small one alone, speculative, "
+                   "mtp (when the large export has an MTP head) and cascade, on the same prompts.")
+@click.option("--large", "large_dir", type=click.Path(path_type=Path), default=None,
+              help="With --solver: the large model's export (default: EXPORT).")
+@click.option("--small", "small_dir", type=click.Path(path_type=Path), default=None,
+              help="With --solver: the small model's export (speculative and cascade need it).")
+@click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --solver: the most drafts a round.")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="With --solver: cascade's threshold.")
+@click.option("--prompts", "n_prompts", type=int, default=3, show_default=True,
+              help="With --solver: prompts answered (each alone; latency percentiles over them).")
 def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, output,
-          as_json):
+          as_json, solver, large_dir, small_dir, draft_tokens, threshold, n_prompts):
     """Time an export's prefill and decode beside the peers, in one run, after checking their tokens.
 
     \b
@@ -328,10 +438,20 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
     P50/P95, peak RSS per engine (each runs in its own process), the export's size, and the roofline:
     the bytes one decode token must read over the bandwidth of a large fp32 matrix-vector product
     measured in the same run. Engines whose greedy tokens differ from dualbrain's are flagged.
+
+    \b
+    With --solver: the large model alone, the small one alone, and each solver mode, each answering the
+    same prompts one at a time (greedy): tok/s, ms/token P50/P95, the speedup over the large model alone
+    measured in this run, and for speculative/mtp the acceptance rate, drafts and tokens per round, the
+    draft's cost ratio c (its decode step over the large model's) and the speedup the cost model
+    (1 - a^(k+1)) / ((1 - a)(k c + 1)) predicts from them; for cascade the escalation rate.
     """
     from dualbrain.bench import BenchConfig, print_report
     from dualbrain.bench import bench as run_bench
 
+    if solver:
+        _bench_solver(large_dir or export, small_dir, new_tokens, draft_tokens, threshold, n_prompts, output, as_json)
+        return
     if export is None:
         raise DualbrainError("give the export to benchmark: dualbrain bench OUT [--checkpoint CKPT]")
     if new_tokens < 2 or runs < 1:
@@ -344,13 +464,32 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
     with bar:
         report = run_bench(export, checkpoint, cfg=cfg, peers=not no_peers,
                            llama=str(llama_bench) if llama_bench else None, gguf=gguf, progress=update)
+    _report(report, output, as_json, print_report)
+
+
+def _report(report: dict, output: Path | None, as_json: bool, show) -> None:
+    """A bench report: written to `output` if given; printed as JSON or shown as a table."""
     text = json.dumps(report, indent=1)
     if output is not None:
         Path(output).write_text(text + "\n", encoding="utf-8")
     if as_json:
         click.echo(text)
     else:
-        print_report(report)
+        show(report)
+
+
+def _bench_solver(large, small, new_tokens, draft_tokens, threshold, n_prompts, output, as_json) -> None:
+    from dualbrain.bench import SolverBenchConfig, bench_solver, print_solver_report
+
+    if large is None:
+        raise DualbrainError("give the large model: dualbrain bench --solver --large L_OUT [--small S_OUT]")
+    if new_tokens < 2 or draft_tokens < 1 or n_prompts < 1:
+        raise DualbrainError("--new-tokens must be at least 2, --draft-tokens and --prompts at least 1")
+    cfg = SolverBenchConfig(new_tokens=new_tokens, draft_tokens=draft_tokens, threshold=threshold, prompts=n_prompts)
+    update, bar = progress_bar("benchmarking")
+    with bar:
+        report = bench_solver(large, small, cfg=cfg, progress=update)
+    _report(report, output, as_json, print_solver_report)
 
 
 def _register_build() -> None:

@@ -291,6 +291,30 @@ class Tokenizer:
                 kwargs.setdefault(name, getattr(self, name))
         return render_chat(self.chat_template, messages, **kwargs)
 
+    # -- identity: what makes two tokenizers mean the same by every id ---------------------------
+    def identity(self) -> dict[str, str]:
+        """sha256 of each part that decides what ids mean: the vocabulary, the BPE merges and the
+        added tokens (chat templates, file layout and formatting are not part of it)."""
+        import hashlib
+
+        model = json.loads(self._tok.to_str()).get("model", {})
+        added = sorted((i, t.content, bool(t.special)) for i, t in self._tok.get_added_tokens_decoder().items())
+        parts = {"vocabulary": sorted(self._tok.get_vocab(with_added_tokens=False).items()),
+                 "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])],
+                 "added tokens": added}
+        return {k: hashlib.sha256(json.dumps(v, ensure_ascii=False).encode()).hexdigest() for k, v in parts.items()}
+
+    def fingerprint(self) -> str:
+        """One sha256 over `identity()`."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+    def difference(self, other: "Tokenizer") -> str:
+        """The parts of `identity()` in which the two differ, comma-separated ("" if none)."""
+        a, b = self.identity(), other.identity()
+        return ", ".join(k for k in a if a[k] != b[k])
+
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 

@@ -14,6 +14,10 @@ has its own sampling parameters, random stream, presence mask (only tokens it ke
 strings, token limit and detokenizer. `start()` runs the steps on a background thread instead (for
 servers); `async for` over a request works from asyncio code.
 
+What a step does for the running rows is the engine's mode: `PlainDecode` (one token per row) by
+default, or a solver mode (runtime/solver: speculative, mtp, cascade) that brings a drafter along,
+prefilled beside each request and moved in and out of rows with it.
+
 Admission: requests wait for a free row (one prefill at a time). The batch's KV cache is `max_batch`
 rows as long as the longest running request's prompt + new tokens; with `kv_bytes`, a request that
 would make it larger than that is refused at `submit`, saying how much it needs.
@@ -44,6 +48,15 @@ class Generation:
     new_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None    # eos | stop | length | cancelled
+    # solver modes (runtime/solver): drafts proposed and kept, rounds run, escalations to the large model
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    escalations: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 class Request:
@@ -59,6 +72,7 @@ class Request:
         self.decoder = tok.stream_decoder() if tok is not None else None
         self.text = ""                       # streamed so far (stop strings are matched on it)
         self.state = None                    # one-row prefill state until it moves into a row
+        self.solver = None                   # the mode's own per-request record (runtime/solver), if any
         self.fed = 0                         # prompt tokens prefilled so far
         self.row: int | None = None
         self.next_token: int | None = None   # sampled, not yet fed
@@ -172,8 +186,29 @@ class Request:
 
 
 class PlainDecode:
-    """The plain mode's step: every running row advances by one token, all in one batched call.
-    (The solver modes bring their own: draft and verify, or two models in lockstep.)"""
+    """The plain mode: every running row advances by one token, all in one batched call.
+
+    A mode is what the engine does for its requests between admission and release; the solver modes
+    (runtime/solver) subclass this and bring a second model or the MTP head along: they prefill it
+    beside the request's own prefill (`prefill`), move its rows in and out with the engine's
+    (`insert`, `evict`), and draft and verify in `decode`."""
+
+    def attach(self, engine: "Engine") -> None:
+        """Called once by the engine it serves (allocate per-row state here)."""
+
+    def admit(self, engine: "Engine", req: Request) -> None:
+        """`req` starts its prefill (on `req.state`, a one-row state)."""
+
+    def prefill(self, engine: "Engine", req: Request, chunk: list[int]) -> np.ndarray | None:
+        """Feed one prompt chunk on `req.state`; returns the last position's logits (1, V) (after the
+        last chunk the first token is sampled from them; None: the mode's `decode` chooses it)."""
+        return engine.model.forward(np.asarray([chunk], np.int64), req.state)
+
+    def insert(self, engine: "Engine", row: int, req: Request) -> None:
+        """`req`'s prefill is done and its state moved into `row`."""
+
+    def evict(self, engine: "Engine", row: int) -> None:
+        """`row` was freed."""
 
     def decode(self, engine: "Engine", live: list[tuple[int, Request]]) -> None:
         tokens = np.zeros((engine.max_batch, 1), np.int64)
@@ -197,7 +232,8 @@ class Engine:
         self.mode = mode or PlainDecode()
         self.eos = set(model.eos_ids)
         # positions preallocated per row (grows by doubling); a caller that knows its requests says so
-        self.state = model.new_state(max_batch, capacity=min(model.max_context, max(1, capacity)))
+        self.capacity = min(model.max_context, max(1, capacity))
+        self.state = model.new_state(max_batch, capacity=self.capacity)
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
@@ -208,6 +244,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.kv_bytes_per_position = model.kv_bytes_per_position
+        self.mode.attach(self)
 
     # ---- submitting -----------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
@@ -267,6 +304,7 @@ class Engine:
             req = self.waiting.popleft()       # fits: submit refused any that could not
         req.state = self.model.new_state(1, capacity=min(self.model.max_context, req.need))
         req.t_start = time.perf_counter()
+        self.mode.admit(self, req)
         self.prefilling = req
 
     def _prefill_chunk(self) -> bool:
@@ -275,14 +313,16 @@ class Engine:
             return False
         prompt = req.generation.prompt_ids
         chunk = prompt[req.fed:req.fed + self.prefill_chunk]
-        logits = self.model.forward(np.asarray([chunk], np.int64), req.state)
+        logits = self.mode.prefill(self, req, chunk)
         req.fed += len(chunk)
         if req.fed < len(prompt):
             return True
         row = self.rows.index(None)
         self.state.insert(row, req.state)
+        self.mode.insert(self, row, req)
         req.state, req.row, self.rows[row], self.prefilling = None, row, req, None
-        self.sample(req, logits)
+        if logits is not None:         # a mode may choose the first token itself (cascade: in its first window)
+            self.sample(req, logits)
         return True
 
     def _decode(self) -> bool:
@@ -294,20 +334,31 @@ class Engine:
 
     def sample(self, req: Request, logits: np.ndarray) -> None:
         """Choose `req`'s next token from `logits` (1, V) with its own sampler; emit it, finish if done."""
-        token = int(req.sampler(logits)[0])
-        req._emit(token)
-        if req.generation.finish_reason:
-            if req.row is not None:
-                self._release(req.row)
-            else:
-                req._finish()
-        else:
-            req.next_token = token
+        self.emit(req, [int(req.sampler(logits)[0])], observed=True)
+
+    def emit(self, req: Request, tokens: Sequence[int], *, observed: bool = False) -> int:
+        """Emit `tokens` in order until `req` finishes (then it leaves its row); returns how many were
+        emitted. The tokens count for the presence penalty unless the sampler saw them (`observed`)."""
+        n = 0
+        for token in tokens:
+            if not observed:
+                req.sampler.observe(np.asarray([token]), self.model.vocab_size)
+            req._emit(int(token))
+            n += 1
+            if req.generation.finish_reason:
+                if req.row is not None:
+                    self._release(req.row)
+                else:
+                    req._finish()
+                return n
+        req.next_token = int(tokens[-1]) if n else req.next_token
+        return n
 
     def _release(self, row: int, reason: str | None = None) -> None:
         req = self.rows[row]
         self.rows[row] = None
         self.state.evict(row)
+        self.mode.evict(self, row)
         req._finish(reason)
 
     # ---- running on a thread --------------------------------------------------------------------------

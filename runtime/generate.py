@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dualbrain.errors import DualbrainError
-from dualbrain.runtime.engine import Engine, Generation
+from dualbrain.runtime.engine import Engine, Generation, PlainDecode
 from dualbrain.runtime.model import Model, State
 from dualbrain.runtime.sampling import SamplingParams
 
@@ -57,8 +57,9 @@ def decode_one(model: Model, state: State, tokens: np.ndarray) -> np.ndarray:
 
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              on_token: Callable[[int, int, str], None] | None = None,
-             stats: GenerationStats | None = None) -> list[Generation]:
-    """Generate for each prompt (every row with `params`), on a step engine with one row per prompt.
+             stats: GenerationStats | None = None, mode: PlainDecode | None = None) -> list[Generation]:
+    """Generate for each prompt (every row with `params`), on a step engine with one row per prompt
+    (in `mode`: plain by default, or a solver mode from runtime/solver).
     `on_token(row, id, text_delta)` streams tokens as they come (a row's last token may report a
     second delta: text held back until the stream ended)."""
     if not prompts:
@@ -67,7 +68,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
     stats.prompt_tokens = sum(len(p) for p in prompts)
     longest = max(len(p) for p in prompts)
     engine = Engine(model, max_batch=len(prompts), prefill_chunk=longest,
-                    capacity=min(model.max_context, longest + params.max_new_tokens))
+                    capacity=min(model.max_context, longest + params.max_new_tokens), mode=mode)
     t0 = time.perf_counter()
     reqs = [engine.submit(p, params) for p in prompts]     # checks every prompt before anything runs
     t1 = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -137,6 +137,28 @@ class Model:
             logits = self.head_logits(last_hidden)
         state.commit(step)
         return StepResult(logits, last_hidden, after)
+
+    def step_rows(self, rows: Mapping[int, Sequence[int]], state: State, *,
+                  last: Mapping[int, int] | None = None) -> dict[int, StepResult]:
+        """Feed each row its own tokens in one call, right-padded (rows not named feed nothing and keep
+        their state); returns per row the logits (N, V) and hidden states (N, H) of its last N real
+        positions, N = `last[row]` (default 1). A speculative verify call; a drafter's ragged catch-up."""
+        rows = {r: list(t) for r, t in rows.items() if len(t)}
+        if not rows:
+            raise DualbrainError("step_rows needs at least one row with tokens")
+        width = max(len(t) for t in rows.values())
+        ids = np.zeros((state.batch, width), np.int64)
+        pad = np.zeros((state.batch, width), np.int64)
+        for r, toks in rows.items():
+            ids[r, :len(toks)], pad[r, :len(toks)] = toks, 1
+        want = {r: (last or {}).get(r, 1) for r in rows}
+        if any(not 1 <= n <= len(rows[r]) for r, n in want.items()):
+            raise DualbrainError("step_rows: each row's `last` must be within its own tokens")
+        keep = width - min(len(rows[r]) - want[r] for r in rows)
+        res = self.step(ids, state, pad=None if pad.all() else pad, logits_to_keep=keep)
+        off = width - keep
+        return {r: StepResult(res.logits[r, len(t) - want[r] - off:len(t) - off],
+                              res.hidden[r, len(t) - want[r] - off:len(t) - off]) for r, t in rows.items()}
 
     # ---- layer-granular steps: a mode composes these between state.begin and state.commit ------------
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:

@@ -76,3 +76,30 @@ def test_bench_bad_arguments(moe, tmp_path, args, message):
     _, out = moe
     res = CliRunner().invoke(main, ["bench", *[a.format(out=out, tmp=tmp_path) for a in args]])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_bench_solver_modes(artifacts, tmp_path):
+    """`bench --solver`: every mode on the same prompts, exact modes flagged token-identical to the large
+    model alone, and the cost model's prediction computed from the reported a, k, c (and v)."""
+    from dualbrain.bench import predicted_speedup
+
+    large = artifacts.export(artifacts.checkpoint("moe"))
+    small = artifacts.export(artifacts.checkpoint("dense", "conditional", seed=5))
+    res = CliRunner().invoke(main, ["bench", "--solver", "--large", str(large), "--small", str(small),
+                                    "--new-tokens", "12", "--prompts", "2", "--draft-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    modes = json.loads(res.output[res.output.index("{"):])["modes"]
+    assert list(modes) == ["large", "small", "speculative", "mtp", "cascade"]
+    for name, m in modes.items():
+        assert m["tok_s"] > 0 and 0 < m["p50_ms"] <= m["p95_ms"] and m["new_tokens"] > 0
+        if name != "large":
+            assert m["speedup"] == pytest.approx(modes["large"]["p50_ms"] / m["p50_ms"])
+    for name in ("speculative", "mtp"):
+        m = modes[name]
+        assert m["tokens_match_large"] is True
+        assert 0 <= m["acceptance_rate"] <= 1 and 1 <= m["mean_k"] <= 3 and m["cost_ratio"] > 0 and m["verify_cost"] > 0
+        a, k, c = m["acceptance_rate"], m["mean_k"], m["cost_ratio"]
+        assert m["predicted_speedup"] == pytest.approx((1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)))
+        assert m["predicted_speedup_with_verify_cost"] == pytest.approx(predicted_speedup(a, k, c, m["verify_cost"]))
+    assert 0 <= modes["cascade"]["escalation_rate"] <= 1
+    assert predicted_speedup(1.0, 3, 0.0) == 4.0 and predicted_speedup(0.0, 3, 0.5) == pytest.approx(1 / 2.5)

@@ -1,4 +1,78 @@
-"""The solver: modes that run two models (or a model and its MTP head) together.
+"""The solver: modes that run two models (or a model and its MTP head) together on the step engine.
 
-`accept.py` is the speculative accept/resample rule; the modes that draft and verify build on it.
+    mode = build_mode("speculative", large, small, SolverOptions(draft_tokens=4))
+    engine = Engine(large, mode=mode)          # a solver request is one engine request
+
+- `accept.py`: the speculative accept/resample rule (exact);
+- `drafters.py`: what proposes tokens: a small model (`ModelDrafter`) or the MTP head (`MtpDrafter`);
+- `speculative.py`: draft, verify in one call, roll back what was rejected (per row, ragged);
+- `cascade.py`: the small model answers, escalating unsure windows to the large one;
+- `pair.py`: loading two exports as a pair, refused when their tokenizers differ.
+
+`MODES` is the one list of solver modes: the CLI's choices, the bench's and the API's read it.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from dualbrain.errors import DualbrainError
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    draft_tokens: int = 4            # speculative/mtp: the most drafts a round (adaptive below it); cascade: window
+    adaptive: bool = True            # speculative/mtp: adapt k per row
+    threshold: float = 0.5           # cascade: escalate a window whose lowest top-1 probability is below this
+    mtp_feed: str = "final-normed"   # mtp: how the target's hidden state enters the head (drafters.MtpDrafter)
+
+
+def _speculative(large, small, o: SolverOptions):
+    from dualbrain.runtime.solver.drafters import ModelDrafter
+    from dualbrain.runtime.solver.speculative import SpeculativeDecode
+
+    return SpeculativeDecode(ModelDrafter(small), o.draft_tokens, adaptive=o.adaptive)
+
+
+def _mtp(large, small, o: SolverOptions):
+    from dualbrain.runtime.solver.drafters import MtpDrafter
+    from dualbrain.runtime.solver.speculative import SpeculativeDecode
+
+    return SpeculativeDecode(MtpDrafter(large, feed=o.mtp_feed), o.draft_tokens, adaptive=o.adaptive)
+
+
+def _cascade(large, small, o: SolverOptions):
+    from dualbrain.runtime.solver.cascade import CascadeDecode
+
+    return CascadeDecode(small, o.draft_tokens, o.threshold)
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    name: str
+    needs_small: bool
+    build: Callable          # (large Model, small Model | None, SolverOptions) -> engine mode
+    help: str
+
+    def check(self, has_small: bool, draft_tokens: int) -> None:
+        """Refuse a combination the mode cannot run (before any model loads)."""
+        if self.needs_small and not has_small:
+            raise DualbrainError(f"--mode {self.name} needs the small model: --small S_OUT")
+        if draft_tokens < 1:
+            raise DualbrainError("--draft-tokens must be at least 1")
+
+
+MODES: dict[str, ModeSpec] = {m.name: m for m in (
+    ModeSpec("speculative", True, _speculative, "the small model drafts, the large verifies (exact)"),
+    ModeSpec("mtp", False, _mtp, "the large model's own MTP head drafts, the large verifies (exact)"),
+    ModeSpec("cascade", True, _cascade, "the small model answers; unsure windows escalate to the large"),
+)}
+
+
+def build_mode(name: str, large, small=None, options: SolverOptions = SolverOptions()):
+    """The engine mode `name` over `large` (and `small`, for the modes that need one)."""
+    spec = MODES.get(name)
+    if spec is None:
+        raise DualbrainError(f"unknown solver mode {name!r} (choose from {', '.join(MODES)})")
+    spec.check(small is not None, options.draft_tokens)
+    return spec.build(large, small, options)

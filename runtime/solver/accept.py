@@ -16,11 +16,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dualbrain.runtime.sampling import SamplingParams, filtered_probs
+
 
 @dataclass(frozen=True)
 class Verdict:
     accepted: int          # drafts kept (0..k)
     tokens: list[int]      # the accepted drafts, then the replacement or bonus token (accepted + 1 tokens)
+
+
+def warped(logits: np.ndarray, params: SamplingParams, presence: np.ndarray | None = None,
+           drafts: list[int] = ()) -> np.ndarray:
+    """The request's distributions (N, V) at N consecutive positions from their logits (N, V), as its
+    sampler would draw them: position i counts the request's `presence` (V,) and `drafts[:i]` as
+    already generated (the presence penalty sees the drafts before it)."""
+    n = logits.shape[0]
+    if params.is_greedy or params.presence_penalty == 0 or presence is None:
+        return filtered_probs(logits, params)
+    masks = np.repeat(np.asarray(presence, bool)[None], n, axis=0)
+    for i, d in enumerate(list(drafts)[:n - 1]):
+        masks[i + 1:, d] = True
+    return filtered_probs(logits, params, masks)
 
 
 def accept_probability(p: np.ndarray, q: np.ndarray, token: int) -> float:
