@@ -64,9 +64,21 @@ def main(ctx, debug):
               help="Quantize the linear layers' weights (blockwise int4, symmetric; needs --dtype float16 or "
                    "bfloat16). Embeddings, norms and MoE experts keep the export dtype.")
 def export(checkpoint, out, dtype, max_context, window, quant):
-    """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX."""
-    from dualbrain.exporter.export import export_checkpoint
+    """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX.
 
+    CHECKPOINT may also be bridges written by `dualbrain align`: they export as one block per bridge
+    (in --dtype; --max-context and --quant do not apply)."""
+    from dualbrain.exporter.export import export_bridges, export_checkpoint
+    from dualbrain.runtime.bridges import is_bridges_dir
+
+    if is_bridges_dir(checkpoint):
+        if quant or max_context:
+            raise DualbrainError("--quant and --max-context do not apply to bridges")
+        update, bar = progress_bar("exporting bridges")
+        with bar:
+            export_bridges(checkpoint, out, dtype=dtype, progress=update)
+        click.echo(f"exported bridges {checkpoint} -> {out} ({dtype})")
+        return
     update, bar = progress_bar("exporting")
     with bar:
         export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, quant=quant,
@@ -199,7 +211,10 @@ def generate(model_dir, prompt, messages, ids, batch_file, max_batch, max_new_to
 @click.option("--large", "large_dir", required=True, type=click.Path(path_type=Path),
               help="The large model's export (System 2): it verifies, and its chat template renders prompts.")
 @click.option("--small", "small_dir", type=click.Path(path_type=Path), default=None,
-              help="The small model's export (System 1): drafts (speculative) or answers (cascade).")
+              help="The small model's export (System 1): drafts (speculative), answers (cascade) or feeds the "
+                   "bridges (fused).")
+@click.option("--bridges", "bridges_dir", type=click.Path(path_type=Path), default=None,
+              help="fused: the export of the pair's bridges (dualbrain align, then dualbrain export BRIDGES -o OUT).")
 @click.option("--mode", required=True, type=click.Choice(list(SOLVER_MODES)),
               help="; ".join(f"{m.name}: {m.help}" for m in SOLVER_MODES.values()) + ".")
 @_prompt_options
@@ -216,14 +231,15 @@ def generate(model_dir, prompt, messages, ids, batch_file, max_batch, max_new_to
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: generate --json's fields plus drafted, accepted, acceptance_rate, "
                    "escalations, rounds.")
-def solve(large_dir, small_dir, mode, prompt, messages, ids, draft_tokens, no_adaptive, threshold, mtp_feed,
+def solve(large_dir, small_dir, bridges_dir, mode, prompt, messages, ids, draft_tokens, no_adaptive, threshold, mtp_feed,
           max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop, think, preserve_thinking,
           as_json):
-    """Run the large and small models together: speculative, mtp or cascade (one request).
+    """Run the large and small models together: speculative, mtp, cascade or fused (one request).
 
     \b
     dualbrain solve --large L_OUT --small S_OUT --mode speculative --prompt "Hi" --json
     dualbrain solve --large L_OUT --mode mtp --ids 1,2,3 --greedy
+    dualbrain solve --large L_OUT --small S_OUT --mode fused --bridges B_OUT --prompt "Hi"
     """
     from dualbrain.runtime.generate import GenerationStats
     from dualbrain.runtime.generate import generate as run_generate
@@ -234,7 +250,7 @@ def solve(large_dir, small_dir, mode, prompt, messages, ids, draft_tokens, no_ad
 
     if sum(x is not None for x in (prompt, messages, ids)) != 1:
         raise DualbrainError("give exactly one of --prompt, --messages or --ids")
-    SOLVER_MODES[mode].check(small_dir is not None, draft_tokens)
+    SOLVER_MODES[mode].check(small_dir is not None, draft_tokens, bridges_dir is not None)
     if small_dir is not None and not SOLVER_MODES[mode].needs_small:
         raise DualbrainError(f"--mode {mode} runs the large model alone: drop --small")
     overrides = _sampling_overrides(max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop)
@@ -243,7 +259,7 @@ def solve(large_dir, small_dir, mode, prompt, messages, ids, draft_tokens, no_ad
     large = Model.load(large_dir)
     small = Model.load(small_dir) if small_dir is not None else None
     options = SolverOptions(draft_tokens=draft_tokens, adaptive=not no_adaptive, threshold=threshold,
-                            mtp_feed=mtp_feed)
+                            mtp_feed=mtp_feed, bridges=str(bridges_dir) if bridges_dir else None)
     solver = build_mode(mode, large, small, options)
     params = default_params(large.generation_config, think).replace(**overrides)
     prompt_ids = _prompt_ids(large, prompt, messages, ids, think, preserve_thinking)
@@ -329,6 +345,58 @@ def diff(checkpoint, model_dir, tolerance, prompt_len, engines, as_json):
                    else "all blocks within tolerance")
     if bad:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("small_ckpt", type=click.Path(path_type=Path))
+@click.argument("large_ckpt", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory: bridges.safetensors + bridges.json (written atomically; an interrupted run "
+                   "resumes from its last checkpoint).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help='JSONL training data: {"text": ...} (tokenized with the large model\'s tokenizer) or '
+                   '{"ids": [...]} per line. Default: random ids (a smoke run, nothing to learn).')
+@click.option("--layers", default=None,
+              help="Which large layer reads which small layer: LARGE:SMALL pairs, e.g. 3:1,7:3 (0-based; the "
+                   "bridge's output is added after the large layer). Default: after every 4th large layer, "
+                   "reading the small layer at the same relative depth.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True, help="Sequences per step.")
+@click.option("--seq-len", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True, help="Cross-attention heads per bridge.")
+@click.option("--head-dim", type=int, default=None, help="Default: the large hidden size / heads (at least 8).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=int, default=50, show_default=True, help="Steps between resumable checkpoints.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def align(small_ckpt, large_ckpt, out, data, layers, steps, batch, seq_len, lr, heads, head_dim, seed, save_every,
+          device):
+    """Train bridges from SMALL_CKPT into LARGE_CKPT with both models frozen (the fused mode's bridges).
+
+    Writes OUT/bridges.safetensors and OUT/bridges.json, which records the two models' identities
+    (hashes of their configs, safetensors headers and tokenizer vocabularies): `solve --mode fused`
+    refuses bridges made for other models. Export them with `dualbrain export OUT -o B_OUT`.
+    """
+    from dualbrain.exporter.align import AlignOptions, parse_links
+    from dualbrain.exporter.align import align as run_align
+
+    for name, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--heads", heads),
+                        ("--save-every", save_every)):
+        if value < 1:
+            raise DualbrainError(f"{name} must be at least 1")
+    if seq_len < 2:
+        raise DualbrainError("--seq-len must be at least 2")
+    links = parse_links(layers) if layers else None
+    opts = AlignOptions(steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed, save_every=save_every,
+                        device=device)
+    update, bar = progress_bar("aligning")
+    with bar:
+        losses = run_align(small_ckpt, large_ckpt, out, links=links, data=data, heads=heads, head_dim=head_dim,
+                           opts=opts, progress=update)
+    if losses:
+        k = max(1, len(losses) // 10)
+        click.echo(f"loss {sum(losses[:k]) / k:.4f} (first {k} steps) -> {sum(losses[-k:]) / k:.4f} (last {k})")
+    click.echo(f"wrote bridges to {out}")
 
 
 @main.command("make-tiny")
@@ -498,7 +566,14 @@ def _register_build() -> None:
     main.add_command(build)
 
 
+def _register_serve() -> None:
+    from dualbrain.runtime.serve.cli import serve
+
+    main.add_command(serve)
+
+
 _register_build()
+_register_serve()
 
 if __name__ == "__main__":
     main()

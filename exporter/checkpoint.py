@@ -119,6 +119,24 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self.prefix = self.spec.weight_prefix
 
+    def identity(self) -> dict[str, str]:
+        """What a pair's bridges are bound to (runtime/bridges.py), recorded in exports' manifests too:
+        sha256 of the config (canonical JSON), of the safetensors headers (names, dtypes, shapes,
+        offsets: the tensor layout, without reading the data) and of the tokenizer's vocabulary,
+        merges and added tokens (`Tokenizer.fingerprint`), when the checkpoint has one."""
+        import hashlib
+
+        def digest(x) -> str:
+            return hashlib.sha256(json.dumps(x, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+        out = {"config": digest(json.loads((self.root / "config.json").read_text(encoding="utf-8"))),
+               "weights": digest(self.meta)}
+        if (self.root / "tokenizer.json").is_file():
+            from dualbrain.runtime.chat import Tokenizer
+
+            out["tokenizer"] = Tokenizer.from_dir(self.root).fingerprint()
+        return out
+
     # ---- raw access -----------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
         return self.prefix + name in self.where

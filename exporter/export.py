@@ -29,6 +29,11 @@ from dualbrain.runtime.manifest import MANIFEST, BlockInfo, Manifest, file_diges
 from dualbrain.runtime.manifest import VERSION as MANIFEST_VERSION
 from dualbrain.runtime.spec import FULL, ModelSpec
 
+# Every block is exported at one default-domain opset, so the linked graph's nodes keep their meaning:
+# 23 for the full-attention blocks' `Attention` node (exporter.blocks.layers), which also covers the
+# int4 quantizer's blockwise DequantizeLinear (quantize.MIN_OPSET, 21).
+EXPORT_OPSET = 23
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
@@ -68,8 +73,8 @@ def attach_functions(path: Path) -> int:
 
 
 def export_block(module, spec: ModelSpec, kind: BlockKind, dtype: str, path: Path,
-                 opset: int | None = None) -> int:
-    """Export one block to `path` (+ `path`.data); `opset` = default-domain opset (None: torch's)."""
+                 opset: int = EXPORT_OPSET) -> int:
+    """Export one block to `path` (+ `path`.data); `opset` = default-domain opset."""
     import torch
 
     import logging
@@ -88,7 +93,7 @@ def export_block(module, spec: ModelSpec, kind: BlockKind, dtype: str, path: Pat
             # weights) alive, doubling peak memory on big models. Constant folding alone (below) is
             # what TensorRT needs (static ReduceMean axes, Split instead of SplitToSequence).
             dynamic_shapes=dyn, verbose=False, optimize=False,
-            **({"opset_version": opset} if opset is not None else {}),
+            opset_version=opset,
         )
     import onnx_ir
     from onnxscript.optimizer import fold_constants
@@ -216,7 +221,7 @@ def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, max_context: int, quan
     from dualbrain import __version__
 
     h = hashlib.sha256()
-    h.update(json.dumps([__version__, MANIFEST_VERSION, str(root.resolve()), dtype, max_context]
+    h.update(json.dumps([__version__, MANIFEST_VERSION, EXPORT_OPSET, str(root.resolve()), dtype, max_context]
                         + ([quant] if quant else [])).encode())
     h.update((root / "config.json").read_bytes())
     for f in ckpt.files:
@@ -235,14 +240,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     command reuses those whose files still match their recorded sha256.
 
     `quant="int4-weight-only"` quantizes every block's linear weights after export (see
-    `exporter.quantize`; needs dtype float16 or bfloat16; the graphs use opset 21).
+    `exporter.quantize`; needs dtype float16 or bfloat16).
 
     Blocks with per-position state always get a window variant beside them (`exporter.window`);
     `window` is accepted for compatibility and changes nothing.
     """
     import torch
 
-    from dualbrain.exporter.quantize import MIN_OPSET, quantize_block
+    from dualbrain.exporter.quantize import quantize_block
 
     if dtype not in FLOAT_DTYPES:
         raise DualbrainError(f"unknown dtype {dtype!r} (choose from {', '.join(FLOAT_DTYPES)})")
@@ -285,7 +290,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                 module.eval()
                 path = part / f"{name}.onnx"
                 if not (kind.name in traced and reweight_block(traced[kind.name], module, path)):
-                    export_block(module, spec, kind, dtype, path, opset=MIN_OPSET if quant else None)
+                    export_block(module, spec, kind, dtype, path)
                     traced[kind.name] = path
                 del module
                 gc.collect()
@@ -325,8 +330,37 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                        linked_window=linked_window,
                        quant=quant,
                        source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
-                               "torch": torch.__version__})
+                               "torch": torch.__version__, "identity": ckpt.identity()})
         man.write(part)
         if progress:
             progress("done", len(plan), len(plan))
     return out
+
+
+def export_bridges(bridges_dir: str | Path, out: str | Path, *, dtype: str = "float32",
+                   progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Export bridges written by `dualbrain align` (runtime/bridges.py): one side block per link,
+    `bridge_NNN.onnx` + data, and their `bridges.json` with the dtype and the files' digests."""
+    import dataclasses
+
+    import torch
+
+    from dualbrain.artifacts import atomic_output_dir
+    from dualbrain.exporter.align import load_bridges
+    from dualbrain.runtime.blocks import BRIDGE
+
+    if dtype not in FLOAT_DTYPES:
+        raise DualbrainError(f"unknown dtype {dtype!r} (choose from {', '.join(FLOAT_DTYPES)})")
+    cfg, bridges = load_bridges(bridges_dir, dtype=torch_dtype(dtype))
+    kind = KINDS[BRIDGE]
+    names = cfg.block_names()
+    with atomic_output_dir(out) as part:
+        for i, (name, module) in enumerate(zip(names, bridges)):
+            if progress:
+                progress(name, i, len(names))
+            export_block(module.eval(), cfg.shape, kind, dtype, part / f"{name}.onnx")
+        files = {p.name: file_digest(p) for p in sorted(part.iterdir()) if p.is_file()}
+        dataclasses.replace(cfg, dtype=dtype, files=files).write(part)
+        if progress:
+            progress("done", len(names), len(names))
+    return Path(out)

@@ -219,7 +219,8 @@ def write_tokenizer(directory: str | os.PathLike, *,
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention="tiny", preset="tiny"):
+def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention="tiny", preset="tiny",
+                max_position_embeddings=None):
     def bad(name, value, allowed):
         raise DualbrainError(f"make_tiny: {name}={value!r} is not one of {', '.join(allowed)}")
 
@@ -239,6 +240,10 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, 
         raise DualbrainError(f"make_tiny: shards must be a positive integer, got {shards!r}")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise DualbrainError(f"make_tiny: num_layers must be a positive integer, got {num_layers!r}")
+    if max_position_embeddings is not None and (not isinstance(max_position_embeddings, int)
+                                                or max_position_embeddings < 1):
+        raise DualbrainError(f"make_tiny: max_position_embeddings must be a positive integer, "
+                             f"got {max_position_embeddings!r}")
     n_tok = BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)
     if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < n_tok):
         raise DualbrainError(
@@ -247,8 +252,10 @@ def _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, 
 
 
 def text_config_dict(*, family: str, num_layers: int = 4, vocab_size: int | None = None,
-                     tie_embeddings: bool = False, attention: str = "tiny", preset: str = "tiny") -> dict[str, Any]:
-    """The text-model config kwargs of a preset (model_type excluded)."""
+                     tie_embeddings: bool = False, attention: str = "tiny", preset: str = "tiny",
+                     max_position_embeddings: int | None = None, hidden_size: int | None = None) -> dict[str, Any]:
+    """The text-model config kwargs of a preset (model_type excluded); `max_position_embeddings`
+    replaces the preset's context (the published models say 262144, most configs 32768)."""
     ids = special_token_ids()
     cfg = dict(TINY_TEXT)
     cfg["rope_parameters"] = dict(TINY_TEXT["rope_parameters"])
@@ -274,6 +281,10 @@ def text_config_dict(*, family: str, num_layers: int = 4, vocab_size: int | None
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
+    if max_position_embeddings is not None:
+        cfg["max_position_embeddings"] = max_position_embeddings
+    if hidden_size is not None:      # another width (a pair's small model); head and expert sizes stay
+        cfg["hidden_size"] = hidden_size
     return cfg
 
 
@@ -490,25 +501,31 @@ def make_tiny(
     tie_embeddings: bool = False,
     attention: str = "tiny",
     preset: str = "tiny",
+    max_position_embeddings: int | None = None,
+    hidden_size: int | None = None,
 ) -> Path:
     """Write a tiny random-weight checkpoint directory to `out` (atomically) and return its path.
 
     `experts` only matters for ``family="moe"``. `vocab_size` (default: the tokenizer's 1000) may be
     larger than the tokenizer (padded embedding rows, as in the published models). `preset="mid"`
     writes the mid-size benchmark model instead (12 layers and vocab 32000 unless given).
+    `max_position_embeddings` sets the config's context (default: the preset's, 512 for tiny), which
+    an export serves and engine builds size their profiles by.
     """
     if num_layers is None:
         num_layers = MID_LAYERS if preset == "mid" else 4
     if vocab_size is None and preset == "mid":
         vocab_size = MID_VOCAB
-    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention, preset)
+    _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention, preset,
+                max_position_embeddings)
     import torch
     from transformers import GenerationConfig
 
     torch_dtype = torch_dtype_of(dtype)
     ids = special_token_ids()
     text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
-                                tie_embeddings=tie_embeddings, attention=attention, preset=preset)
+                                tie_embeddings=tie_embeddings, attention=attention, preset=preset,
+                                max_position_embeddings=max_position_embeddings, hidden_size=hidden_size)
 
     out = Path(out)
     with atomic_output_dir(out) as part:

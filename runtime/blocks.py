@@ -31,6 +31,7 @@ from dualbrain.runtime.spec import FULL, LINEAR, ModelSpec
 EMBED = "embed"
 HEAD = "head"
 MTP = "mtp"
+BRIDGE = "bridge"
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,16 @@ def mtp_signature(spec: ModelSpec, dtype: str) -> Signature:
     return Signature(ins, outs, states)
 
 
+def bridge_signature(shape, dtype: str) -> Signature:
+    """A bridge between the pair (runtime/bridges.py; `shape` is a `BridgeShape`): the large model's
+    hidden states cross-attend over the small model's (`small_hidden`, this call's positions), whose
+    projected keys/values are an appended state like attention K/V; causal over the slots."""
+    states, kv_outs = _kv(shape, dtype)
+    ins = (_hidden(shape, dtype, "hidden"), TensorInfo("small_hidden", dtype, ("batch", "seq", shape.small_hidden_size)),
+           MASK, *(TensorInfo(s.input, s.dtype, s.shape) for s in states))
+    return Signature(ins, (_hidden(shape, dtype, "hidden_out"), *kv_outs), states)
+
+
 # ---- the registry --------------------------------------------------------------------------------
 
 _LAYERS = "dualbrain.exporter.blocks.layers"
@@ -182,6 +193,8 @@ KINDS: dict[str, BlockKind] = {k.name: k for k in (
     BlockKind(HEAD, head_signature, f"{_LAYERS}:Head", takes="hidden", gives="logits", last_positions=True),
     BlockKind(MTP, mtp_signature, f"{_LAYERS}:MtpHead", takes="hidden", gives="logits", side=True,
               quantize=False, shares=(("lm_head", HEAD, "lm_head"),)),
+    BlockKind(BRIDGE, bridge_signature, "dualbrain.exporter.blocks.bridge:Bridge", takes="hidden",
+              gives="hidden_out", side=True, quantize=False),
 )}
 
 

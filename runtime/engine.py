@@ -37,7 +37,7 @@ import numpy as np
 
 from dualbrain.errors import DualbrainError
 from dualbrain.runtime.model import Model
-from dualbrain.runtime.sampling import Sampler, SamplingParams
+from dualbrain.runtime.sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 
 _DONE = object()
 
@@ -53,6 +53,8 @@ class Generation:
     accepted: int = 0
     rounds: int = 0
     escalations: int = 0
+    # per new token, when submitted with `logprobs=k` (filled where the engine samples: the plain mode)
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -62,11 +64,13 @@ class Generation:
 class Request:
     """A submitted request: iterate it for `(token_id, text_delta)`, `result()` for the Generation."""
 
-    def __init__(self, engine: "Engine", rid: int, prompt: list[int], params: SamplingParams):
+    def __init__(self, engine: "Engine", rid: int, prompt: list[int], params: SamplingParams,
+                 logprobs: int | None = None):
         self.engine = engine
         self.id = rid
         self.params = params
-        self.generation = Generation(list(prompt))
+        self.logprobs = logprobs             # record each sampled token's logprob and this many top ones
+        self.generation = Generation(list(prompt), logprobs=[] if logprobs is not None else None)
         self.sampler = Sampler(params, 1)
         tok = engine.model.tokenizer if engine.model.manifest.tokenizer_files else None
         self.decoder = tok.stream_decoder() if tok is not None else None
@@ -215,9 +219,13 @@ class PlainDecode:
         mask = np.zeros((engine.max_batch, 1), np.int64)
         for row, req in live:
             tokens[row, 0], mask[row, 0] = req.next_token, 1
-        logits = engine.model.forward(tokens, engine.state, pad=mask)
+        logits = self.next_logits(engine, tokens, mask)
         for row, req in live:
             engine.sample(req, logits[row:row + 1])
+
+    def next_logits(self, engine: "Engine", tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One token per row (`mask` 0: an empty row) through the model; logits (B, V)."""
+        return engine.model.forward(tokens, engine.state, pad=mask)
 
 
 class Engine:
@@ -247,7 +255,8 @@ class Engine:
         self.mode.attach(self)
 
     # ---- submitting -----------------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+               logprobs: int | None = None) -> Request:
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise DualbrainError("every prompt needs at least one token")
@@ -255,7 +264,7 @@ class Engine:
         if len(prompt) > self.model.max_context:
             raise DualbrainError(f"prompt of {len(prompt)} tokens is longer than the export's maximum context "
                                  f"of {self.model.max_context}")
-        req = Request(self, next(self._ids), prompt, params or SamplingParams())
+        req = Request(self, next(self._ids), prompt, params or SamplingParams(), logprobs)
         if self.kv_bytes is not None and self._kv_need(req.need) > self.kv_bytes:
             raise DualbrainError(f"request needs {self._kv_need(req.need) / 2**20:.1f} MiB of KV cache "
                                  f"({req.need} positions x {self.max_batch} rows), the engine has "
@@ -334,7 +343,10 @@ class Engine:
 
     def sample(self, req: Request, logits: np.ndarray) -> None:
         """Choose `req`'s next token from `logits` (1, V) with its own sampler; emit it, finish if done."""
-        self.emit(req, [int(req.sampler(logits)[0])], observed=True)
+        token = int(req.sampler(logits)[0])
+        if req.logprobs is not None:
+            req.generation.logprobs.append(token_logprobs(logits[0], token, req.logprobs))
+        self.emit(req, [token], observed=True)
 
     def emit(self, req: Request, tokens: Sequence[int], *, observed: bool = False) -> int:
         """Emit `tokens` in order until `req` finishes (then it leaves its row); returns how many were

@@ -1,0 +1,283 @@
+"""`dualbrain align`: train the bridges between a pair with both models frozen (runtime/bridges.py).
+
+The pair runs as transformers' own modeling code runs it (`Composition`): the small model's hidden
+states are captured after its linked layers by forward hooks, and each bridge adds its gated
+cross-attention to the large model's residual stream after its large layer, by a hook on that
+layer's output. Only the bridges learn (next-token cross-entropy of the large model's logits).
+`Composition` is also the PyTorch reference the fused runtime is tested against.
+
+Resumable: every `save_every` steps the bridges, the optimizer and the data position are saved in
+`OUT.partial/`; Ctrl-C keeps them, and the same command resumes from the last save. The result is
+`bridges.safetensors` + `bridges.json` (which two models it belongs to: their identities).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dualbrain.errors import DualbrainError
+from dualbrain.runtime.bridges import WEIGHTS, BridgeConfig, BridgeShape, Link
+
+STATE = "align-state.pt"
+
+
+def default_links(large_layers: int, small_layers: int, every: int = 4) -> tuple[Link, ...]:
+    """CALM's layout: a bridge after every `every`-th large layer, reading the small layer at the same
+    relative depth."""
+    return tuple(Link(i, max(0, round((i + 1) * small_layers / large_layers) - 1))
+                 for i in range(every - 1, large_layers - 1, every)) or (Link(0, 0),)
+
+
+def parse_links(text: str) -> tuple[Link, ...]:
+    """"LARGE:SMALL,…" -> links."""
+    try:
+        links = tuple(Link(*(int(x) for x in part.split(":"))) for part in text.split(",") if part.strip())
+    except (TypeError, ValueError):
+        raise DualbrainError(f"--layers must be LARGE:SMALL pairs separated by commas, got {text!r}") from None
+    if not links:
+        raise DualbrainError("--layers is empty")
+    return links
+
+
+def _load(ckpt: Path):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _decoder_layers(model):
+    body = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    return body.layers
+
+
+def new_config(small_ckpt: Path, large_ckpt: Path, links: Sequence[Link] | None = None, *, heads: int = 4,
+               head_dim: int | None = None) -> BridgeConfig:
+    """A bridge configuration for the pair, with both models' identities (nothing trained yet)."""
+    from dualbrain.exporter.checkpoint import Checkpoint
+    from dualbrain.runtime.spec import ModelSpec
+
+    large, small = ModelSpec.from_dir(large_ckpt), ModelSpec.from_dir(small_ckpt)
+    if large.vocab_size != small.vocab_size:
+        raise DualbrainError(f"the models do not share a vocabulary ({large.vocab_size} vs {small.vocab_size} ids)")
+    links = tuple(links) if links else default_links(large.num_layers, small.num_layers)
+    for x in links:
+        if not (0 <= x.large_layer < large.num_layers and 0 <= x.small_layer < small.num_layers):
+            raise DualbrainError(f"--layers {x.large_layer}:{x.small_layer} is outside the models "
+                                 f"({large.num_layers} large, {small.num_layers} small layers)")
+    if len({x.large_layer for x in links}) != len(links):
+        raise DualbrainError("--layers: one bridge per large layer")
+    shape = BridgeShape(large.hidden_size, small.hidden_size, heads, head_dim or max(8, large.hidden_size // heads),
+                        large.vocab_size, large.rms_norm_eps)
+    lg, sm = Checkpoint(large_ckpt, large), Checkpoint(small_ckpt, small)
+    lg.validate(), sm.validate()
+    ident = lg.identity(), sm.identity()
+    if ident[0].get("tokenizer") != ident[1].get("tokenizer"):
+        raise DualbrainError("the models' tokenizers differ: they cannot be paired")
+    return BridgeConfig(shape, tuple(sorted(links, key=lambda x: x.large_layer)), ident[0], ident[1])
+
+
+class Composition:
+    """small and large (transformers, frozen) with the bridges hooked in; `logits(ids)` runs the pair."""
+
+    def __init__(self, small, large, cfg: BridgeConfig, bridges):
+        self.small, self.large, self.cfg, self.bridges = small, large, cfg, list(bridges)
+        self._small_hidden: dict[int, object] = {}
+        self._mask = None
+        self._handles = []
+        for j in {x.small_layer for x in cfg.links}:
+            self._handles.append(_decoder_layers(small)[j].register_forward_hook(self._capture(j)))
+        for bridge, link in zip(self.bridges, cfg.links):
+            self._handles.append(_decoder_layers(large)[link.large_layer].register_forward_hook(
+                self._apply(bridge, link.small_layer)))
+        self._last_small = max(x.small_layer for x in cfg.links)
+
+    @classmethod
+    def load(cls, small_ckpt, large_ckpt, cfg: BridgeConfig, bridges) -> "Composition":
+        return cls(_load(Path(small_ckpt)), _load(Path(large_ckpt)), cfg, bridges)
+
+    def _capture(self, j: int):
+        def fn(mod, args, output):
+            self._small_hidden[j] = output[0] if isinstance(output, tuple) else output
+        return fn
+
+    def _apply(self, bridge, j: int):
+        def fn(mod, args, output):
+            import torch
+
+            h = output[0] if isinstance(output, tuple) else output
+            b, t, _ = h.shape
+            kv = torch.zeros((0, b, bridge.shape.num_kv_heads, bridge.shape.head_dim), dtype=h.dtype)
+            mask = self._mask if self._mask is not None else torch.ones((b, t), dtype=torch.int64)
+            out = bridge(h, self._small_hidden[j], mask, kv, kv)[0]
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        return fn
+
+    def logits(self, ids, attention_mask=None):
+        """Logits (B, T, V) of the pair over whole sequences `ids` (B, T)."""
+        self._mask = attention_mask
+        body = self.small.model.language_model if hasattr(self.small.model, "language_model") else self.small.model
+        body(input_ids=ids, attention_mask=attention_mask, use_cache=False)     # fills the captured states
+        return self.large(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def read_sequences(path: Path | None, tokenizer_dir: Path, vocab: int, seq_len: int, seed: int) -> np.ndarray:
+    """Training sequences (N, seq_len): a JSONL file of {"text": …} (tokenized with the large model's
+    tokenizer) or {"ids": […]}, concatenated and cut; without a file, random ids (a smoke run)."""
+    if path is None:
+        return np.random.default_rng(seed).integers(0, vocab, (256, seq_len))
+    ids: list[int] = []
+    tok = None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DualbrainError(f"--data {path}: cannot read ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DualbrainError(f"--data {path}: line {n} is not JSON ({e.msg})") from None
+        if isinstance(d, dict) and isinstance(d.get("text"), str):
+            if tok is None:
+                from dualbrain.runtime.chat import Tokenizer
+
+                tok = Tokenizer.from_dir(tokenizer_dir)
+            ids += tok.encode(d["text"])
+        elif isinstance(d, dict) and isinstance(d.get("ids"), list) and all(
+                isinstance(i, int) and 0 <= i < vocab for i in d["ids"]):
+            ids += d["ids"]
+        else:
+            raise DualbrainError(f'--data {path}: line {n} needs {{"text": "…"}} or {{"ids": [ids < {vocab}]}}')
+    n = len(ids) // seq_len
+    if n < 1:
+        raise DualbrainError(f"--data {path}: fewer than {seq_len} tokens")
+    return np.asarray(ids[:n * seq_len], np.int64).reshape(n, seq_len)
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    steps: int = 200
+    batch: int = 4
+    seq_len: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    save_every: int = 50
+    device: str = "cpu"
+
+
+def _key(cfg: BridgeConfig, opts: AlignOptions, data: np.ndarray) -> str:
+    h = hashlib.sha256(json.dumps([cfg.to_json(), opts.__dict__]).encode())
+    h.update(data.tobytes())
+    return h.hexdigest()
+
+
+def align(small_ckpt, large_ckpt, out, *, links: Sequence[Link] | None = None, data: Path | None = None,
+          heads: int = 4, head_dim: int | None = None, opts: AlignOptions = AlignOptions(),
+          progress: Callable[[str, int, int], None] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train bridges for the pair and write them to `out`; returns the loss of each step run here."""
+    import torch
+
+    from dualbrain.artifacts import resumable_output_dir
+    from dualbrain.exporter.blocks.bridge import Bridge
+    from dualbrain.runtime.manifest import file_digest
+
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise DualbrainError("--device cuda: no CUDA device here")
+    small_ckpt, large_ckpt = Path(small_ckpt), Path(large_ckpt)
+    cfg = new_config(small_ckpt, large_ckpt, links, heads=heads, head_dim=head_dim)
+    seqs = read_sequences(data, large_ckpt, cfg.shape.vocab_size, opts.seq_len, opts.seed)
+    torch.manual_seed(opts.seed)
+    bridges = [Bridge(cfg.shape, trainable=True, seed=opts.seed + i) for i in range(len(cfg.links))]
+    comp = Composition.load(small_ckpt, large_ckpt, cfg, bridges)
+    dev = torch.device(opts.device)
+    comp.small.to(dev), comp.large.to(dev)
+    for b in bridges:
+        b.to(dev)
+    params = [p for b in bridges for p in b.parameters()]
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    losses: list[float] = []
+    with resumable_output_dir(out, _key(cfg, opts, seqs)) as (part, journal):
+        step = 0
+        if journal.finished("checkpoint") is not None:
+            saved = torch.load(part / STATE, weights_only=True)
+            for b, sd in zip(bridges, saved["bridges"]):
+                b.load_state_dict(sd)
+            optim.load_state_dict(saved["optim"])
+            step = int(saved["step"])
+        order = np.random.default_rng(opts.seed).permutation(np.resize(np.arange(len(seqs)), opts.steps * opts.batch))
+        while step < opts.steps:
+            if progress:
+                progress(f"step {step + 1}", step, opts.steps)
+            batch = torch.from_numpy(seqs[order[step * opts.batch:(step + 1) * opts.batch]]).to(dev)
+            logits = comp.logits(batch)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     batch[:, 1:].reshape(-1))
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            step += 1
+            losses.append(loss.item())
+            if on_step:
+                on_step(step, losses[-1])
+            if step % opts.save_every == 0 or step == opts.steps:
+                tmp = part / (STATE + ".tmp")
+                torch.save({"bridges": [b.state_dict() for b in bridges], "optim": optim.state_dict(),
+                            "step": step}, tmp)
+                os.replace(tmp, part / STATE)
+                journal.record("checkpoint", {STATE: file_digest(part / STATE)})
+        comp.close()
+        write_bridges(part, replace(cfg, trained_steps=opts.steps), bridges)
+        (part / STATE).unlink()
+        if progress:
+            progress("done", opts.steps, opts.steps)
+    return losses
+
+
+def write_bridges(directory: Path, cfg: BridgeConfig, bridges) -> None:
+    from safetensors.torch import save_file
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, b in enumerate(bridges):
+        tensors.update({k: v.cpu() for k, v in b.tensors(i).items()})
+    save_file(tensors, str(Path(directory) / WEIGHTS), metadata={"format": "pt"})
+    cfg.write(directory)
+
+
+def load_bridges(directory, cfg: BridgeConfig | None = None, dtype=None) -> tuple[BridgeConfig, list]:
+    """The config and torch bridges of a directory written by `align`."""
+    from safetensors.torch import load_file
+
+    from dualbrain.exporter.blocks.bridge import Bridge
+    from dualbrain.runtime.bridges import load_config
+
+    cfg = cfg or load_config(directory)
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise DualbrainError(f"{directory}: no {WEIGHTS}")
+    tensors = load_file(str(path))
+    try:
+        return cfg, [Bridge.from_bridges(cfg.shape, tensors, i, dtype) for i in range(len(cfg.links))]
+    except KeyError as e:
+        raise DualbrainError(f"{path}: missing tensor {e.args[0]}") from None
