@@ -8,7 +8,8 @@ Every 2-D weight initializer that feeds the B input of a MatMul (or Gemm), direc
   the initializer and the MatMul is folded into the stored layout and removed), blocks run along K
   (``axis=0``): the canonical weight-only layout that ONNX Runtime and TensorRT fuse into int4 GEMMs;
 * block size 128 along K, or 64 / 32 when K is not a multiple of 128 (the largest that divides K);
-  a weight whose K none of them divides stays unquantized;
+  a weight whose K none of them divides stays unquantized, and so does a weight that is one block
+  in all (K = block, one output: TensorRT refuses its one-element scale);
 * symmetric int4 (zero point 0, no zero-point input): ``scale = max|w| / 7`` per block, rounded to
   the export dtype (scales are float16 / bfloat16, as the graph computes), ``q = clip(round(w /
   scale), -8, 7)``.
@@ -173,6 +174,11 @@ def plan_weights(model) -> tuple[list[_Plan], list[tuple[str, str]]]:
         block = block_size_for(int(k))
         if block is None:
             skipped.append((t.name, f"input dimension {k} is not a multiple of 32"))
+            continue
+        if k == block and t.dims[0] * t.dims[1] == k:
+            # one block in all (a tiny model's [H, 1] shared-expert gate): TensorRT refuses a
+            # blockwise DequantizeLinear whose scale has one element ("ScaleMode is illegal")
+            skipped.append((t.name, f"a single {k} x 1 block"))
             continue
         plans.append(_Plan(t.name, out, transpose, drop, block))
     return plans, skipped

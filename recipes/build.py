@@ -25,7 +25,7 @@ from typing import Any, Callable
 from dualbrain.artifacts import atomic_output_dir
 from dualbrain.errors import DualbrainError
 from dualbrain.recipes.schema import Recipe, load_recipe
-from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineBlock, EngineManifest, EngineVariant
+from dualbrain.runtime.engines import ENGINE_MANIFEST, EngineBlock, EngineManifest, EngineVariant, call_limits
 from dualbrain.runtime.manifest import MANIFEST, Manifest, file_digest, load_manifest, safe_child
 
 __all__ = ["ENGINE_MANIFEST", "build", "inspect_plugins", "profile_dims", "input_shapes", "run_job"]
@@ -34,6 +34,11 @@ TIMING_CACHE = "timing.cache"
 PROFILE_NAMES = ("prefill", "decode")
 
 Progress = Callable[[str, int, int], None]
+# TensorRT's log, line by line: (severity, message); severity is an ILogger.Severity name, or "stdout"
+# for what the TensorRT libraries print themselves (Myelin's internal errors).
+Log = Callable[[str, str], None]
+# ILogger.Severity names, most severe first; the worker forwards those up to the job's `log_level`
+SEVERITIES = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +49,9 @@ def profile_dims(recipe: Recipe, export_max_context: int) -> dict[str, dict[str,
     """{profile name: {dim: [min, opt, max]}} for the symbolic dims batch, seq, past, total.
 
     The recipe's max_context is clamped to the export's. prefill: seq 1..max_prefill from any past;
-    decode (if the recipe asks): seq = 1.
+    decode (if the recipe asks): seq 1 (optimised for) up to 2: TensorRT-RTX 1.7 has no fused
+    attention kernel for a query length fixed at 1, and decomposed, its attention copies every row's
+    K/V once per query head (4 GiB at rtx5090-int4's 8 rows of 65536 positions: the build fails).
     """
     p = recipe.profile
     ctx = min(p.max_context, export_max_context)
@@ -57,7 +64,7 @@ def profile_dims(recipe: Recipe, export_max_context: int) -> dict[str, dict[str,
     out = {"prefill": prefill}
     if p.decode_profile:
         opt_past = min(opt_ctx, ctx - 1)
-        out["decode"] = {"batch": batch, "seq": [1, 1, 1], "past": [0, opt_past, ctx - 1],
+        out["decode"] = {"batch": batch, "seq": [1, 1, 2], "past": [0, opt_past, ctx - 1],
                          "total": [1, opt_past + 1, ctx]}
     return out
 
@@ -97,8 +104,12 @@ def check_flavour(recipe: Recipe) -> None:
 
 
 def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, engines_dir: str | os.PathLike, *,
-          progress: Progress | None = None, in_process: bool | None = None) -> dict[str, Any]:
-    """Build engines for every block of `export_dir` into `engines_dir`; returns the engine manifest."""
+          progress: Progress | None = None, in_process: bool | None = None, log: Log | None = None,
+          log_level: str = "INFO") -> dict[str, Any]:
+    """Build engines for every block of `export_dir` into `engines_dir`; returns the engine manifest.
+
+    A block TensorRT cannot build is a DualbrainError carrying the first error line of TensorRT's log;
+    `log` receives the whole log (up to `log_level`) as it is written (`dualbrain --debug build`)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     export_dir, engines_dir = Path(export_dir), Path(engines_dir)
@@ -117,8 +128,10 @@ def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, eng
         if recipe.timing_cache and recipe.flavour == "tensorrt" and old_cache.is_file():
             shutil.copyfile(old_cache, part / TIMING_CACHE)
         job = {"kind": "build", "flavour": recipe.flavour, "recipe": recipe.to_json(), "profiles": profiles,
-               "blocks": blocks, "out": str(part.resolve())}
-        results = run_job(job, progress=progress, in_process=in_process)
+               "blocks": blocks, "out": str(part.resolve()), "log_level": log_level if log else None}
+        t0 = time.perf_counter()
+        results = run_job(job, progress=progress, in_process=in_process, log=log)
+        seconds = round(time.perf_counter() - t0, 3)
         done = results["built"]
         engine_manifest = EngineManifest(
             flavour=recipe.flavour, tensorrt_version=results["tensorrt_version"],
@@ -133,7 +146,9 @@ def build(export_dir: str | os.PathLike, recipe: Recipe | str | os.PathLike, eng
                 size=done[b.name]["size"], sha256=done[b.name]["sha256"], build_seconds=done[b.name]["seconds"],
                 plugins=tuple(done[b.name]["plugins"]), inputs=b.inputs, outputs=b.outputs, state=b.state,
                 window=_variant(done.get(f"{b.name}.window")))
-                for b in man.blocks))
+                for b in man.blocks),
+            **call_limits(tuple({"name": n, "dims": d} for n, d in profiles.items())),
+            build={"seconds": seconds, "worker_peak_rss_mib": results["peak_rss_mib"]})
         written = engine_manifest.write(part)
     return written
 
@@ -158,7 +173,8 @@ def inspect_plugins(export_dir: str | os.PathLike, flavour: str = "tensorrt-rtx"
     return res["plugins"]
 
 
-def run_job(job: dict, *, progress: Progress | None = None, in_process: bool | None = None) -> dict:
+def run_job(job: dict, *, progress: Progress | None = None, in_process: bool | None = None,
+            log: Log | None = None) -> dict:
     """Run a TensorRT job in this process if it is safe to parse plugins here, else in a child."""
     from dualbrain.plugins.tensorrt import library_env, library_env_active
 
@@ -166,7 +182,7 @@ def run_job(job: dict, *, progress: Progress | None = None, in_process: bool | N
     if in_process is None:
         in_process = library_env_active(flavour)
     if in_process:
-        return _Worker(job, lambda ev: _on_event(ev, progress)).run()
+        return _Worker(job, lambda ev: _on_event(ev, progress, log)).run()
     env = library_env(flavour)
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen([sys.executable, "-m", "dualbrain.recipes.build"], env=env, stdin=subprocess.PIPE,
@@ -191,13 +207,15 @@ def run_job(job: dict, *, progress: Progress | None = None, in_process: bool | N
             except json.JSONDecodeError:
                 ev = None
             if not isinstance(ev, dict) or "event" not in ev:
+                if log and line.strip():
+                    log("stdout", line.rstrip())
                 continue
             if ev["event"] == "result":
                 result = ev["result"]
             elif ev["event"] == "error":
                 error = ev["message"]
             else:
-                _on_event(ev, progress)
+                _on_event(ev, progress, log)
     except BaseException:
         proc.kill()
         raise
@@ -212,9 +230,11 @@ def run_job(job: dict, *, progress: Progress | None = None, in_process: bool | N
     return result
 
 
-def _on_event(ev: dict, progress: Progress | None) -> None:
+def _on_event(ev: dict, progress: Progress | None, log: Log | None = None) -> None:
     if progress and ev["event"] == "progress":
         progress(ev["name"], ev["done"], ev["total"])
+    elif log and ev["event"] == "log":
+        log(ev["severity"], ev["message"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +251,7 @@ class _Worker:
 
         self.trt, self.flavour = import_tensorrt(self.job["flavour"])
         register_plugins(self.trt)
-        self.logger = self.trt.Logger(self.trt.Logger.ERROR)
+        self.logger = _log_recorder(self.trt, self.job.get("log_level"), self.emit)
         return self.build() if self.job["kind"] == "build" else self.inspect()
 
     # parsing -----------------------------------------------------------------------------------
@@ -324,17 +344,20 @@ class _Worker:
             self.emit({"event": "progress", "name": b["name"], "done": i, "total": len(blocks)})
             t0 = time.perf_counter()
             network, parser, layers = self.parse(builder, b["onnx"])
+            allow_decomposed_attention(trt, network)
             cfg = self.config(builder, network, recipe)
             if use_cache:
                 if cache is None:
                     cache = cfg.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
                 cfg.set_timing_cache(cache, True)
+            self.logger.errors.clear()
             try:
                 plan = builder.build_serialized_network(network, cfg)
             except Exception as e:  # noqa: BLE001 - TensorRT raises assorted types
                 raise DualbrainError(f"TensorRT failed to build block {b['name']}: {str(e).splitlines()[0]}") from None
             if plan is None:
-                raise DualbrainError(f"TensorRT failed to build block {b['name']} (see the log above)")
+                raise DualbrainError(f"TensorRT failed to build block {b['name']}: {self.logger.first_error()} "
+                                     "(`dualbrain --debug build` shows TensorRT's log)")
             path = out / f"{b['name']}.engine"
             with open(path, "wb") as f:
                 f.write(memoryview(plan))
@@ -347,7 +370,58 @@ class _Worker:
         if use_cache and cache is not None:
             cache_path.write_bytes(memoryview(cache.serialize()))
             timing = TIMING_CACHE
-        return {"built": built, "tensorrt_version": trt.__version__, "timing_cache": timing}
+        import resource
+
+        # ru_maxrss is KiB on Linux; in process it is the whole process's peak
+        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return {"built": built, "tensorrt_version": trt.__version__, "timing_cache": timing, "peak_rss_mib": peak}
+
+
+def _log_recorder(trt, level: str | None, emit: Callable[[dict], None]):
+    """A TensorRT logger that keeps the error lines of the current build (a failed build reports the
+    first: TensorRT's own reason) and forwards every message up to `level` as a log event (None:
+    none). TensorRT's stock Logger prints to stdout, which carries our JSON lines: its messages were lost."""
+    forward = SEVERITIES.index(level) if level else -1
+    errors = SEVERITIES.index("ERROR")
+
+    class Recorder(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            rank = SEVERITIES.index(severity.name) if severity.name in SEVERITIES else len(SEVERITIES)
+            if rank <= errors:
+                self.errors.append(msg)
+            if rank <= forward:
+                emit({"event": "log", "severity": severity.name, "message": msg})
+
+        def first_error(self) -> str:
+            lines = [ln.strip() for msg in self.errors for ln in msg.splitlines() if ln.strip()]
+            return lines[0] if lines else "TensorRT logged no error"
+
+    return Recorder()
+
+
+def allow_decomposed_attention(trt, network) -> int:
+    """Let TensorRT decompose the float32 attention layers (ONNX `Attention` nodes) of `network`;
+    returns how many it has.
+
+    TensorRT-RTX 1.7 builds an `Attention` node as one fused flash-style kernel in float16 and
+    bfloat16, so the (batch, heads, seq, total) scores never exist; the half-precision layers stay
+    non-decomposable, so a build that could not fuse them fails (with TensorRT's reason) instead of
+    silently materialising the scores. It has no fused kernel for float32 and refuses the build unless
+    the layer may be decomposed into MatMul/Softmax/MatMul; the float32 recipe caps its context
+    (rtx4090-fp32: 8192 positions) so that this stays small."""
+    n = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_INPUT:
+            layer.__class__ = trt.IAttentionInputLayer
+            n += 1
+            if layer.attention.get_input(0).dtype == trt.float32:
+                layer.attention.decomposable = True
+    return n
 
 
 def _child_main() -> int:
@@ -358,7 +432,8 @@ def _child_main() -> int:
     def emit(ev):
         out.write(json.dumps(ev) + "\n")
         out.flush()
-    # TensorRT logs go to stderr through its logger; keep stdout for our JSON lines only.
+    # TensorRT's log reaches the parent as log events (_log_recorder); stdout carries only JSON lines
+    # and what the TensorRT libraries print themselves.
     try:
         emit({"event": "result", "result": _Worker(job, emit).run()})
     except DualbrainError as e:

@@ -18,10 +18,11 @@ A recipe says which GPU an engine set is for and how to build it::
     opt_batch = 1
     max_batch = 4
     opt_prefill = 512                   # tokens per prefill call (seq of the prefill profile)
-    max_prefill = 2048
+    max_prefill = 512                   # the most new positions per call: the runtime prefills longer
+                                        # prompts in chunks of at most this (engines.json max_new_positions)
     opt_context = 2048                  # past + seq (KV cache length)
     max_context = 8192                  # clamped to the export's max_context at build time
-    decode_profile = true               # a second profile with seq = 1 for decode
+    decode_profile = true               # a second profile with seq = 1 (up to 2) for decode
 
 Unknown keys, wrong types and out-of-range values are refused with a one-line DualbrainError that
 names the recipe file, the key and its table.

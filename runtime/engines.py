@@ -7,7 +7,7 @@ another GPU are refused with a message that says which.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,13 @@ class EngineManifest:
     timing_cache: str | None
     export: dict[str, Any]         # path, dtype, max_context, window, manifest_sha256, model
     blocks: tuple[EngineBlock, ...]
+    # What one call may feed the engines (the prefill profile's maxima; the decode profile has the
+    # same batch and context): at most `max_batch` rows, `max_new_positions` new positions per row
+    # (prefill longer prompts in chunks of at most this), `max_context` positions per row in all.
+    max_batch: int = 0
+    max_new_positions: int = 0
+    max_context: int = 0
+    build: dict[str, Any] = field(default_factory=dict)   # {"seconds", "worker_peak_rss_mib"} of the build
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps({"format": ENGINE_FORMAT, "version": ENGINE_VERSION, **asdict(self)}))
@@ -86,12 +93,18 @@ class EngineManifest:
                          ("blocks", list), ("export", dict)):
             if not isinstance(em.get(key), typ):
                 raise DualbrainError(f"{ENGINE_MANIFEST}: field {key!r} is missing or has the wrong type")
+        profiles = tuple(p for p in em.get("profiles") or () if isinstance(p, dict))
+        # a manifest written before the limits were recorded: its prefill profile says the same
+        limits = call_limits(profiles)
+        for key in limits:
+            if isinstance(em.get(key), int) and not isinstance(em.get(key), bool):
+                limits[key] = em[key]
         return cls(flavour=em["flavour"], tensorrt_version=em["tensorrt_version"],
                    compute_capabilities=tuple(str(c) for c in em["compute_capabilities"]),
-                   target=str(em.get("target", "")), recipe=_dict(em.get("recipe")),
-                   profiles=tuple(p for p in em.get("profiles") or () if isinstance(p, dict)),
+                   target=str(em.get("target", "")), recipe=_dict(em.get("recipe")), profiles=profiles,
                    timing_cache=em.get("timing_cache") if isinstance(em.get("timing_cache"), str) else None,
-                   export=em["export"], blocks=tuple(_block(b, i) for i, b in enumerate(em["blocks"])))
+                   export=em["export"], blocks=tuple(_block(b, i) for i, b in enumerate(em["blocks"])),
+                   build=_dict(em.get("build")), **limits)
 
     def check(self, manifest: Manifest, *, flavour: str, version: str, device_capability) -> None:
         """Refuse engines built from another export, with another TensorRT, or for another GPU."""
@@ -113,6 +126,17 @@ class EngineManifest:
         if cc not in self.compute_capabilities:
             raise DualbrainError(f"engines target compute capability {', '.join(self.compute_capabilities)}, "
                                  f"this GPU is {cc}: build with a recipe for this GPU")
+
+
+def call_limits(profiles) -> dict[str, int]:
+    """{max_batch, max_new_positions, max_context} from the profiles' maxima of batch, seq and total
+    (the prefill profile's: every profile shares its batch and context); 0 where a profile lacks one."""
+    dims = next((p.get("dims") for p in profiles if p.get("name") == "prefill"), None) or {}
+
+    def top(d):
+        v = dims.get(d)
+        return int(v[2]) if isinstance(v, list) and len(v) == 3 and isinstance(v[2], int) else 0
+    return {"max_batch": top("batch"), "max_new_positions": top("seq"), "max_context": top("total")}
 
 
 def capability_str(cc) -> str:

@@ -22,24 +22,25 @@ class Artifacts:
 
     def checkpoint(self, family: str, layout: str = "conditional", experts: str = "stacked", *,
                    dtype: str = "float32", shards: int = 1, tie: bool = False, seed: int = 0,
-                   attention: str = "tiny") -> Path:
+                   attention: str = "tiny", context: int | None = None) -> Path:
+        """`context`: the config's max_position_embeddings (default: make_tiny's, 512)."""
         from dualbrain.exporter.tiny import make_tiny
 
-        key = ("ckpt", family, layout, experts, dtype, shards, tie, seed, attention)
+        key = ("ckpt", family, layout, experts, dtype, shards, tie, seed, attention) + ((context,) if context else ())
         if key not in self.cache:
             out = self.root / "-".join(map(str, key[1:]))
             make_tiny(out, family=family, layout=layout, experts=experts, dtype=dtype, shards=shards, seed=seed,
-                      tie_embeddings=tie, attention=attention)
+                      tie_embeddings=tie, attention=attention, max_position_embeddings=context)
             self.cache[key] = out
         return self.cache[key]
 
-    def export(self, ckpt: Path, *, dtype: str = "float32", window: bool = False) -> Path:
+    def export(self, ckpt: Path, *, dtype: str = "float32", window: bool = False, quant: str | None = None) -> Path:
         from dualbrain.exporter.export import export_checkpoint
 
-        key = ("export", ckpt, dtype, window)
+        key = ("export", ckpt, dtype, window) + ((quant,) if quant else ())
         if key not in self.cache:
-            out = ckpt.with_name(f"{ckpt.name}.onnx-{dtype}{'-window' if window else ''}")
-            export_checkpoint(ckpt, out, dtype=dtype, window=window)
+            out = ckpt.with_name(f"{ckpt.name}.onnx-{dtype}{'-window' if window else ''}{'-' + quant if quant else ''}")
+            export_checkpoint(ckpt, out, dtype=dtype, window=window, quant=quant)
             self.cache[key] = out
         return self.cache[key]
 

@@ -109,3 +109,35 @@ def test_every_block_within_tolerance(case):
     # both steps and every state output were compared
     assert {r.step for r in rows} == {"prefill", "decode"}
     assert any(r.output == "recurrent_state_out" for r in rows) and any(r.output == "new_key" for r in rows)
+
+
+def test_cpu_attention_is_the_exported_node(case):
+    """Full-attention blocks carry one ONNX `Attention` node (what TensorRT fuses); the ONNX Runtime
+    backend runs it split (runtime.backends.onnxruntime.split_attention), which the tests above diff
+    against transformers. Both forms give the same outputs: prefill over padding, chunks over a past,
+    decode."""
+    import onnx
+    import onnxruntime as ort
+
+    from dualbrain.runtime.backends.onnxruntime import OrtBackend
+    from dualbrain.runtime.blocks import random_feeds
+
+    _, out, model, _ = case
+    man = model.manifest
+    backend = OrtBackend(out, man, linked=False)
+    for block in man.blocks:
+        if block.kind not in ("full_attention", "mtp"):
+            continue
+        graph = onnx.load(str(out / block.file), load_external_data=False)
+        assert [n.op_type for n in graph.graph.node].count("Attention") == 1, block.name
+        exported = ort.InferenceSession(str(out / block.file), providers=["CPUExecutionProvider"])
+        for batch, seq, past in ((3, 6, 0), (2, 4, 9), (2, 1, 17)):
+            feeds = random_feeds(block.inputs, man.model.vocab_size, batch=batch, seq=seq, past=past, seed=past)
+            feeds["attention_mask"][0, :2] = 0                 # a left-padded row
+            names = [t.name for t in block.outputs]
+            want = dict(zip(names, exported.run(names, feeds)))
+            got = backend.run(block, feeds)
+            for name in names:      # float32 summation order differs: 1e-6 of the output's scale
+                scale = max(1.0, float(np.abs(want[name]).max()))
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6 * scale,
+                                           err_msg=f"{block.name} {name}")

@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain.errors import DualbrainError
+from dualbrain.exporter.export import EXPORT_OPSET
 from dualbrain.exporter.quantize import (
     INT4_WEIGHT_ONLY, block_size_for, dequantize_int4, pack_int4, quantize_block, quantize_int4, unpack_int4,
 )
@@ -176,6 +177,23 @@ def test_pass_on_a_hand_built_graph(tmp_path, dtype):
     np.testing.assert_allclose(fused, want, rtol=0, atol=3e-2 * scale)
 
 
+def test_single_block_weight_stays_float():
+    """A [1, H] weight (a tiny MoE's shared-expert gate) with H one block: TensorRT refuses the
+    blockwise DequantizeLinear of its one-element scale, so it stays in the export dtype."""
+    from dualbrain.exporter.quantize import plan_weights
+
+    inits = [numpy_helper.from_array(np.ones((1, 64), np.float16), "gate"),
+             numpy_helper.from_array(np.ones((2, 64), np.float16), "two")]
+    nodes = [helper.make_node("Transpose", ["gate"], ["gate_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "gate_t"], ["g"]),
+             helper.make_node("Transpose", ["two"], ["two_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "two_t"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", 64])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT16, None) for n in ("g", "y")], inits)
+    plans, skipped = plan_weights(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
+    assert [p.name for p in plans] == ["two"] and skipped == [("gate", "a single 64 x 1 block")]
+
+
 def test_pass_refuses_old_opset(tmp_path):
     path, _ = _graph(tmp_path, TensorProto.FLOAT16, np.float16)
     model = onnx.load(str(path), load_external_data=False)
@@ -189,7 +207,7 @@ def test_pass_refuses_old_opset(tmp_path):
 
 def test_int4_export_manifest_and_graphs(int4, fp16):
     man = load_manifest(int4, verify_hashes=True)            # new hashes and sizes recorded
-    assert man.quant == INT4_WEIGHT_ONLY and man.dtype == "float16" and man.opset == 21
+    assert man.quant == INT4_WEIGHT_ONLY and man.dtype == "float16" and man.opset == EXPORT_OPSET >= 21
     assert json.loads((int4 / "manifest.json").read_text())["quant"] == INT4_WEIGHT_ONLY
     assert load_manifest(fp16).quant is None
     ref_man = load_manifest(fp16)
@@ -200,8 +218,8 @@ def test_int4_export_manifest_and_graphs(int4, fp16):
     for b in man.chain:
         model = onnx.load(str(int4 / b.file), load_external_data=False)
         onnx.checker.check_model(str(int4 / b.file), full_check=True)
-        assert next(o.version for o in model.opset_import if o.domain == "") == 21
-        assert all(next(o.version for o in f.opset_import if o.domain == "") == 21 for f in model.functions)
+        assert next(o.version for o in model.opset_import if o.domain == "") == EXPORT_OPSET
+        assert all(next(o.version for o in f.opset_import if o.domain == "") == EXPORT_OPSET for f in model.functions)
         inits = {t.name: t for t in model.graph.initializer}
         dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
         # no float matrix feeds a MatMul any more: every MatMul weight is a DequantizeLinear output

@@ -155,3 +155,28 @@ def test_no_heavy_imports():
             "bad = [m for m in ('tensorrt_rtx', 'tensorrt', 'torch', 'triton') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_profiles_serve_the_runtimes_prefill_chunks():
+    """The runtime prefills a prompt in chunks of `prefill_chunk` positions (runtime.engine, 512 by
+    default): every recipe's engines take one such chunk per call and are tuned for it; the context
+    is the recipe's cap or the export's, whichever is smaller; decode takes 1 (tuned) up to 2 new
+    positions (TensorRT-RTX has no fused attention kernel for exactly 1)."""
+    import inspect
+
+    from dualbrain.recipes.build import profile_dims
+    from dualbrain.runtime.engine import Engine
+    from dualbrain.runtime.engines import call_limits
+
+    chunk = inspect.signature(Engine).parameters["prefill_chunk"].default
+    for name in bundled_recipes():
+        p = load_recipe(name).profile
+        assert p.opt_prefill == chunk <= p.max_prefill, name
+    r = load_recipe("rtx4090-fp16")
+    for export_context, served in ((262144, 32768), (4096, 4096)):
+        dims = profile_dims(r, export_context)
+        assert dims["prefill"] == {"batch": [1, 1, 4], "seq": [1, 512, 512], "past": [0, 0, served - 1],
+                                   "total": [1, 512, served]}
+        assert dims["decode"]["seq"] == [1, 1, 2] and dims["decode"]["total"][2] == served
+        assert call_limits([{"name": n, "dims": d} for n, d in dims.items()]) == {
+            "max_batch": 4, "max_new_positions": 512, "max_context": served}

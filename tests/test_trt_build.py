@@ -97,7 +97,9 @@ def test_build_engines(engines, export, recipe, family):
     assert man["export"]["dtype"] == r.precision and man["export"]["path"] == str(src.resolve())
     profiles = {p["name"]: p["dims"] for p in man["profiles"]}
     ctx = min(r.profile.max_context, exp.max_context)
-    assert profiles["prefill"]["total"][2] == ctx and profiles["decode"]["seq"] == [1, 1, 1]
+    assert profiles["prefill"]["total"][2] == ctx and profiles["decode"]["seq"] == [1, 1, 2]
+    assert (man["max_batch"], man["max_new_positions"], man["max_context"]) == (
+        r.profile.max_batch, min(r.profile.max_prefill, ctx), ctx)
     assert [b["name"] for b in man["blocks"]] == [b.name for b in exp.blocks]
     for b, eb in zip(exp.blocks, man["blocks"]):
         data = (out / eb["engine"]).read_bytes()
@@ -110,6 +112,105 @@ def test_build_engines(engines, export, recipe, family):
             assert {"CausalConv1d", "GatedDeltaRule"} <= kinds
         if family == "moe" and b.layer is not None:
             assert "MoEDispatch" in kinds
+
+
+# --- real contexts: every precision at the context its recipe serves --------------------------------
+# One build per precision: the tiny geometry at the usual config's 32768 positions (the issue's case),
+# and the published attention geometry (16 q / 2 KV heads of 256, rotary 64) at the published 262144,
+# which the recipes cap (32768, 65536 for int4). Dense causal checkpoints: the attention block is
+# what grows with the context; the exports take ~20 s each.
+REAL_CONTEXT = {
+    "rtx4090-fp32": (dict(context=32768), "float32", None),
+    "rtx4090-fp16": (dict(context=32768), "float16", None),
+    "rtx5090-bf16": (dict(context=262144, attention="published"), "bfloat16", None),
+    "rtx5090-int4": (dict(context=262144, attention="published"), "float16", "int4-weight-only"),
+}
+
+
+def test_real_context_covers_every_rtx_recipe():
+    assert sorted(REAL_CONTEXT) == sorted(RTX_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", list(REAL_CONTEXT))
+def test_build_at_real_context(artifacts, tmp_path, recipe):
+    """The full-attention block is one ONNX `Attention` node, which TensorRT-RTX fuses in half
+    precision: at 32768+ positions the unfused scores (batch x heads x new x total) did not build."""
+    ckpt_args, dtype, quant = REAL_CONTEXT[recipe]
+    r = load_recipe(recipe)
+    src = artifacts.export(artifacts.checkpoint("dense", "causal", **ckpt_args), dtype=dtype, quant=quant)
+    exp = load_manifest(src)
+    assert exp.max_context == ckpt_args["context"]
+    attention = next(b for b in exp.blocks if b.kind == "full_attention")
+    ops = [n.op_type for n in onnx.load(str(src / attention.file), load_external_data=False).graph.node]
+    assert ops.count("Attention") == 1 and "Softmax" not in ops
+    man = build(src, recipe, tmp_path / "engines")
+    ctx = min(r.profile.max_context, exp.max_context)
+    assert (man["max_batch"], man["max_new_positions"], man["max_context"]) == (
+        r.profile.max_batch, r.profile.max_prefill, ctx)
+    assert [b["name"] for b in man["blocks"]] == [b.name for b in exp.blocks]
+    assert man["build"]["seconds"] > 0 and man["build"]["worker_peak_rss_mib"] > 0
+    print(f"{recipe} at {exp.max_context} (serves {ctx}): {man['build']['seconds']:.1f} s, "
+          f"worker peak {man['build']['worker_peak_rss_mib']:.0f} MiB")
+
+
+def _failing_export(tmp_path: Path) -> Path:
+    """An export whose first block parses but cannot be built: a Reshape to [-1, 7] of a tensor whose
+    size is not a multiple of 7 at the profile's shapes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dualbrain.exporter.tiny import text_config_dict
+    from dualbrain.runtime.manifest import VERSION
+    from dualbrain.runtime.spec import ModelSpec
+
+    d = tmp_path / "export"
+    d.mkdir()
+    g = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+                           helper.make_node("Reshape", ["f", "shape"], ["hidden"])], "embed",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+                          [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([-1, 7], np.int64), "shape")])
+    for f in ("embed.onnx", "layer_000.onnx", "head.onnx"):        # the build stops at the first
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), str(d / f))
+    spec = ModelSpec.from_config(dict(text_config_dict(family="dense", num_layers=1), model_type="qwen3_5_text",
+                                      layer_types=["linear_attention"]))
+    ids = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    (d / "manifest.json").write_text(json.dumps({
+        "format": "dualbrain-export", "version": VERSION, "model": spec.to_json(), "dtype": "float32",
+        "opset": 23, "max_context": 64, "window": False,
+        "files": {f.name: {"size": f.stat().st_size} for f in d.glob("*.onnx")},
+        "blocks": [{"name": "embed", "kind": "embed", "file": "embed.onnx", "inputs": ids, "outputs": []},
+                   {"name": "layer_000", "kind": "linear_attention", "layer": 0, "file": "layer_000.onnx",
+                    "inputs": ids, "outputs": []},
+                   {"name": "head", "kind": "head", "file": "head.onnx", "inputs": ids, "outputs": []}]}))
+    return d
+
+
+def test_failed_build_says_what_tensorrt_said(tmp_path):
+    src = _failing_export(tmp_path)
+    with pytest.raises(DualbrainError) as e:
+        build(src, "rtx4090-fp32", tmp_path / "engines")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("TensorRT failed to build block embed: ")
+    assert "Error Code 4" in msg and "reshaping failed" in msg and "--debug" in msg
+    assert not (tmp_path / "engines").exists()
+
+
+def test_debug_build_shows_tensorrts_log(tmp_path):
+    from click.testing import CliRunner
+
+    from dualbrain.cli import main
+
+    src = _failing_export(tmp_path)
+    res = CliRunner().invoke(main, ["--debug", "build", str(src), "--recipe", "rtx4090-fp32",
+                                    "-o", str(tmp_path / "engines")])
+    assert isinstance(res.exception, DualbrainError)
+    lines = res.output.splitlines()
+    assert any(ln.startswith("[TensorRT WARNING] ") and "input_ids" in ln for ln in lines)
+    assert any(ln.startswith("[TensorRT ERROR] ") and "Error Code 4" in ln for ln in lines)
+    assert sum(ln.startswith("[TensorRT INFO] ") for ln in lines) > 3
+    res = CliRunner().invoke(main, ["build", str(src), "--recipe", "rtx4090-fp32", "-o", str(tmp_path / "e2")])
+    assert res.exit_code == 2 and "[TensorRT" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: TensorRT failed to build block embed: ")
 
 
 def test_build_command_with_recipe_path(export, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.onnx.ops import attention
 
 from dualbrain.exporter.blocks.norms import (
     apply_rotary, l2norm, rms_norm_gated, rms_norm_zero_centred, rotary_cos_sin,
@@ -136,31 +137,32 @@ class GatedAttentionMixer(nn.Module):
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Past K/V arrive sequence-major (past, B, nkv, hd); this call's K/V leave the same way and the
-        # runtime appends them to its cache (runtime.state). The past and the new keys are attended
-        # apart, with one softmax over both, so K/V are never concatenated and the only tensors that
-        # grow with the context are one transposed view each of past K and V and a few score rows.
+        # runtime appends them to its cache (runtime.state).
+        new_key, new_value = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
         past = past_key.shape[0]
-        # GQA without copying K/V per query head: query heads h = g*rep + r share kv head g, so fold
-        # them into the row dimension (B, nkv, rep*T, hd) and multiply against K/V as they are.
-        rep = nh // nkv
-        qg = q.reshape(b, nkv, rep * t, hd) * hd ** -0.5
-        low = torch.finfo(torch.float32).min
-        # past keys precede every query: only padding hides them
-        s_past = torch.matmul(qg, past_key.permute(1, 2, 3, 0)).float()
-        s_past = s_past.masked_fill((mask[:, :past] == 0)[:, None, None, :], low)
-        # new keys: query i sees new key j <= i that is not padding
-        idx = torch.arange(t, device=x.device)
-        allowed = (idx[None, :] <= idx[:, None])[None, None, None] & (mask[:, past:] > 0)[:, None, None, None, :]
-        s_new = torch.matmul(qg, k.transpose(2, 3)).float().reshape(b, nkv, rep, t, t)
-        s_new = s_new.masked_fill(~allowed, low).reshape(b, nkv, rep * t, t)
-        # one softmax over both parts; logsumexp of an empty past (prefill) is -inf, which logaddexp absorbs
-        lse = torch.logaddexp(torch.logsumexp(s_past, dim=-1, keepdim=True), torch.logsumexp(s_new, dim=-1, keepdim=True))
-        out = torch.matmul(torch.exp(s_past - lse).to(q.dtype), past_value.permute(1, 2, 0, 3)) \
-            + torch.matmul(torch.exp(s_new - lse).to(q.dtype), v)
-        out = out.reshape(b, nh, t, hd)
+        key = torch.cat([past_key, new_key]).permute(1, 2, 0, 3)          # (B, nkv, total, hd)
+        value = torch.cat([past_value, new_value]).permute(1, 2, 0, 3)
+        # One ONNX `Attention` node (GQA from the head counts): TensorRT(-RTX) builds it as a fused
+        # flash-style kernel in float16/bfloat16, so the (B, heads, seq, total) scores are never
+        # materialised at long context. The ONNX Runtime backend runs the same node split into
+        # MatMul/Softmax/MatMul over the cache as it is (runtime.backends.onnxruntime.split_attention).
+        # The mask is per batch row, not per head.
+        out = attention(q, key, value, visible_keys(mask, past, t), scale=hd ** -0.5)[0]
         out = out.transpose(1, 2).reshape(b, t, nh * hd)
         out = F.linear(out * torch.sigmoid(gate), self.o_proj)
-        return out, k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
+        return out, new_key, new_value
+
+
+def visible_keys(mask: torch.Tensor, past: int, seq: int) -> torch.Tensor:
+    """(B, 1, seq, past + seq) bool: the keys each new position attends to.
+
+    Query i sits at position past + i and sees key j <= past + i that is not padding (`mask` is
+    (B, past + seq), 0 = padding). It always sees itself: a padding query then has one finite score
+    instead of none, whose softmax would be NaN and would reach the next layers' states.
+    """
+    q_pos = torch.arange(seq, device=mask.device)[:, None] + past
+    k_pos = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    return (((k_pos <= q_pos)[None] & (mask > 0)[:, None, :]) | (k_pos == q_pos)[None])[:, None]
 
 
 class DenseMLP(nn.Module):
