@@ -40,6 +40,8 @@ __all__ = [
     "default_params",
     "filtered_probs",
     "Sampler",
+    "TokenLogprobs",
+    "token_logprobs",
 ]
 
 
@@ -289,3 +291,21 @@ class Sampler:
             ids = np.minimum(ids, x.shape[1] - 1)
         presence[np.arange(self.batch_size), ids] = True
         return ids
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability and the `top` most likely tokens' (id, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprobs:
+    """Log-probabilities from the raw logits (V,), before penalties and filters (what vLLM reports by
+    default: the model's distribution, not the one the token was drawn from)."""
+    x = np.asarray(logits, dtype=np.float64)
+    logp = x - (np.max(x) + np.log(np.sum(np.exp(x - np.max(x)))))
+    best = np.argsort(-logp, kind="stable")[:top] if top > 0 else ()
+    return TokenLogprobs(int(token), float(logp[token]), tuple((int(i), float(logp[i])) for i in best))
