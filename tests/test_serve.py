@@ -155,6 +155,21 @@ def test_generate_cli_gives_the_same_tokens(live):
     assert r.choices[0].token_ids == want == solo(live, ids, 12)
 
 
+def test_chat_template_kwargs_and_tools_reach_the_template(live):
+    tok, c = live.reference.tokenizer, live.client()
+    msgs = [{"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+            {"role": "user", "content": "And now?"}]
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    for kwargs, extra in (({"enable_thinking": False}, {}), ({"preserve_thinking": True}, {}),
+                          ({}, {"tools": tools}), ({}, {"tools": tools, "tool_choice": "none"})):
+        r = c.chat.completions.create(model=live.name, messages=msgs, max_tokens=1, temperature=0, **extra,
+                                      extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True})
+        rendered = tok.render(msgs, **kwargs, **({"tools": tools} if extra.get("tool_choice") == "auto" or
+                                                 (extra and "tool_choice" not in extra) else {}))
+        assert r.model_extra["prompt_token_ids"] == tok.encode(rendered), (kwargs, extra)
+
+
 # ---- reasoning and tool calls, on crafted model outputs ------------------------------------------------
 QWEN35_CALL = ("Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
                "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
@@ -83,12 +83,13 @@ def build_app(backend, info: ModelInfo, settings: ApiSettings = ApiSettings(), l
     async def _internal(request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
-        return await call_next(request)
+    # a dependency of the /v1/ routes rather than an HTTP middleware: Starlette's BaseHTTPMiddleware
+    # re-streams every response chunk through a memory stream of its own
+    async def authorized(request: Request):
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
+
+    v1 = {"dependencies": [Depends(authorized)]}
 
     @app.get("/health")
     async def health():
@@ -101,15 +102,15 @@ def build_app(backend, info: ModelInfo, settings: ApiSettings = ApiSettings(), l
             return error_response(404, "metrics are exported per replica through Ray's metrics export", "not_found")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **v1)
     async def models():
         return P.ModelList(data=[P.ModelCard(id=info.name, max_model_len=info.max_context)]).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **v1)
     async def chat(request: Request):
         return await api.chat(request, await _read(request, P.ChatCompletionRequest, settings.max_body))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **v1)
     async def completions(request: Request):
         return await api.completions(request, await _read(request, P.CompletionRequest, settings.max_body))
 

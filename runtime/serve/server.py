@@ -28,6 +28,7 @@ def local_app(config: ServeConfig, settings: ApiSettings, name: str | None = Non
 
 def run_local(config: ServeConfig, settings: ApiSettings, *, host: str, port: int, name: str | None = None) -> None:
     import signal
+    import sys
 
     import uvicorn
 
@@ -35,4 +36,7 @@ def run_local(config: ServeConfig, settings: ApiSettings, *, host: str, port: in
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: ignoring it there
     # makes a drained server exit 0 (the default handler would end the process with 143)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the engine thread wants the GIL back after each ONNX Runtime call while the event loop serves the
+    # streams: a shorter switch interval than Python's 5 ms keeps it from waiting a whole interval
+    sys.setswitchinterval(0.0005)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
