@@ -290,3 +290,35 @@ def test_cli_refuses_bad_setups(tmp_path, export):
             ([str(export), "--small", str(export)], "need --mode"):
         r = CliRunner().invoke(main, ["serve", *args])
         assert r.exit_code == 2 and msg in r.output, r.output
+
+
+def test_a_served_pair_runs_its_solver_mode(export, reference):
+    """--small S_OUT --mode speculative: every request runs speculatively (exact: greedy tokens are the
+    large model's alone); logprobs are refused there for now."""
+    app, service = local_app(ServeConfig(str(export), small_dir=str(export), mode="speculative", max_batch=2,
+                                         ort_threads=1), ApiSettings(api_key=KEY, max_body=MAX_BODY), "pair")
+    port = free_port()
+    server = UvicornThread(app, port)
+    try:
+        live = Live(f"http://127.0.0.1:{port}", "pair", export, reference)
+        ids = reference.tokenizer.encode("The robot")
+        r = live.client().completions.create(model="pair", prompt=ids, max_tokens=12, temperature=0,
+                                             extra_body={"return_token_ids": True})
+        assert r.choices[0].token_ids == solo(live, ids, 12)
+        assert live.post("/v1/completions", json={"prompt": ids, "max_tokens": 2, "logprobs": 1}).status_code == 400
+    finally:
+        server.stop()
+
+
+def test_ray_scale_flags():
+    from dualbrain.errors import DualbrainError
+    from dualbrain.runtime.serve.ray_app import Scale
+
+    config = ServeConfig("out", max_batch=4, max_queue=8)
+    assert Scale.parse(None, None).options(config)["num_replicas"] == 1
+    assert Scale.parse(3, None).options(config)["max_ongoing_requests"] == 12
+    auto = Scale.parse(None, "1:4").options(config)["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"]) == (1, 4)
+    for replicas, autoscale in ((0, None), (2, "1:2"), (None, "3:1"), (None, "x")):
+        with pytest.raises(DualbrainError):
+            Scale.parse(replicas, autoscale)
