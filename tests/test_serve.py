@@ -3,7 +3,6 @@ only this server shows -- /metrics after a disconnect, the bounded queue, logpro
 reasoning and tool-call parsers (crafted outputs, split across chunks), SIGTERM draining, the CLI."""
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import signal
@@ -223,8 +222,8 @@ class ScriptedBackend:
 
 def test_reasoning_and_tool_calls_through_the_api(export):
     info = ModelInfo.read(str(export), "scripted")
-    server = UvicornThread(build_app(ScriptedBackend("<think>\nThe user wants weather.\n</think>\n\n" + QWEN35_CALL), info),
-                           port := free_port())
+    scripted = ScriptedBackend("<think>\nThe user wants weather.\n</think>\n\n" + QWEN35_CALL)
+    server = UvicornThread(build_app(scripted, info), port := free_port())
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         tools = [{"type": "function", "function": {"name": n, "parameters": p}} for n, p in TOOLS.items()]
@@ -322,3 +321,15 @@ def test_ray_scale_flags():
     for replicas, autoscale in ((0, None), (2, "1:2"), (None, "3:1"), (None, "x")):
         with pytest.raises(DualbrainError):
             Scale.parse(replicas, autoscale)
+
+
+def test_disconnect_with_n_choices_leaves_the_engine_idle(served):
+    live, service = served
+    with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"prompt": "Once", "max_tokens": 450, "n": 3, "stream": True, "temperature": 1.0}) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data:"))
+    deadline = time.time() + 10
+    while not service.engine.idle and time.time() < deadline:
+        time.sleep(0.05)
+    assert service.engine.idle
+    assert live.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200

@@ -255,7 +255,8 @@ class _Api:
             raise ApiError(400, "the prompt is empty", "empty_prompt")
         if len(ids) >= ctx or (max_tokens is not None and len(ids) + max_tokens > ctx):
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens; the request has "
-                                f"{len(ids)} prompt tokens and asks for {max_tokens or 1} more", "context_length_exceeded")
+                                f"{len(ids)} prompt tokens and asks for {max_tokens or 1} more",
+                           "context_length_exceeded")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         top_k = None if req.top_k is None else max(req.top_k, 0)           # vLLM: -1 is off
         try:
@@ -401,9 +402,10 @@ async def _merged(jobs, streams):
                 yield item
         for t in tasks:
             t.result()                  # re-raise a stream's error
-    finally:
+    finally:                            # (a client gone): stop the pumps before their streams are closed
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _or_gone(request: Request, aw):

@@ -90,7 +90,8 @@ class ChatChoice(_Choice):
             return None
         tt = self.token_text
         return P.ChatLogprobs(content=[
-            P.TokenLogprob(**tt.entry(x.token, x.logprob).model_dump(), top_logprobs=[tt.entry(i, lp) for i, lp in x.top])
+            P.TokenLogprob(**tt.entry(x.token, x.logprob).model_dump(),
+                           top_logprobs=[tt.entry(i, lp) for i, lp in x.top])
             for x in items])
 
     def result(self) -> P.ChatChoice:

@@ -34,8 +34,8 @@ from dualbrain.runtime.solver import MODES as SOLVER_MODES
 @click.option("--replicas", type=int, default=None, help="With --ray: engine replicas (default 1).")
 @click.option("--autoscale", default=None, metavar="MIN:MAX", help="With --ray: autoscale the engine replicas.")
 @click.option("--ray-address", default=None, help="With --ray: an existing cluster (default: start a local one).")
-def serve(model_dir, small_dir, mode, bridges_dir, host, port, max_batch, max_queue, api_key, name, max_body, ort_threads,
-          use_ray, replicas, autoscale, ray_address):
+def serve(model_dir, small_dir, mode, bridges_dir, host, port, max_batch, max_queue, api_key, name, max_body,
+          ort_threads, use_ray, replicas, autoscale, ray_address):
     """Serve the export in OUT with an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models, /health, /metrics), continuous batching on the step engine."""
     try:

@@ -118,7 +118,10 @@ def run_ray(config: ServeConfig, settings: ApiSettings, scale: Scale, *, host: s
     import ray
     from ray import serve
 
-    ray.init(address=address, log_to_driver=False) if address else ray.init(include_dashboard=False, log_to_driver=False)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_ray_app(config, settings, scale, name), name=APP_NAME, route_prefix="/")
     click.echo(f"serving {config.model_dir} on http://{host}:{port}/v1 with Ray Serve "
