@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -429,14 +429,21 @@ def _answer_all(model, mode, prompts: list[list[int]], n: int) -> tuple[list, li
     return gens, ms
 
 
-def bench_solver(large_dir: str | Path, small_dir: str | Path | None = None, *,
-                 cfg: SolverBenchConfig = SolverBenchConfig(), progress=None) -> dict:
-    """The large model alone, the small one alone and every solver mode the pair allows, on the same
-    prompts in one run: speed, P50/P95 ms per token, acceptance, the cost ratio and the cost model's
-    prediction beside the measured speedup."""
+def _row(gens, ms) -> dict[str, Any]:
+    p50, p95 = _ms_percentiles([m / 1000 for m in ms])
+    return {"tok_s": 1000 / p50, "p50_ms": p50, "p95_ms": p95, "new_tokens": sum(len(g.new_ids) for g in gens)}
+
+
+def bench_solver(large_dir: str | Path, small_dir: str | Path | None = None, bridges_dir: str | Path | None = None,
+                 *, cfg: SolverBenchConfig = SolverBenchConfig(), modes: tuple[str, ...] | None = None,
+                 progress=None) -> dict:
+    """The large model alone, the small one alone and every solver mode the pair allows (`modes`:
+    only these), on the same prompts in one run: speed, P50/P95 ms per token, acceptance, the cost
+    ratio and the cost model's prediction beside the measured speedup; for fused, its cost against
+    the two models alone and the overlap its parallel small model achieves."""
     from dualbrain.runtime.engine import PlainDecode
     from dualbrain.runtime.model import Model
-    from dualbrain.runtime.solver import MODES, SolverOptions, build_mode
+    from dualbrain.runtime.solver import MODES, SolverOptions
     from dualbrain.runtime.solver.drafters import MtpDrafter
     from dualbrain.runtime.solver.pair import check_pair
 
@@ -446,28 +453,28 @@ def bench_solver(large_dir: str | Path, small_dir: str | Path | None = None, *,
     small = Model.load(small_dir) if small_dir is not None else None
     has_mtp = large.manifest.side("mtp") is not None
     prompts = _prompts(large.vocab_size, cfg.prompts, cfg.prompt_len, seed=7)
-    options = SolverOptions(draft_tokens=cfg.draft_tokens, threshold=cfg.threshold)
+    options = SolverOptions(draft_tokens=cfg.draft_tokens, threshold=cfg.threshold,
+                            bridges=str(bridges_dir) if bridges_dir else None)
     runs = [("large", large, None)] + ([("small", small, None)] if small is not None else [])
     runs += [(name, large, m) for name, m in MODES.items() if (small is not None or not m.needs_small)
-             and (name != "mtp" or has_mtp)]
+             and (bridges_dir is not None or not m.needs_bridges) and (name != "mtp" or has_mtp)
+             and (modes is None or name in modes)]
     t_large = step_seconds(large, prompts[0])
     cost = {"speculative": step_seconds(small, prompts[0]) / t_large if small is not None else None,
             "mtp": mtp_step_seconds(MtpDrafter(large), prompts[0]) / t_large if has_mtp else None}
-    modes: dict[str, dict] = {}
+    report: dict[str, dict] = {}
     reference = None
     for i, (name, model, spec) in enumerate(runs):
         if progress:
             progress(name, i, len(runs))
         mode = spec.build(large, small, options) if spec is not None else PlainDecode()
         gens, ms = _answer_all(model, mode, prompts, cfg.new_tokens)
-        p50, p95 = _ms_percentiles([m / 1000 for m in ms])
-        row: dict[str, Any] = {"tok_s": 1000 / p50, "p50_ms": p50, "p95_ms": p95,
-                               "new_tokens": sum(len(g.new_ids) for g in gens)}
+        row = _row(gens, ms)
         if name == "large":
             reference = [g.new_ids for g in gens]
         else:
             row["tokens_match_large"] = [g.new_ids for g in gens] == reference
-            row["speedup"] = modes["large"]["p50_ms"] / p50
+            row["speedup"] = report["large"]["p50_ms"] / row["p50_ms"]
         drafted, accepted, rounds = (sum(getattr(g, f) for g in gens) for f in ("drafted", "accepted", "rounds"))
         if name in cost:
             alpha = accepted / drafted if drafted else 0.0
@@ -480,9 +487,17 @@ def bench_solver(large_dir: str | Path, small_dir: str | Path | None = None, *,
         if name == "cascade":
             row.update(escalation_rate=sum(g.escalations for g in gens) / max(1, rounds),
                        window=cfg.draft_tokens, threshold=cfg.threshold)
-        modes[name] = row
-    return {"large": str(large_dir), "small": str(small_dir) if small_dir else None, "config": asdict(cfg),
-            "modes": modes}
+        if name == "fused":
+            # the same with the small model on its own thread and without: what the overlap gives here
+            par, seq = (_row(*_answer_all(model, spec.build(large, small, replace(options, parallel=p)), prompts,
+                                          cfg.new_tokens)) for p in (True, False))
+            both = report["large"]["p50_ms"] + report["small"]["p50_ms"]
+            row.update(overhead=row["p50_ms"] / report["large"]["p50_ms"], cost_vs_both_alone=row["p50_ms"] / both,
+                       parallel_p50_ms=par["p50_ms"], sequential_p50_ms=seq["p50_ms"],
+                       overlap=1 - par["p50_ms"] / seq["p50_ms"])
+        report[name] = row
+    return {"large": str(large_dir), "small": str(small_dir) if small_dir else None,
+            "bridges": str(bridges_dir) if bridges_dir else None, "config": asdict(cfg), "modes": report}
 
 
 def print_solver_report(report: dict) -> None:
@@ -495,18 +510,21 @@ def print_solver_report(report: dict) -> None:
     t = Table(title=f"solver modes: large {report['large']}, small {report['small'] or '-'} "
                     f"(batch 1, greedy, {report['config']['new_tokens']} new tokens)")
     for col in ("mode", "tok/s", "ms/tok P50/P95", "speedup", "model", "model(v)", "accept", "k", "tok/rnd", "c", "v",
-                "escal", "=large"):
+                "escal", "vs L+S", "overlap", "=large"):
         t.add_column(col, justify="left" if col == "mode" else "right")
     for name, m in report["modes"].items():
         t.add_row(name, f(m["tok_s"], ".1f"), f"{m['p50_ms']:.1f}/{m['p95_ms']:.1f}", f(m.get("speedup"), ".2f"),
                   f(m.get("predicted_speedup"), ".2f"), f(m.get("predicted_speedup_with_verify_cost"), ".2f"),
                   f(m.get("acceptance_rate"), ".2f"), f(m.get("mean_k"), ".1f"), f(m.get("tokens_per_round"), ".2f"),
                   f(m.get("cost_ratio"), ".2f"), f(m.get("verify_cost"), ".2f"), f(m.get("escalation_rate"), ".2f"),
+                  f(m.get("cost_vs_both_alone"), ".2f"), f(m.get("overlap"), ".2f"),
                   {None: "", True: "yes", False: "no"}[m.get("tokens_match_large")])
     Console(width=max(140, Console().width)).print(t)
     print("speedup: measured P50 ms/token of large alone over the mode's, this run; model: (1 - a^(k+1)) / "
           "((1 - a)(k c + 1)) from the measured acceptance a, drafts per round k and draft cost c (a draft step "
-          "over a large decode step); model(v): the same with the verify call's measured cost v instead of 1")
+          "over a large decode step); model(v): the same with the verify call's measured cost v instead of 1; "
+          "vs L+S: fused ms/token over large alone + small alone; overlap: 1 - fused with the small model on its "
+          "own thread over fused with it run first")
 
 
 if __name__ == "__main__":

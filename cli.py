@@ -6,6 +6,7 @@ Every user-caused problem is a `DualbrainError`: printed on one line, exit code 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -256,8 +257,9 @@ def solve(large_dir, small_dir, bridges_dir, mode, prompt, messages, ids, draft_
     overrides = _sampling_overrides(max_new_tokens, greedy, temperature, top_p, top_k, presence_penalty, seed, stop)
     if small_dir is not None:
         check_pair(large_dir, small_dir)                 # before anything loads or runs
-    large = Model.load(large_dir)
-    small = Model.load(small_dir) if small_dir is not None else None
+    threads = SOLVER_MODES[mode].threads(os.cpu_count() or 1)
+    large = Model.load(large_dir, threads=threads[0])
+    small = Model.load(small_dir, threads=threads[1]) if small_dir is not None else None
     options = SolverOptions(draft_tokens=draft_tokens, adaptive=not no_adaptive, threshold=threshold,
                             mtp_feed=mtp_feed, bridges=str(bridges_dir) if bridges_dir else None)
     solver = build_mode(mode, large, small, options)
@@ -411,12 +413,19 @@ def align(small_ckpt, large_ckpt, out, data, layers, steps, batch, seq_len, lr, 
 @click.option("--preset", type=click.Choice(TINY_PRESETS), default="tiny", show_default=True,
               help="tiny: hidden 64, 4 layers (tests). mid: hidden 1024, 12 layers, vocab 32000; with --family moe "
                    "64 experts top-8, about 2.8 GB in fp32 (the CPU benchmarks' model).")
-def make_tiny(out, family, layout, experts, dtype, shards, seed, preset):
+@click.option("--max-position-embeddings", type=click.IntRange(min=1), default=None,
+              help="The config's context (default: the preset's; the published models say 262144).")
+@click.option("--hidden-size", type=click.IntRange(min=8), default=None,
+              help="Another width (e.g. a pair's small model).")
+@click.option("--num-layers", type=click.IntRange(min=1), default=None, help="Decoder layers (default: the preset's).")
+def make_tiny(out, family, layout, experts, dtype, shards, seed, preset, max_position_embeddings, hidden_size,
+              num_layers):
     """Write a small random-weight checkpoint in the published layout, with a real tokenizer."""
     from dualbrain.exporter.tiny import make_tiny as run
 
     run(out, family=family, layout=layout, experts=experts.replace("-", "_"), dtype=dtype, shards=shards, seed=seed,
-        preset=preset)
+        preset=preset, max_position_embeddings=max_position_embeddings, hidden_size=hidden_size,
+        num_layers=num_layers)
     click.echo(f"wrote {family}/{layout} {preset} checkpoint to {out}")
 
 
@@ -492,13 +501,15 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--large", "large_dir", type=click.Path(path_type=Path), default=None,
               help="With --solver: the large model's export (default: EXPORT).")
 @click.option("--small", "small_dir", type=click.Path(path_type=Path), default=None,
-              help="With --solver: the small model's export (speculative and cascade need it).")
+              help="With --solver: the small model's export (speculative, cascade and fused need it).")
+@click.option("--bridges", "bridges_dir", type=click.Path(path_type=Path), default=None,
+              help="With --solver: the pair's exported bridges (adds fused).")
 @click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --solver: the most drafts a round.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="With --solver: cascade's threshold.")
 @click.option("--prompts", "n_prompts", type=int, default=3, show_default=True,
               help="With --solver: prompts answered (each alone; latency percentiles over them).")
 def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, output,
-          as_json, solver, large_dir, small_dir, draft_tokens, threshold, n_prompts):
+          as_json, solver, large_dir, small_dir, bridges_dir, draft_tokens, threshold, n_prompts):
     """Time an export's prefill and decode beside the peers, in one run, after checking their tokens.
 
     \b
@@ -518,7 +529,8 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
     from dualbrain.bench import bench as run_bench
 
     if solver:
-        _bench_solver(large_dir or export, small_dir, new_tokens, draft_tokens, threshold, n_prompts, output, as_json)
+        _bench_solver(large_dir or export, small_dir, bridges_dir, new_tokens, draft_tokens, threshold, n_prompts,
+                      output, as_json)
         return
     if export is None:
         raise DualbrainError("give the export to benchmark: dualbrain bench OUT [--checkpoint CKPT]")
@@ -546,7 +558,7 @@ def _report(report: dict, output: Path | None, as_json: bool, show) -> None:
         show(report)
 
 
-def _bench_solver(large, small, new_tokens, draft_tokens, threshold, n_prompts, output, as_json) -> None:
+def _bench_solver(large, small, bridges, new_tokens, draft_tokens, threshold, n_prompts, output, as_json) -> None:
     from dualbrain.bench import SolverBenchConfig, bench_solver, print_solver_report
 
     if large is None:
@@ -556,7 +568,7 @@ def _bench_solver(large, small, new_tokens, draft_tokens, threshold, n_prompts, 
     cfg = SolverBenchConfig(new_tokens=new_tokens, draft_tokens=draft_tokens, threshold=threshold, prompts=n_prompts)
     update, bar = progress_bar("benchmarking")
     with bar:
-        report = bench_solver(large, small, cfg=cfg, progress=update)
+        report = bench_solver(large, small, bridges, cfg=cfg, progress=update)
     _report(report, output, as_json, print_solver_report)
 
 

@@ -28,3 +28,26 @@ def read_json_object(path, what: str | None = None) -> dict:
     if not isinstance(data, dict):
         raise DualbrainError(f"invalid {what} in {path.parent}: not a JSON object")
     return data
+
+
+def read_jsonl(path, what: str):
+    """(line number, parsed value) for each non-blank line of a JSONL file; an unreadable file or a
+    line that is not JSON is a one-line DualbrainError naming `what`, the file and the line."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DualbrainError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DualbrainError(f"cannot read {what} {path}: {e}") from None
+    out = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if raw.strip():
+            try:
+                out.append((n, json.loads(raw)))
+            except json.JSONDecodeError as e:
+                raise DualbrainError(f"line {n}: not valid JSON ({e.msg})") from None
+    return out

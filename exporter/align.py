@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_jsonl
 from dualbrain.runtime.bridges import WEIGHTS, BridgeConfig, BridgeShape, Link
 
 STATE = "align-state.pt"
@@ -146,17 +146,7 @@ def read_sequences(path: Path | None, tokenizer_dir: Path, vocab: int, seq_len: 
         return np.random.default_rng(seed).integers(0, vocab, (256, seq_len))
     ids: list[int] = []
     tok = None
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DualbrainError(f"--data {path}: cannot read ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DualbrainError(f"--data {path}: line {n} is not JSON ({e.msg})") from None
+    for n, d in read_jsonl(path, "--data file"):
         if isinstance(d, dict) and isinstance(d.get("text"), str):
             if tok is None:
                 from dualbrain.runtime.chat import Tokenizer

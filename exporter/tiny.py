@@ -518,6 +518,8 @@ def make_tiny(
         vocab_size = MID_VOCAB
     _check_args(family, layout, experts, dtype, shards, num_layers, vocab_size, attention, preset,
                 max_position_embeddings)
+    if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size < 8):
+        raise DualbrainError(f"make_tiny: hidden_size must be an integer >= 8, got {hidden_size!r}")
     import torch
     from transformers import GenerationConfig
 

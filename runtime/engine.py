@@ -233,9 +233,14 @@ class Engine:
                  capacity: int = 256, mode: PlainDecode | None = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise DualbrainError("max_batch and prefill_chunk must be positive")
+        limits = model.backend
+        if limits.max_batch and max_batch > limits.max_batch:
+            raise DualbrainError(f"max_batch {max_batch} is more rows than the engines were built for "
+                                 f"({limits.max_batch}): rebuild with a larger profile or lower it")
         self.model = model
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        # prompts prefill in chunks the backend takes in one call (TensorRT engines: their profile's maximum)
+        self.prefill_chunk = min(prefill_chunk, limits.max_new_positions or prefill_chunk)
         self.kv_bytes = kv_bytes
         self.mode = mode or PlainDecode()
         self.eos = set(model.eos_ids)

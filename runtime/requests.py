@@ -8,12 +8,11 @@ type, is an error naming the line; a file with any bad line runs nothing.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualbrain.errors import DualbrainError
+from dualbrain.errors import DualbrainError, read_jsonl
 from dualbrain.runtime.sampling import SamplingParams, default_params
 
 PROMPT_FIELDS = ("prompt", "messages", "ids")
@@ -92,22 +91,7 @@ def parse_request(d: Any, line: int) -> RequestSpec:
 
 def read_requests(path: str | Path) -> list[RequestSpec]:
     """Every request of a JSONL file (blank lines skipped); the first bad line is an error."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DualbrainError(f"requests file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DualbrainError(f"cannot read requests file {path}: {e}") from None
-    specs = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            d = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DualbrainError(f"line {n}: not valid JSON ({e.msg})") from None
-        specs.append(parse_request(d, n))
+    specs = [parse_request(d, n) for n, d in read_jsonl(path, "requests file")]
     if not specs:
         raise DualbrainError(f"requests file {path} has no requests")
     return specs

@@ -213,3 +213,23 @@ def test_generate_batch_bad_line_runs_nothing(model, tmp_path, bad, message):
     res = _cli("generate", model.dir, "--batch", f, "--json")
     assert res.exit_code == 2 and message in res.output, res.output
     assert res.output.count("\n") == 1 and res.output.startswith("error: ")
+
+
+def test_backend_call_limits_cap_prefill_chunks_and_rows(model, monkeypatch):
+    """A backend that takes at most N new positions per call (TensorRT engines: their profile's
+    maximum) gets prompts in chunks of at most N, with the same tokens; more rows than its engines
+    hold are refused."""
+    widths = []
+    real = model.forward
+
+    def spy(ids, state, **kw):
+        widths.append(np.shape(ids)[1])
+        return real(ids, state, **kw)
+    monkeypatch.setattr(model.backend, "max_new_positions", 4, raising=False)
+    monkeypatch.setattr(model.backend, "max_batch", 2, raising=False)
+    monkeypatch.setattr(model, "forward", spy)
+    prompt, params = list(range(3, 14)), SamplingParams(greedy=True, max_new_tokens=5)
+    gen = generate(model, [prompt], params)[0]
+    assert max(widths) == 4 and gen.new_ids == _solo(model, prompt, params).new_ids
+    with pytest.raises(DualbrainError, match="more rows than the engines"):
+        Engine(model, max_batch=3)

@@ -8,7 +8,6 @@ chunks with cached state, batched, through a rollback.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -240,4 +239,25 @@ def test_align_cli_and_bad_input(setup, tmp_path):
     assert "wrote bridges" in res.output and (tmp_path / "y" / "bridges.safetensors").is_file()
     cfg = json.loads((tmp_path / "y" / "bridges.json").read_text())
     assert cfg["links"] == [{"large_layer": 3, "small_layer": 2}] and cfg["trained_steps"] == 2
-    assert dataclasses.is_dataclass(setup["cfg"])
+    # `dualbrain export BRIDGES -o OUT` exports bridges (one block per link)
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "y"), "-o", str(tmp_path / "y.onnx")])
+    assert res.exit_code == 0, res.output
+    exported = json.loads((tmp_path / "y.onnx" / "bridges.json").read_text())
+    assert exported["dtype"] == "float32" and "bridge_000.onnx" in exported["files"]
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "y"), "-o", str(tmp_path / "z"), "--quant",
+                                    "int4-weight-only", "--dtype", "float16"])
+    assert res.exit_code == 2 and "do not apply to bridges" in res.output and not (tmp_path / "z").exists()
+
+
+def test_bench_reports_fused_cost_and_overlap(setup):
+    from dualbrain.bench import SolverBenchConfig, bench_solver
+
+    report = bench_solver(setup["large"].dir, setup["small"].dir, setup["made"]["open"][0], modes=("fused",),
+                          cfg=SolverBenchConfig(new_tokens=6, prompts=2))
+    modes = report["modes"]
+    assert list(modes) == ["large", "small", "fused"]
+    f = modes["fused"]
+    both = modes["large"]["p50_ms"] + modes["small"]["p50_ms"]
+    assert f["cost_vs_both_alone"] == pytest.approx(f["p50_ms"] / both)
+    assert f["overhead"] == pytest.approx(f["p50_ms"] / modes["large"]["p50_ms"])
+    assert f["overlap"] == pytest.approx(1 - f["parallel_p50_ms"] / f["sequential_p50_ms"])

@@ -16,7 +16,7 @@ from dualbrain.cli import main
 from dualbrain.errors import DualbrainError
 from dualbrain.runtime.sampling import SamplingParams
 from dualbrain.runtime.solver.cascade import CascadeDecode, confidence
-from test_speculative import GREEDY, plain_greedy, prompts, run
+from test_speculative import plain_greedy, prompts, run
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ BACKENDS = {"onnxruntime": "dualbrain.runtime.backends.onnxruntime",
 class Backend(Protocol):
     name: str
     has_linked: bool     # whether `run_linked` can run the export's whole-model graph
+    # what one call may hold, from the engines' profiles (None: no limit): rows, and new positions per row
+    max_batch: int | None
+    max_new_positions: int | None
 
     def run(self, block: BlockInfo, feeds: dict[str, np.ndarray], *, window: bool = False) -> dict[str, np.ndarray]:
         """Run `block` (its window variant with `window`) on `feeds`; returns outputs by name. Thread-safe."""

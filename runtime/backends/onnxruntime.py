@@ -161,6 +161,7 @@ def split_attention(model) -> int:
 
 class OrtBackend:
     name = "onnxruntime"
+    max_batch = max_new_positions = None       # any shape
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
                  providers: list[str] | None = None, linked: bool = True, cpu_mem_arena: bool = False):

@@ -72,6 +72,8 @@ class TensorRTBackend:
                 raise DualbrainError(f"engine {eb.engine} does not match its sha256: corrupted or modified")
             paths[name] = p
         self.em = em
+        self.max_batch = em.max_batch or None            # 0: an engine manifest from before the limits
+        self.max_new_positions = em.max_new_positions or None
         self.trt = trt
         self._load(paths, device)
 

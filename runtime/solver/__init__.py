@@ -27,7 +27,7 @@ class SolverOptions:
     threshold: float = 0.5           # cascade: escalate a window whose lowest top-1 probability is below this
     mtp_feed: str = "final-normed"   # mtp: how the target's hidden state enters the head (drafters.MtpDrafter)
     bridges: str | None = None       # fused: the export of the pair's bridges (dualbrain export BRIDGES -o OUT)
-    parallel: bool = True            # fused: the small model on its own thread
+    parallel: bool | None = None     # fused: the small model on its own thread (None: when there are >= 4 cores)
 
 
 def _speculative(large, small, o: SolverOptions):
@@ -63,6 +63,8 @@ class ModeSpec:
     build: Callable          # (large Model, small Model | None, SolverOptions) -> engine mode
     help: str
     needs_bridges: bool = False
+    # ONNX Runtime threads for (large, small) given the machine's cores; None: ONNX Runtime's default
+    threads: Callable[[int], tuple[int | None, int | None]] = lambda cores: (None, None)
 
     def check(self, has_small: bool, draft_tokens: int, has_bridges: bool = False) -> None:
         """Refuse a combination the mode cannot run (before any model loads)."""
@@ -80,7 +82,9 @@ MODES: dict[str, ModeSpec] = {m.name: m for m in (
     ModeSpec("mtp", False, _mtp, "the large model's own MTP head drafts, the large verifies (exact)"),
     ModeSpec("cascade", True, _cascade, "the small model answers; unsure windows escalate to the large"),
     ModeSpec("fused", True, _fused, "the models' layers interleaved, bridges carry the small model's states "
-                                     "into the large one (--bridges)", needs_bridges=True),
+                                     "into the large one (--bridges)", needs_bridges=True,
+             # when the small model runs beside the large one, each gets its share of the cores
+             threads=lambda cores: (cores - max(1, cores // 4), max(1, cores // 4)) if cores >= 4 else (None, None)),
 )}
 
 

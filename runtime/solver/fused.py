@@ -2,7 +2,8 @@
 into the large model's residual stream (CALM-style; runtime/bridges.py).
 
 One fused call over new tokens: the small model runs its layers up to the deepest one a bridge reads
-(on its own thread, beside the large model's first layers: ONNX Runtime releases the GIL); the large
+(on its own thread beside the large model's first layers when there are cores for both -- ONNX Runtime
+releases the GIL -- else first); the large
 model runs its layers in segments, and after each linked layer the bridge adds its cross-attention
 over the small model's hidden states (keys/values cached per row like attention K/V, causal); then
 the large model's head. Three states move together (`FusedStates`): the large model's, the small
@@ -93,7 +94,11 @@ class FusedStates:
 class FusedPair:
     """The pair with its bridges: `step(ids, states)` is one fused call (logits of the last positions)."""
 
-    def __init__(self, large: Model, small: Model, bridges: Bridges, *, parallel: bool = True):
+    # With fewer cores the two models' ONNX Runtime thread pools fight over them: measured on 2 cores, the
+    # small model on its own thread made a fused step slower than running it first (tests/benchmarks).
+    PARALLEL_MIN_CORES = 4
+
+    def __init__(self, large: Model, small: Model, bridges: Bridges, *, parallel: bool | None = None):
         if small.vocab_size != large.vocab_size:
             raise DualbrainError("the models do not share a vocabulary")
         cfg = bridges.cfg
@@ -104,6 +109,8 @@ class FusedPair:
         self.large, self.small, self.bridges = large, small, bridges
         self.links = cfg.links
         self.small_layers = max(x.small_layer for x in self.links) + 1   # the small model runs only these
+        if parallel is None:
+            parallel = (os.cpu_count() or 1) >= self.PARALLEL_MIN_CORES
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dualbrain-small") if parallel else None
 
     @property
