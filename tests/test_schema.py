@@ -226,6 +226,7 @@ class _TensorRTLikeBackend:
     minus the GPU."""
     name = "tensorrt-like"
     has_linked = False
+    max_batch = max_new_positions = None
     compute_dtype = TensorRTBackend.compute_dtype
 
     def __init__(self, ort):

@@ -67,26 +67,31 @@ def _metric(live, name: str) -> float:
 def test_disconnect_mid_stream_frees_the_row(served):
     live, service = served
     cancelled = _metric(live, "dualbrain_requests_cancelled_total")
-    engine, held = service.engine, threading.Event()
+    engine, held, go = service.engine, threading.Event(), threading.Event()
+    step = engine.step
 
-    def hold():                                  # stop the engine between steps once the request has its row
-        while not any(engine.rows):
-            time.sleep(0)
-        engine._step_lock.acquire()
-        held.set()
-
-    threading.Thread(target=hold, daemon=True).start()
-    with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                      json={"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "temperature": 0}) as r:
-        assert next(line for line in r.iter_lines() if line.startswith("data:"))
-        assert held.wait(10)                     # mid-generation
-        try:
-            assert _metric(live, "dualbrain_requests_running") == 1
-            assert _metric(live, "dualbrain_batch_occupancy") == 1 / service.engine.max_batch
-        finally:
-            r.close()                            # the client hangs up
-            time.sleep(0.5)
-            service.engine._step_lock.release()  # its row frees at the next step
+    def held_step():       # the engine's own thread stops between steps once the request has its row
+        if any(r is not None for r in engine.rows) and not go.is_set():
+            held.set()
+            go.wait(30)
+        return step()
+    engine.step = held_step
+    try:
+        with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60, json={"prompt": "Once upon a time", "max_tokens": 400, "stream": True,
+                                            "temperature": 0}) as r:
+            assert next(line for line in r.iter_lines() if line.startswith("data:"))
+            assert held.wait(10)                     # mid-generation
+            try:
+                assert _metric(live, "dualbrain_requests_running") == 1
+                assert _metric(live, "dualbrain_batch_occupancy") == 1 / service.engine.max_batch
+            finally:
+                r.close()                            # the client hangs up
+                time.sleep(0.5)
+                go.set()                             # its row frees at the next step
+    finally:
+        go.set()
+        del engine.step
     deadline = time.time() + 10
     while _metric(live, "dualbrain_requests_running") and time.time() < deadline:
         time.sleep(0.05)
