@@ -164,7 +164,10 @@ class OrtBackend:
     max_batch = max_new_positions = None       # any shape
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None, linked: bool = True, cpu_mem_arena: bool = False):
+                 providers: list[str] | None = None, linked: bool = True, cpu_mem_arena: bool = False,
+                 profile: str | None = None):
+        """`profile`: a file prefix; every session writes ONNX Runtime's profile (per-node times) there,
+        returned by `end_profiling()` (tests/benchmarks/profile_decode.py)."""
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
@@ -173,6 +176,10 @@ class OrtBackend:
         self._lock = threading.Lock()
         self._opts = {linked_session: self._options(threads, cpu_mem_arena, spinning=linked_session)
                       for linked_session in (True, False)}
+        for opts in self._opts.values():
+            if profile:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = profile
         self._providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict[str, object] = {}
         self.convert_bf16 = manifest.dtype == "bfloat16" and self._providers == ["CPUExecutionProvider"]
@@ -206,6 +213,10 @@ class OrtBackend:
             # session, keeps it (48 vs 51 ms without).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
+
+    def end_profiling(self) -> list[str]:
+        """Stop profiling; the profile files written (one per session that ran)."""
+        return [s.end_profiling() for s in self.sessions.values()]
 
     def _session(self, name: str):
         if name in self.sessions:
