@@ -86,16 +86,16 @@ def test_pair_check_compares_tokenizer_content(dirs, tmp_path):
     check_pair(large, small)                      # same tokenizer: fine
     other = tmp_path / "other"
     shutil.copytree(small, other)
+    # a different chat template (Qwen3.6 vs 3.5) over the same vocabulary still pairs
     cfg = other / "tokenizer_config.json"
     data = json.loads(cfg.read_text())
-    template = data.get("chat_template") or ""
-    # a different chat template (Qwen3.6 vs 3.5) with the same vocabulary still pairs
-    if template:
-        data["chat_template"] = template.replace("{%", "{%-", 1) if "{%-" not in template[:3] else template
-        cfg.write_text(json.dumps(data))
     tpl = other / "chat_template.jinja"
     if tpl.is_file():
-        tpl.write_text(tpl.read_text() + "\n")
+        tpl.write_text(tpl.read_text() + "{# another template #}")
+    else:
+        assert data.get("chat_template")
+        data["chat_template"] += "{# another template #}"
+        cfg.write_text(json.dumps(data))
     _refresh_sizes(other)
     check_pair(large, other)
     # two vocabulary entries swapped (same file size): refused

@@ -18,7 +18,7 @@ import numpy as np
 from dualbrain.runtime.engine import Engine, Request
 from dualbrain.runtime.model import Model
 from dualbrain.runtime.solver.accept import Verdict
-from dualbrain.runtime.solver.drafters import ModelDrafter, Proposal
+from dualbrain.runtime.solver.drafters import ModelDrafter
 from dualbrain.runtime.solver.speculative import DraftVerify
 
 
@@ -30,11 +30,8 @@ def confidence(logits: list[np.ndarray]) -> float:
 
 
 class CascadeDecode(DraftVerify):
-    def __init__(self, small: Model | ModelDrafter, window: int = 4, threshold: float = 0.5):
-        drafter = small if isinstance(small, ModelDrafter) else ModelDrafter(small, hold_last=True)
-        if not drafter.hold_last:
-            drafter.hold_last = True
-        super().__init__(drafter, window)
+    def __init__(self, small: Model, window: int = 4, threshold: float = 0.5):
+        super().__init__(ModelDrafter(small, hold_last=True), window)
         self.threshold = threshold
 
     def prefill(self, engine: Engine, req: Request, chunk: list[int]) -> np.ndarray | None:
@@ -67,4 +64,4 @@ class CascadeDecode(DraftVerify):
             engine.emit(req, verdicts[r].tokens)
 
 
-__all__ = ["CascadeDecode", "Proposal", "confidence"]
+__all__ = ["CascadeDecode", "confidence"]

@@ -50,8 +50,8 @@ def _draw(req, logits: np.ndarray, drafts: list[int]) -> tuple[int, np.ndarray]:
     (the drafts before it count as generated for the presence penalty)."""
     sampler = req.sampler
     present = None
-    if sampler.presence is not None:
-        present = sampler.presence[0].copy()
+    if sampler.presence is not None and sampler.params.presence_penalty and not sampler.params.is_greedy:
+        present = sampler.presence[0].copy()        # only the penalty reads it: no (V,) copy per draft otherwise
         present[drafts] = True
     q = warped(logits[None], sampler.params, present)[0]
     if sampler.params.is_greedy:

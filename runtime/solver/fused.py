@@ -118,9 +118,8 @@ class FusedPair:
         return min(self.large.max_context, self.small.max_context)
 
     def new_state(self, batch: int, capacity: int) -> FusedStates:
-        cap = min(self.max_context, capacity)
-        return FusedStates(self.large.new_state(batch, cap), self.new_small_state(batch, cap),
-                           self.bridges.new_state(batch, cap, self.max_context))
+        return FusedStates(self.large.new_state(batch, min(self.max_context, capacity)),
+                           *self.side_states(batch, capacity))
 
     def new_small_state(self, batch: int, capacity: int) -> State:
         return State(self.small.layers[:self.small_layers], batch, capacity, self.small.max_context,
