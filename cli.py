@@ -357,7 +357,9 @@ def diff(checkpoint, model_dir, tolerance, prompt_len, engines, as_json):
                    "resumes from its last checkpoint).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help='JSONL training data: {"text": ...} (tokenized with the large model\'s tokenizer) or '
-                   '{"ids": [...]} per line. Default: random ids (a smoke run, nothing to learn).')
+                   '{"ids": [...]} per line, cut into --seq-len rows; or {"prompt": ..., "completion": ...} '
+                   '(text or ids) per line, one row each, only the completion trained. Default: random ids '
+                   '(a smoke run, nothing to learn).')
 @click.option("--layers", default=None,
               help="Which large layer reads which small layer: LARGE:SMALL pairs, e.g. 3:1,7:3 (0-based; the "
                    "bridge's output is added after the large layer). Default: after every 4th large layer, "
@@ -430,10 +432,49 @@ def make_tiny(out, family, layout, experts, dtype, shards, seed, preset, max_pos
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
-@click.option("--family", type=click.Choice(["dense", "moe"]), default="moe", show_default=True)
-def demo(workdir, family):
-    """End to end on a tiny checkpoint: make-tiny -> export -> diff -> generate."""
+@click.option("--pair", "pair_dir", type=click.Path(path_type=Path), default=None,
+              help="A pair written by `dualbrain train-pair` (default: the committed tiny pair).")
+@click.option("--show", "shown", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Held-out questions shown with every mode's answer.")
+@click.option("--table-questions", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Held-out questions the table is measured on.")
+@click.option("--random", "random_weights", is_flag=True,
+              help="Instead: end to end on a random-weight tiny checkpoint (make-tiny -> export -> diff -> "
+                   "generate; needs the export extra).")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="With --random: where the checkpoint and its export go.")
+@click.option("--family", type=click.Choice(["dense", "moe"]), default="moe", show_default=True,
+              help="With --random: the checkpoint's family.")
+def demo(pair_dir, shown, table_questions, random_weights, workdir, family):
+    """The trained tiny pair answering questions in every mode, then the solver table.
+
+    \b
+    The small model (dense Qwen3.5) knows the digits of made-up names; the large one (Qwen3.6 MoE, with
+    a trained MTP head) adds digits; fused (bridges trained by `align`) adds names, on names the bridges
+    never saw. Speculative and mtp answer exactly as the large model alone does; cascade lets the small
+    model answer unless it is unsure. About half a minute on 2 cores; runtime only (no torch).
+    """
+    if random_weights:
+        _demo_random(workdir, family)
+        return
+    from dualbrain.recipes.pair import TRAINED, PairDir
+    from dualbrain.recipes.pair.demo import show_answers
+    from dualbrain.runtime.solver.bench import bench_solver, print_solver_report, read_questions
+
+    pair = PairDir(pair_dir).check() if pair_dir is not None else TRAINED.check()
+    questions = read_questions(pair.questions)
+    show_answers(pair, questions[:shown], click.echo)
+    click.echo(f"\nthe table: each mode on the first {table_questions} of the {len(questions)} held-out questions "
+               "(`dualbrain bench --solver` asks all of them)")
+    update, bar = progress_bar("measuring")
+    with bar:
+        report = bench_solver(pair.large, pair.small, pair.bridges, questions=questions[:table_questions],
+                              progress=update)
+    print_solver_report(report)
+
+
+def _demo_random(workdir: Path, family: str) -> None:
+    """make-tiny -> export -> diff -> generate on random weights."""
     from dualbrain.exporter.diff import diff as run_diff
     from dualbrain.exporter.diff import first_failure
     from dualbrain.exporter.export import export_checkpoint
@@ -497,7 +538,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--solver", is_flag=True,
               help="Benchmark the solver modes instead: the large model alone, the small one alone, speculative, "
-                   "mtp (when the large export has an MTP head) and cascade, on the same prompts.")
+                   "mtp (when the large export has an MTP head), cascade and fused (with --bridges), on the same "
+                   "prompts. Alone, --solver runs the committed tiny pair on its 500 held-out questions.")
 @click.option("--large", "large_dir", type=click.Path(path_type=Path), default=None,
               help="With --solver: the large model's export (default: EXPORT).")
 @click.option("--small", "small_dir", type=click.Path(path_type=Path), default=None,
@@ -507,9 +549,19 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--draft-tokens", type=int, default=4, show_default=True, help="With --solver: the most drafts a round.")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="With --solver: cascade's threshold.")
 @click.option("--prompts", "n_prompts", type=int, default=3, show_default=True,
-              help="With --solver: prompts answered (each alone; latency percentiles over them).")
+              help="With --solver and no questions: random prompts answered (each alone; latency percentiles "
+                   "over them).")
+@click.option("--pair", "pair_dir", type=click.Path(path_type=Path), default=None,
+              help="With --solver: a pair written by `dualbrain train-pair` (its exports and questions). "
+                   "Default, when no --large is given: the committed tiny pair.")
+@click.option("--questions", "questions_file", type=click.Path(path_type=Path), default=None,
+              help='With --solver: a JSONL of {"prompt": …, "answer": …} to score each mode on (optional '
+                   '"digit_prompt" and "facts" add the per-model checks); latency is then per answer.')
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="With --solver: only the first N questions.")
 def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, output,
-          as_json, solver, large_dir, small_dir, bridges_dir, draft_tokens, threshold, n_prompts):
+          as_json, solver, large_dir, small_dir, bridges_dir, draft_tokens, threshold, n_prompts, pair_dir,
+          questions_file, limit):
     """Time an export's prefill and decode beside the peers, in one run, after checking their tokens.
 
     \b
@@ -523,14 +575,20 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
     same prompts one at a time (greedy): tok/s, ms/token P50/P95, the speedup over the large model alone
     measured in this run, and for speculative/mtp the acceptance rate, drafts and tokens per round, the
     draft's cost ratio c (its decode step over the large model's) and the speedup the cost model
-    (1 - a^(k+1)) / ((1 - a)(k c + 1)) predicts from them; for cascade the escalation rate.
+    (1 - a^(k+1)) / ((1 - a)(k c + 1)) predicts from them; for cascade the escalation rate; for fused
+    its overhead (ms/token over large alone's).
+
+    \b
+    With questions (--questions, --pair, or nothing: the committed tiny pair's 500 held-out questions)
+    each mode's accuracy is scored and latency is per answer; the report adds `baseline` (the most
+    common answer's rate) and `knowledge` (the small model on the facts, the large one given them).
     """
     from dualbrain.bench import BenchConfig, print_report
     from dualbrain.bench import bench as run_bench
 
     if solver:
-        _bench_solver(large_dir or export, small_dir, bridges_dir, new_tokens, draft_tokens, threshold, n_prompts,
-                      output, as_json)
+        _bench_solver(large_dir or export, small_dir, bridges_dir, pair_dir, questions_file, limit, new_tokens,
+                      draft_tokens, threshold, n_prompts, output, as_json)
         return
     if export is None:
         raise DualbrainError("give the export to benchmark: dualbrain bench OUT [--checkpoint CKPT]")
@@ -558,17 +616,24 @@ def _report(report: dict, output: Path | None, as_json: bool, show) -> None:
         show(report)
 
 
-def _bench_solver(large, small, bridges, new_tokens, draft_tokens, threshold, n_prompts, output, as_json) -> None:
-    from dualbrain.bench import SolverBenchConfig, bench_solver, print_solver_report
+def _bench_solver(large, small, bridges, pair_dir, questions_file, limit, new_tokens, draft_tokens, threshold,
+                  n_prompts, output, as_json) -> None:
+    from dualbrain.recipes.pair import TRAINED, PairDir
+    from dualbrain.runtime.solver.bench import SolverBenchConfig, bench_solver, print_solver_report, read_questions
 
-    if large is None:
-        raise DualbrainError("give the large model: dualbrain bench --solver --large L_OUT [--small S_OUT]")
+    if pair_dir is not None or large is None:
+        if large is not None or small is not None or bridges is not None:
+            raise DualbrainError("--pair gives the large and small models and the bridges: drop --large/--small/--bridges")
+        pair = PairDir(pair_dir).check() if pair_dir is not None else TRAINED.check()
+        large, small, bridges = pair.large, pair.small, pair.bridges
+        questions_file = questions_file or pair.questions
     if new_tokens < 2 or draft_tokens < 1 or n_prompts < 1:
         raise DualbrainError("--new-tokens must be at least 2, --draft-tokens and --prompts at least 1")
+    questions = read_questions(questions_file)[:limit] if questions_file is not None else None
     cfg = SolverBenchConfig(new_tokens=new_tokens, draft_tokens=draft_tokens, threshold=threshold, prompts=n_prompts)
     update, bar = progress_bar("benchmarking")
     with bar:
-        report = bench_solver(large, small, bridges, cfg=cfg, progress=update)
+        report = bench_solver(large, small, bridges, cfg=cfg, questions=questions, progress=update)
     _report(report, output, as_json, print_solver_report)
 
 
@@ -576,6 +641,12 @@ def _register_build() -> None:
     from dualbrain.recipes.cli import build
 
     main.add_command(build)
+
+
+def _register_train_pair() -> None:
+    from dualbrain.recipes.pair.cli import train_pair
+
+    main.add_command(train_pair)
 
 
 def _register_serve() -> None:
@@ -586,6 +657,7 @@ def _register_serve() -> None:
 
 _register_build()
 _register_serve()
+_register_train_pair()
 
 if __name__ == "__main__":
     main()

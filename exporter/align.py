@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -139,29 +140,100 @@ class Composition:
 
 # ---- data ------------------------------------------------------------------------------------------
 
-def read_sequences(path: Path | None, tokenizer_dir: Path, vocab: int, seq_len: int, seed: int) -> np.ndarray:
-    """Training sequences (N, seq_len): a JSONL file of {"text": …} (tokenized with the large model's
-    tokenizer) or {"ids": […]}, concatenated and cut; without a file, random ids (a smoke run)."""
+@dataclass(frozen=True)
+class Sequences:
+    """Training rows (N, T): token ids, attention mask (0 = right padding) and loss mask (1 where the
+    next token is trained)."""
+    ids: np.ndarray
+    attention: np.ndarray
+    loss: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, index) -> "Sequences":
+        """The rows `index`, cut to their longest real length."""
+        t = max(1, int(self.attention[index].sum(-1).max()))
+        return Sequences(self.ids[index, :t], self.attention[index, :t], self.loss[index, :t])
+
+    @classmethod
+    def examples(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int) -> "Sequences":
+        """(prompt ids, completion ids) pairs, right-padded; only the completion is trained."""
+        t = max(len(p) + len(c) for p, c in pairs)
+        ids = np.full((len(pairs), t), pad, np.int64)
+        attn, loss = np.zeros_like(ids), np.zeros_like(ids)
+        for i, (p, c) in enumerate(pairs):
+            n = len(p) + len(c)
+            ids[i, :n] = list(p) + list(c)
+            attn[i, :n] = 1
+            loss[i, max(0, len(p) - 1):n - 1] = 1
+        return cls(ids, attn, loss)
+
+    @classmethod
+    def stream(cls, ids: Sequence[int], seq_len: int) -> "Sequences":
+        """One token stream cut into rows of `seq_len`, every position trained."""
+        n = len(ids) // seq_len
+        rows = np.asarray(ids[:n * seq_len], np.int64).reshape(n, seq_len)
+        return cls(rows, np.ones_like(rows), np.ones_like(rows))
+
+
+def read_sequences(path: Path | None, tokenizer_dir: Path, vocab: int, seq_len: int, seed: int,
+                   pad: int = 0) -> Sequences:
+    """Training rows from a JSONL file of either {"text": …} or {"ids": […]} lines (concatenated and
+    cut into rows of `seq_len`, every token trained) or {"prompt": …, "completion": …} lines (text or
+    id lists; one row each, right-padded with `pad`, only the completion trained); text is tokenized
+    with the large model's tokenizer. Without a file, random ids (a smoke run)."""
     if path is None:
-        return np.random.default_rng(seed).integers(0, vocab, (256, seq_len))
-    ids: list[int] = []
+        return Sequences.stream(np.random.default_rng(seed).integers(0, vocab, 256 * seq_len).tolist(), seq_len)
     tok = None
-    for n, d in read_jsonl(path, "--data file"):
-        if isinstance(d, dict) and isinstance(d.get("text"), str):
+
+    def ids_of(value, n: int) -> list[int]:
+        nonlocal tok
+        if isinstance(value, str):
             if tok is None:
                 from dualbrain.runtime.chat import Tokenizer
 
                 tok = Tokenizer.from_dir(tokenizer_dir)
-            ids += tok.encode(d["text"])
-        elif isinstance(d, dict) and isinstance(d.get("ids"), list) and all(
-                isinstance(i, int) and 0 <= i < vocab for i in d["ids"]):
-            ids += d["ids"]
+            return tok.encode(value)
+        if isinstance(value, list) and all(isinstance(i, int) and 0 <= i < vocab for i in value):
+            return value
+        raise DualbrainError(f"--data {path}: line {n}: expected text or a list of ids < {vocab}")
+
+    stream: list[int] = []
+    pairs: list[tuple[list[int], list[int]]] = []
+    for n, d in read_jsonl(path, "--data file"):
+        if isinstance(d, dict) and "completion" in d and "prompt" in d:
+            pairs.append((ids_of(d["prompt"], n), ids_of(d["completion"], n)))
+        elif isinstance(d, dict) and ("text" in d or "ids" in d):
+            stream += ids_of(d.get("text", d.get("ids")), n)
         else:
-            raise DualbrainError(f'--data {path}: line {n} needs {{"text": "…"}} or {{"ids": [ids < {vocab}]}}')
-    n = len(ids) // seq_len
-    if n < 1:
+            raise DualbrainError(f'--data {path}: line {n} needs {{"text": …}}, {{"ids": […]}} or '
+                                 f'{{"prompt": …, "completion": …}}')
+        if pairs and stream:
+            raise DualbrainError(f"--data {path}: line {n} mixes prompt/completion lines with text/ids lines")
+    if pairs:
+        if any(not c for _, c in pairs):
+            raise DualbrainError(f"--data {path}: a completion is empty")
+        return Sequences.examples(pairs, pad)
+    if len(stream) < seq_len:
         raise DualbrainError(f"--data {path}: fewer than {seq_len} tokens")
-    return np.asarray(ids[:n * seq_len], np.int64).reshape(n, seq_len)
+    return Sequences.stream(stream, seq_len)
+
+
+def masked_loss(logits, targets, mask):
+    """Mean cross-entropy of `logits` (B, T, V) for `targets` (B, T) where `mask` (B, T) is 1."""
+    import torch.nn.functional as F
+
+    keep = mask.reshape(-1).bool()      # selected, not multiplied: padded positions may hold anything
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep].float(), targets.reshape(-1)[keep])
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int = 0, floor: float = 1.0) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `lr` down to `floor * lr` (1: constant)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 @dataclass(frozen=True)
@@ -173,15 +245,28 @@ class AlignOptions:
     seed: int = 0
     save_every: int = 50
     device: str = "cpu"
+    warmup: int = 0          # steps of linear warm-up
+    floor: float = 1.0       # the learning rate decays (cosine) to floor * lr; 1 keeps it constant
 
 
-def _key(cfg: BridgeConfig, opts: AlignOptions, data: np.ndarray) -> str:
+def _key(cfg: BridgeConfig, opts: AlignOptions, data: Sequences) -> str:
     h = hashlib.sha256(json.dumps([cfg.to_json(), opts.__dict__]).encode())
-    h.update(data.tobytes())
+    for a in (data.ids, data.attention, data.loss):
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
-def align(small_ckpt, large_ckpt, out, *, links: Sequence[Link] | None = None, data: Path | None = None,
+def _pad_id(ckpt: Path) -> int:
+    """The checkpoint's pad token (its generation config's), else 0: padded positions are masked."""
+    try:
+        pad = json.loads((Path(ckpt) / "generation_config.json").read_text()).get("pad_token_id")
+    except (OSError, ValueError):
+        pad = None
+    return pad if isinstance(pad, int) else 0
+
+
+def align(small_ckpt, large_ckpt, out, *, links: Sequence[Link] | None = None,
+          data: "Path | Sequences | None" = None,
           heads: int = 4, head_dim: int | None = None, opts: AlignOptions = AlignOptions(),
           progress: Callable[[str, int, int], None] | None = None,
           on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -196,7 +281,8 @@ def align(small_ckpt, large_ckpt, out, *, links: Sequence[Link] | None = None, d
         raise DualbrainError("--device cuda: no CUDA device here")
     small_ckpt, large_ckpt = Path(small_ckpt), Path(large_ckpt)
     cfg = new_config(small_ckpt, large_ckpt, links, heads=heads, head_dim=head_dim)
-    seqs = read_sequences(data, large_ckpt, cfg.shape.vocab_size, opts.seq_len, opts.seed)
+    seqs = data if isinstance(data, Sequences) else read_sequences(
+        data, large_ckpt, cfg.shape.vocab_size, opts.seq_len, opts.seed, pad=_pad_id(large_ckpt))
     torch.manual_seed(opts.seed)
     bridges = [Bridge(cfg.shape, trainable=True, seed=opts.seed + i) for i in range(len(cfg.links))]
     comp = Composition.load(small_ckpt, large_ckpt, cfg, bridges)
@@ -219,10 +305,11 @@ def align(small_ckpt, large_ckpt, out, *, links: Sequence[Link] | None = None, d
         while step < opts.steps:
             if progress:
                 progress(f"step {step + 1}", step, opts.steps)
-            batch = torch.from_numpy(seqs[order[step * opts.batch:(step + 1) * opts.batch]]).to(dev)
-            logits = comp.logits(batch)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     batch[:, 1:].reshape(-1))
+            for group in optim.param_groups:
+                group["lr"] = lr_at(step, opts.steps, opts.lr, opts.warmup, opts.floor)
+            rows = seqs.rows(order[step * opts.batch:(step + 1) * opts.batch])
+            ids, attn, mask = (torch.from_numpy(a).to(dev) for a in (rows.ids, rows.attention, rows.loss))
+            loss = masked_loss(comp.logits(ids, attn)[:, :-1], ids[:, 1:], mask[:, :-1])
             optim.zero_grad()
             loss.backward()
             optim.step()

@@ -521,20 +521,32 @@ def make_tiny(
     if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size < 8):
         raise DualbrainError(f"make_tiny: hidden_size must be an integer >= 8, got {hidden_size!r}")
     import torch
-    from transformers import GenerationConfig
 
     torch_dtype = torch_dtype_of(dtype)
-    ids = special_token_ids()
     text_cfg = text_config_dict(family=family, num_layers=num_layers, vocab_size=vocab_size,
                                 tie_embeddings=tie_embeddings, attention=attention, preset=preset,
                                 max_position_embeddings=max_position_embeddings, hidden_size=hidden_size)
 
     out = Path(out)
+    torch.manual_seed(seed)  # vision tower and anything left to transformers' init
+    model = _build_model(family, layout, text_cfg, tie_embeddings)
+    _init_tiny_weights(model, seed, tie_embeddings)
+    return write_checkpoint(model.to(torch_dtype), out, family=family, layout=layout, experts=experts, shards=shards,
+                            seed=seed)
+
+
+def write_checkpoint(model, out: str | os.PathLike, *, family: str, layout: str, experts: str = "stacked",
+                     shards: int = 1, seed: int = 0, mtp: dict[str, Any] | None = None) -> Path:
+    """Write a transformers Qwen3.5 / Qwen3.6 model (as `_build_model` makes it) to `out` atomically, in
+    the published layout: safetensors, configs, the tiny tokenizer. The conditional layout gets an MTP
+    head: `mtp` (published names, `mtp.*`) or a random one."""
+    from transformers import GenerationConfig
+
+    ids = special_token_ids()
+    torch_dtype = next(model.parameters()).dtype
+    out = Path(out)
     with atomic_output_dir(out) as part:
-        torch.manual_seed(seed)  # vision tower and anything left to transformers' init
-        model = _build_model(family, layout, text_cfg, tie_embeddings)
-        _init_tiny_weights(model, seed, tie_embeddings)
-        model = model.to(torch_dtype).eval()
+        model = model.eval()
         model.config.use_cache = True
         model.save_pretrained(str(part), safe_serialization=True, max_shard_size="10GB")
 
@@ -545,7 +557,8 @@ def make_tiny(
         if layout == "conditional":
             from dualbrain.runtime.spec import ModelSpec
 
-            tensors.update(_mtp_tensors(ModelSpec.from_dir(part), torch_dtype, seed))
+            tensors.update({k: v.to(torch_dtype) for k, v in mtp.items()} if mtp is not None
+                           else _mtp_tensors(ModelSpec.from_dir(part), torch_dtype, seed))
         if family == "moe" and experts == "per_expert":
             tensors = _to_per_expert(tensors)
         _write_shards(part, tensors, shards)
@@ -556,7 +569,8 @@ def make_tiny(
             pad_token_id=ids["<|endoftext|>"],
             **GENERATION_DEFAULTS,
         ).save_pretrained(str(part))
-        write_tokenizer(part, model_max_length=text_cfg["max_position_embeddings"])
+        text = getattr(model.config, "text_config", model.config)
+        write_tokenizer(part, model_max_length=text.max_position_embeddings)
         for stray in ("chat_template.jinja", "special_tokens_map.json"):
             (part / stray).unlink(missing_ok=True)
     return out
@@ -564,6 +578,7 @@ def make_tiny(
 
 __all__ = [
     "make_tiny",
+    "write_checkpoint",
     "build_tokenizer",
     "tokenizer_json",
     "tokenizer_config",

@@ -81,7 +81,7 @@ def test_bench_bad_arguments(moe, tmp_path, args, message):
 def test_bench_solver_modes(artifacts, tmp_path):
     """`bench --solver`: every mode on the same prompts, exact modes flagged token-identical to the large
     model alone, and the cost model's prediction computed from the reported a, k, c (and v)."""
-    from dualbrain.bench import predicted_speedup
+    from dualbrain.runtime.solver.bench import predicted_speedup
 
     large = artifacts.export(artifacts.checkpoint("moe"))
     small = artifacts.export(artifacts.checkpoint("dense", "conditional", seed=5))

@@ -250,7 +250,7 @@ def test_align_cli_and_bad_input(setup, tmp_path):
 
 
 def test_bench_reports_fused_cost_and_overlap(setup):
-    from dualbrain.bench import SolverBenchConfig, bench_solver
+    from dualbrain.runtime.solver.bench import SolverBenchConfig, bench_solver
 
     report = bench_solver(setup["large"].dir, setup["small"].dir, setup["made"]["open"][0], modes=("fused",),
                           cfg=SolverBenchConfig(new_tokens=6, prompts=2))

@@ -25,7 +25,7 @@ def main() -> None:
 
     import torch
 
-    from dualbrain.bench import SolverBenchConfig, bench_solver, print_solver_report
+    from dualbrain.runtime.solver.bench import SolverBenchConfig, bench_solver, print_solver_report
     from dualbrain.exporter.align import new_config, write_bridges
     from dualbrain.exporter.blocks.bridge import Bridge
     from dualbrain.exporter.export import export_bridges, export_checkpoint
