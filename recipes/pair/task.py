@@ -140,14 +140,9 @@ class PairTask:
 
 
 def batch(examples: list[Example], pad: int):
-    """Right-padded (ids, attention mask, loss mask) int64 arrays; the loss mask marks the positions
-    whose *next* token is an answer token (or, for facts, a digit or the end)."""
-    t = max(len(e.ids) for e in examples)
-    ids = np.full((len(examples), t), pad, np.int64)
-    attn = np.zeros_like(ids)
-    loss = np.zeros_like(ids)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.ids)] = e.ids
-        attn[i, :len(e.ids)] = 1
-        loss[i, max(0, e.answer_from - 1):len(e.ids) - 1] = 1
-    return ids, attn, loss
+    """Right-padded (ids, attention mask, loss mask) int64 arrays (align's `Sequences`): the loss mask
+    marks the positions whose *next* token is an answer token (or, for facts, any token)."""
+    from dualbrain.exporter.align import Sequences
+
+    s = Sequences.examples([(e.ids[:e.answer_from], e.ids[e.answer_from:]) for e in examples], pad)
+    return s.ids, s.attention, s.loss
