@@ -232,27 +232,69 @@ def gemv_bandwidth(seconds: float = 1.0) -> float:
 
 
 def decode_bytes(export: Path) -> int:
-    """Bytes of weights one decode token reads: every weight but the experts, and top-k of those."""
+    """Bytes of weights one decode token reads: every weight but the experts, and top-k of those. A
+    quantized export counts its quantized matrices at bits/8 plus one scale per block."""
     from dualbrain.exporter.checkpoint import expected_layer_shapes
-    from dualbrain.runtime.dtypes import dtype
+    from dualbrain.runtime.dtypes import dtype, quant_mode
     from dualbrain.runtime.manifest import load_manifest
 
     man = load_manifest(export)
     s = man.model
-    n = s.hidden_size + s.hidden_size + s.vocab_size * s.hidden_size        # embedding row, final norm, head
+    item = dtype(man.dtype).itemsize
+    qm = quant_mode(man.quant) if man.quant else None
+
+    def per_param(quantized: bool) -> float:
+        return qm.bits / 8 + item / (man.quant_block or qm.block) if qm and quantized else item
+
+    n = s.hidden_size * (per_param(bool(qm and qm.experts)) + item)      # embedding row, final norm
+    n += s.vocab_size * s.hidden_size * per_param(True)                  # LM head
     for i in range(s.num_layers):
         for name, shape in expected_layer_shapes(s, i).items():
             p = math.prod(shape)
-            n += p * s.num_experts_per_tok // s.num_experts if ".experts." in name else p
-    return n * dtype(man.dtype).itemsize
+            if ".experts." in name:
+                n += p * s.num_experts_per_tok / s.num_experts * per_param(bool(qm and qm.experts))
+            else:
+                n += p * per_param(len(shape) == 2 and "conv" not in name and min(shape) > 1)
+    return int(n)
+
+
+def model_bytes(man) -> int:
+    """Bytes of the model's own blocks (what generation reads: no side blocks such as the MTP head,
+    which stays float; llama.cpp's GGUF converted with --no-mtp is the like-for-like size)."""
+    side = {f for b in man.blocks if b not in man.chain
+            for f in (b.file, b.window_file) if f}
+    side |= {f + ".data" for f in side}
+    return sum(info.get("size", 0) for f, info in man.files.items() if f not in side)
+
+
+def precision_label(man) -> str:
+    """`float32`, or `int4/32 (float32)`: the quantization, its largest block and the float dtype."""
+    return f"{man.quant}/{man.quant_block} ({man.dtype})" if man.quant and man.quant_block else \
+        (f"{man.quant} ({man.dtype})" if man.quant else man.dtype)
+
+
+def agreement_prompts(export: Path, n: int, length: int = 16, text: Path | None = None) -> list[list[int]]:
+    """Prompts for the agreement check: the lines of `text` tokenized, else random ids (seeded)."""
+    if text is None:
+        from dualbrain.runtime.manifest import load_manifest
+
+        return _prompts(load_manifest(export).model.vocab_size, n, length, seed=7)
+    from dualbrain.runtime.model import Model
+
+    tok = Model.load(export).tokenizer
+    lines = [x for x in Path(text).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not lines:
+        raise DualbrainError(f"{text}: no prompts in it")
+    return [tok.encode(x) for x in lines[:n]]
 
 
 def llama_bench(binary: str, gguf: Path, cfg: BenchConfig) -> EngineResult:
     proc = subprocess.run([binary, "-m", str(gguf), "-p", ",".join(map(str, cfg.prefill)), "-n", str(cfg.new_tokens),
                            "-t", str(os.cpu_count() or 1), "-r", str(cfg.runs), "-o", "json"],
                           capture_output=True, text=True)
+    name = f"llama.cpp {gguf.name}"
     if proc.returncode != 0:
-        return EngineResult("llama.cpp", False, f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+        return EngineResult(name, False, f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     rows = json.loads(proc.stdout)
     res: dict[str, Any] = {"prefill": {}, "decode": {}}
     for r in rows:
@@ -260,17 +302,30 @@ def llama_bench(binary: str, gguf: Path, cfg: BenchConfig) -> EngineResult:
             res["prefill"][int(r["n_prompt"])] = float(r["avg_ts"])
         elif r.get("n_gen"):
             res["decode"][1] = {"tok_s": float(r["avg_ts"]), "p50_ms": 1000 / float(r["avg_ts"]), "p95_ms": None}
-    return EngineResult("llama.cpp", True, "tokens not checked (llama-bench prints none)", result=res)
+    if rows:
+        res["precision"] = str(rows[0].get("model_type", "")).split()[-1] or None
+        res["size_bytes"] = int(rows[0].get("model_size", gguf.stat().st_size))
+    return EngineResult(name, True, "tokens not checked (llama-bench prints none)", result=res)
 
 
 def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: BenchConfig = BenchConfig(),
           peers: bool = True, llama: str | None = None, gguf: str | Path | None = None,
-          workdir: str | Path | None = None, progress=None) -> dict:
-    """Run every available engine; returns the report (what `--json` writes)."""
+          precisions: tuple = (), ggufs: tuple = (), agreement_positions: int = 256,
+          agreement_text: str | Path | None = None, workdir: str | Path | None = None, progress=None) -> dict:
+    """Run every available engine; returns the report (what `--json` writes).
+
+    `precisions`: other exports of the same checkpoint (e.g. `--quant int8`, `int4`), each timed like
+    the first and checked by its top-1 agreement with it over `agreement_positions` teacher-forced
+    positions; `ggufs` (and `gguf`): llama.cpp models to time with `llama`."""
     from dualbrain.runtime.manifest import load_manifest
 
     export = Path(export)
     man = load_manifest(export)
+    others = [Path(p) for p in precisions]
+    mans = [man] + [load_manifest(p) for p in others]
+    if any(m.model.vocab_size != man.model.vocab_size or m.model.num_layers != man.model.num_layers for m in mans):
+        raise DualbrainError("--precision exports must be of the same model as the first export")
+    ggufs = [Path(g) for g in ([gguf] if gguf else []) + list(ggufs)]
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and not (ckpt / "config.json").is_file():
         raise DualbrainError(f"--checkpoint {ckpt}: no config.json there")
@@ -283,29 +338,57 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
 
         if importlib.util.find_spec("onnxruntime_genai") is not None:
             names.append("onnxruntime-genai")
+    llama = llama or (shutil.which("llama-bench") if ggufs else None)
+    steps = len(names) + len(others) + (len(ggufs) if llama else 0) + bool(others)
     results = []
     for i, name in enumerate(names):
         if progress:
-            progress(name, i, len(names) + (llama is not None))
+            progress(name, i, steps)
         results.append(_run_worker(name, export, ckpt, cfg, work))
-    llama = llama or (shutil.which("llama-bench") if gguf else None)
-    if llama and gguf:
+    for i, (path, m) in enumerate(zip(others, mans[1:])):
+        label = f"dualbrain {precision_label(m).split(' (')[0]}"
         if progress:
-            progress("llama.cpp", len(names), len(names) + 1)
-        results.append(llama_bench(llama, Path(gguf), cfg))
+            progress(label, len(names) + i, steps)
+        r = _run_worker("dualbrain", path, None, cfg, work)
+        r.name = label
+        results.append(r)
+    if llama:
+        for i, g in enumerate(ggufs):
+            if progress:
+                progress(f"llama.cpp {g.name}", len(names) + len(others) + i, steps)
+            results.append(llama_bench(llama, g, cfg))
     ours = results[0].result.get("greedy_ids") if results[0].ok else None
-    for r in results[1:]:
+    for r in results[1:len(names)]:
         if r.ok and "greedy_ids" in r.result and ours is not None:
             r.tokens_match = r.result["greedy_ids"] == ours
             if not r.tokens_match:
                 r.note = "greedy tokens differ from dualbrain's: speed not comparable"
     bw = gemv_bandwidth()
-    step_bytes = decode_bytes(export)
-    size = sum(info.get("size", 0) for info in man.files.values())
+    rows = []
+    for path, m in zip([export] + others, mans):
+        step_bytes = decode_bytes(path)
+        rows.append({"export": str(path), "precision": precision_label(m), "dtype": m.dtype, "quant": m.quant,
+                     "quant_block": m.quant_block, "size_bytes": sum(i.get("size", 0) for i in m.files.values()),
+                     "model_bytes": model_bytes(m),
+                     "decode_bytes_per_token": step_bytes, "roofline_decode_tok_s": bw / step_bytes})
+    for r, row in zip([results[0]] + results[len(names):len(names) + len(others)], rows):
+        r.result["size_bytes"] = row["model_bytes"]
+    if others:
+        from dualbrain.runtime.agreement import top1_agreement
+        from dualbrain.runtime.model import Model
+
+        if progress:
+            progress("agreement", steps - 1, steps)
+        prompts = agreement_prompts(export, 4, text=agreement_text)
+        found = top1_agreement(Model.load(export), [Model.load(p) for p in others], prompts, agreement_positions)
+        for row, a in zip(rows[1:], found):
+            row.update(agreement=a.rate, agreement_positions=a.positions, agreement_confident=a.confident_rate if a.confident_positions else None,
+                       confident_positions=a.confident_positions)
     return {
-        "export": str(export), "checkpoint": str(ckpt) if ckpt else None, "dtype": man.dtype, "size_bytes": size,
-        "config": asdict(cfg), "gemv_bytes_per_s": bw, "decode_bytes_per_token": step_bytes,
-        "roofline_decode_tok_s": bw / step_bytes,
+        "export": str(export), "checkpoint": str(ckpt) if ckpt else None, "dtype": man.dtype,
+        "size_bytes": rows[0]["size_bytes"], "config": asdict(cfg), "gemv_bytes_per_s": bw,
+        "decode_bytes_per_token": rows[0]["decode_bytes_per_token"],
+        "roofline_decode_tok_s": rows[0]["roofline_decode_tok_s"], "precisions": rows,
         "engines": [{"name": r.name, "ok": r.ok, "note": r.note, "tokens_match": r.tokens_match, **r.result}
                     for r in results],
     }
@@ -323,11 +406,12 @@ def print_report(report: dict) -> None:
     for b in cfg["batches"]:
         t.add_column(f"decode b{b}\ntok/s", justify="right")
         t.add_column(f"b{b} ms/{'token' if b == 1 else 'step'}\nP50 / P95", justify="right")
+    t.add_column("size\nMiB", justify="right")
     t.add_column("peak RSS\nMiB", justify="right")
     t.add_column("tokens")
     for e in report["engines"]:
         if not e["ok"]:
-            t.add_row(e["name"], *[""] * (len(cfg["prefill"]) + 2 * len(cfg["batches"]) + 1), e["note"])
+            t.add_row(e["name"], *[""] * (len(cfg["prefill"]) + 2 * len(cfg["batches"]) + 2), e["note"])
             continue
         row = [e["name"]]
         row += [f"{e['prefill'][n]:.0f}" if n in e["prefill"] else "" for n in cfg["prefill"]]
@@ -335,11 +419,22 @@ def print_report(report: dict) -> None:
             d = e["decode"].get(b)
             row += [f"{d['tok_s']:.1f}", f"{d['p50_ms']:.1f} / {d['p95_ms']:.1f}" if d["p95_ms"] else
                     f"{d['p50_ms']:.1f}"] if d else ["", ""]
+        row.append(f"{e['size_bytes'] / 2**20:.0f}" if e.get("size_bytes") else "")
         row.append(f"{e['peak_rss_mib']:.0f}" if e.get("peak_rss_mib") else "")
         row.append({None: "reference" if e["name"] == "dualbrain" else "-", True: "same", False: "DIFFERENT"}
                    [e["tokens_match"]] + (f" ({e['note']})" if e["note"] and e["tokens_match"] is not False else ""))
         t.add_row(*row)
     Console().print(t)
+    if len(report.get("precisions", [])) > 1:
+        p = Table(title="precisions (agreement: top-1 with the first over teacher-forced positions)")
+        for c in ("precision", "model MiB", "roofline b1 tok/s", "top-1 agreement", "where the reference is sure"):
+            p.add_column(c, justify="left" if c == "precision" else "right")
+        for r in report["precisions"]:
+            agree = [f"{r['agreement']:.1%} of {r['agreement_positions']}",
+                     f"{r['agreement_confident'] or 0:.1%} of {r['confident_positions']}"] if "agreement" in r \
+                else ["reference", ""]
+            p.add_row(r["precision"], f"{r['model_bytes'] / 2**20:.0f}", f"{r['roofline_decode_tok_s']:.1f}", *agree)
+        Console().print(p)
     print(f"roofline: {report['decode_bytes_per_token'] / 2**20:.0f} MiB read per decode token at "
           f"{report['gemv_bytes_per_s'] / 1e9:.1f} GB/s (fp32 GEMV, this run) = "
           f"{report['roofline_decode_tok_s']:.1f} tok/s at batch 1")

@@ -62,9 +62,15 @@ def main(ctx, debug):
 @click.option("--window", is_flag=True,
               help="No effect: every export has the window variants (per-position GDN states) for rollback.")
 @click.option("--quant", type=click.Choice(QUANT_MODES), default=None,
-              help="Quantize the linear layers' weights (blockwise int4, symmetric; needs --dtype float16 or "
-                   "bfloat16). Embeddings, norms and MoE experts keep the export dtype.")
-def export(checkpoint, out, dtype, max_context, window, quant):
+              help="Blockwise symmetric weight quantization. int8 / int4: the linears (LM head included), "
+                   "the MoE experts and the embeddings, on any --dtype; ONNX Runtime runs them as "
+                   "MatMulNBits / QMoE / GatherBlockQuantized with int8 activations, as llama.cpp's "
+                   "Q8_0 / Q4_0 do. int4-weight-only: the TensorRT form (linears only, --dtype float16 or "
+                   "bfloat16). Norms, convs and the MTP head stay in --dtype.")
+@click.option("--block", "quant_block", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Quantization block size along the input features (default: 32 for int8/int4, 128 for "
+                   "int4-weight-only; smaller where a width needs it).")
+def export(checkpoint, out, dtype, max_context, window, quant, quant_block):
     """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX.
 
     CHECKPOINT may also be bridges written by `dualbrain align`: they export as one block per bridge
@@ -73,8 +79,8 @@ def export(checkpoint, out, dtype, max_context, window, quant):
     from dualbrain.runtime.bridges import is_bridges_dir
 
     if is_bridges_dir(checkpoint):
-        if quant or max_context:
-            raise DualbrainError("--quant and --max-context do not apply to bridges")
+        if quant or max_context or quant_block:
+            raise DualbrainError("--quant, --block and --max-context do not apply to bridges")
         update, bar = progress_bar("exporting bridges")
         with bar:
             export_bridges(checkpoint, out, dtype=dtype, progress=update)
@@ -83,7 +89,7 @@ def export(checkpoint, out, dtype, max_context, window, quant):
     update, bar = progress_bar("exporting")
     with bar:
         export_checkpoint(checkpoint, out, dtype=dtype, window=window, max_context=max_context, quant=quant,
-                          progress=update, log=lambda msg: click.echo(msg, err=True))
+                          quant_block=int(quant_block) if quant_block else None, progress=update, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"exported {checkpoint} -> {out} ({dtype}{', ' + quant if quant else ''})")
 
 
@@ -532,8 +538,18 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--no-peers", is_flag=True, help="Only dualbrain.")
 @click.option("--llama-bench", type=click.Path(path_type=Path), default=None,
               help="llama.cpp's llama-bench binary (default: llama-bench on PATH, when --gguf is given).")
-@click.option("--gguf", type=click.Path(path_type=Path), default=None,
-              help="A GGUF of the same checkpoint for llama-bench (convert it with llama.cpp's converter).")
+@click.option("--gguf", type=click.Path(path_type=Path), multiple=True,
+              help="A GGUF of the same checkpoint for llama-bench (convert it with llama.cpp's converter; "
+                   "repeat for its quantized types, e.g. f32, Q8_0, Q4_0).")
+@click.option("--precision", "precisions", type=click.Path(path_type=Path), multiple=True,
+              help="Another export of the same checkpoint in another precision (e.g. `export --quant int4`); "
+                   "repeatable. Each is timed like EXPORT, with its size, its roofline and its top-1 agreement "
+                   "with EXPORT over teacher-forced positions.")
+@click.option("--agreement-positions", type=click.IntRange(min=1), default=256, show_default=True,
+              help="With --precision: teacher-forced positions the agreement is measured over.")
+@click.option("--agreement-text", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --precision: prompts (one per line) the reference continues for the agreement check "
+                   "(default: seeded random token ids).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--solver", is_flag=True,
@@ -559,8 +575,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
                    '"digit_prompt" and "facts" add the per-model checks); latency is then per answer.')
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="With --solver: only the first N questions.")
-def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, output,
-          as_json, solver, large_dir, small_dir, bridges_dir, draft_tokens, threshold, n_prompts, pair_dir,
+def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, precisions,
+          agreement_positions, agreement_text, output, as_json, solver, large_dir, small_dir, bridges_dir, draft_tokens, threshold, n_prompts, pair_dir,
           questions_file, limit):
     """Time an export's prefill and decode beside the peers, in one run, after checking their tokens.
 
@@ -569,6 +585,13 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
     P50/P95, peak RSS per engine (each runs in its own process), the export's size, and the roofline:
     the bytes one decode token must read over the bandwidth of a large fp32 matrix-vector product
     measured in the same run. Engines whose greedy tokens differ from dualbrain's are flagged.
+
+    
+    Precisions: each --precision export (e.g. the same checkpoint with `export --quant int8` and
+    `--quant int4`) is timed the same way and listed with its size, its roofline and its top-1
+    agreement with EXPORT over --agreement-positions teacher-forced positions (EXPORT's own greedy
+    text). Each --gguf (llama.cpp's f32, Q8_0, Q4_0 of the same checkpoint) runs under llama-bench in
+    the same run, so the speeds compare.
 
     \b
     With --solver: the large model alone, the small one alone, and each solver mode, each answering the
@@ -594,14 +617,20 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
         raise DualbrainError("give the export to benchmark: dualbrain bench OUT [--checkpoint CKPT]")
     if new_tokens < 2 or runs < 1:
         raise DualbrainError("--new-tokens must be at least 2 and --runs at least 1")
-    if gguf is not None and not Path(gguf).is_file():
-        raise DualbrainError(f"--gguf {gguf}: no such file")
+    for path in gguf:
+        if not Path(path).is_file():
+            raise DualbrainError(f"--gguf {path}: no such file")
+    for path in precisions:
+        if not (Path(path) / "manifest.json").is_file():
+            raise DualbrainError(f"--precision {path}: not an export (no manifest.json)")
     cfg = BenchConfig(prefill=_ints(prefill_lengths, "--prefill"), batches=_ints(batches, "--batch"),
                       new_tokens=new_tokens, runs=runs)
     update, bar = progress_bar("benchmarking")
     with bar:
         report = run_bench(export, checkpoint, cfg=cfg, peers=not no_peers,
-                           llama=str(llama_bench) if llama_bench else None, gguf=gguf, progress=update)
+                           llama=str(llama_bench) if llama_bench else None, ggufs=gguf, precisions=precisions,
+                           agreement_positions=agreement_positions, agreement_text=agreement_text,
+                           progress=update)
     _report(report, output, as_json, print_report)
 
 

@@ -23,7 +23,7 @@ from dualbrain.errors import DualbrainError
 from dualbrain.exporter.checkpoint import Checkpoint, expected_layer_shapes, layer_shapes, mtp_shapes
 from dualbrain.exporter.link import link_blocks
 from dualbrain.runtime.blocks import KINDS, MTP, BlockKind, PlannedBlock, TensorInfo, model_blocks, random_feeds
-from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_MODES, dtype as dtype_info, from_torch, torch_dtype
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_BLOCKS, dtype as dtype_info, from_torch, quant_mode, torch_dtype
 from dualbrain.exporter.window import write_window_variant
 from dualbrain.runtime.manifest import MANIFEST, BlockInfo, Manifest, file_digest
 from dualbrain.runtime.manifest import VERSION as MANIFEST_VERSION
@@ -232,15 +232,16 @@ def _resume_key(root: Path, ckpt: Checkpoint, dtype: str, max_context: int, quan
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", window: bool = False,
                       max_context: int | None = None, linked: bool = True, quant: str | None = None,
-                      progress: Callable[[str, int, int], None] | None = None,
+                      quant_block: int | None = None, progress: Callable[[str, int, int], None] | None = None,
                       log: Callable[[str], None] | None = None) -> Path:
     """Export `checkpoint` to `out`; returns `out`. Raises DualbrainError on bad input.
 
     Resumable: after an interruption, `OUT.partial/` keeps the finished blocks, and the same
     command reuses those whose files still match their recorded sha256.
 
-    `quant="int4-weight-only"` quantizes every block's linear weights after export (see
-    `exporter.quantize`; needs dtype float16 or bfloat16).
+    `quant` ("int8", "int4" or "int4-weight-only") quantizes every block but the MTP head after
+    export, in blocks of at most `quant_block` (see `exporter.quantize`; "int4-weight-only", the
+    TensorRT form, needs dtype float16 or bfloat16).
 
     Blocks with per-position state always get a window variant beside them (`exporter.window`);
     `window` is accepted for compatibility and changes nothing.
@@ -251,11 +252,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
     if dtype not in FLOAT_DTYPES:
         raise DualbrainError(f"unknown dtype {dtype!r} (choose from {', '.join(FLOAT_DTYPES)})")
-    if quant is not None and quant not in QUANT_MODES:
-        raise DualbrainError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_MODES)})")
-    if quant is not None and dtype == "float32":
-        raise DualbrainError(f"--quant {quant} needs --dtype float16 or bfloat16: int4 weight-only is a GPU "
-                             "fp16/bf16 format (its scales and activations are in the export dtype)")
+    if quant is not None:
+        qm = quant_mode(quant)
+        if dtype not in qm.base_dtypes:
+            raise DualbrainError(f"--quant {quant} needs --dtype {' or '.join(qm.base_dtypes)}: it is the TensorRT "
+                                 "fp16/bf16 form (its scales and activations are in the export dtype); "
+                                 "--quant int4 or int8 go on any dtype")
+        quant_block = quant_block or qm.block
+        if quant_block not in QUANT_BLOCKS:
+            raise DualbrainError(f"--block {quant_block}: choose from {', '.join(map(str, QUANT_BLOCKS))}")
+    elif quant_block is not None:
+        raise DualbrainError("--block needs --quant")
     root = Path(checkpoint)
     spec = ModelSpec.from_dir(root)
     ckpt = Checkpoint(root, spec)
@@ -273,7 +280,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     tdt = torch_dtype(dtype)
     plan = model_blocks(spec) + ([PlannedBlock(MTP, KINDS[MTP])] if ckpt.has_mtp else [])
     blocks: list[BlockInfo] = []
-    with resumable_output_dir(out, _resume_key(root, ckpt, dtype, max_context, quant)) as (part, journal):
+    key = _resume_key(root, ckpt, dtype, max_context, quant and f"{quant}/{quant_block}")
+    with resumable_output_dir(out, key) as (part, journal):
         reused = 0
         traced: dict[str, Path] = {}   # layer kind -> the first traced graph of that kind
         for step, planned in enumerate(plan):
@@ -297,7 +305,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
                 for weight, block, source in kind.shares:
                     share_weight(path, weight, part / f"{block}.onnx", source)
                 if quant and kind.quantize:
-                    quantize_block(part / f"{name}.onnx", quant)
+                    quantize_block(part / f"{name}.onnx", quant, quant_block)
                 if window_file:
                     write_window_variant(path, part / window_file, sig)
                 journal.record(name, {f: file_digest(part / f) for f in (f"{name}.onnx", f"{name}.onnx.data",
@@ -328,7 +336,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         man = Manifest(model=spec, dtype=dtype, opset=opset, max_context=max_context, window=True,
                        blocks=tuple(blocks), files=files, tokenizer_files=tuple(tok_files), linked=linked_file,
                        linked_window=linked_window,
-                       quant=quant,
+                       quant=quant, quant_block=quant_block,
                        source={"checkpoint": str(root.resolve()), "checkpoint_dtype": ckpt.dtype,
                                "torch": torch.__version__, "identity": ckpt.identity()})
         man.write(part)

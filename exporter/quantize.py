@@ -1,26 +1,33 @@
-"""Weight-only int4 quantization of an exported block: a post-pass over its ONNX file.
+"""Blockwise int8 / int4 quantization of an exported block: a post-pass over its ONNX file.
 
-Every 2-D weight initializer that feeds the B input of a MatMul (or Gemm), directly or through a
-2-D Transpose, is replaced by ``DequantizeLinear(W_int4, scale)`` with ONNX blockwise quantization
-(opset 21: ``axis`` + ``block_size``, INT4 data):
+A weight is replaced by ``DequantizeLinear(W_q, scale[, zero_point])`` with ONNX blockwise
+quantization (opset 21: ``axis`` + ``block_size``), symmetric (``scale = max|w| / (2^(bits-1)-1)``
+per block, rounded to the export dtype, ``q = clip(round(w / scale))``). This is the portable form
+kept on disk; ONNX Runtime fuses or rewrites it at load (``runtime.backends.ort_quant``). Three
+roles, each with the layout its fused kernel reads:
 
-* the weight is stored as ``[K, N]`` (input dimension first; a ``Transpose(perm=[1, 0])`` between
-  the initializer and the MatMul is folded into the stored layout and removed), blocks run along K
-  (``axis=0``): the canonical weight-only layout that ONNX Runtime and TensorRT fuse into int4 GEMMs;
-* block size 128 along K, or 64 / 32 when K is not a multiple of 128 (the largest that divides K);
-  a weight whose K none of them divides stays unquantized, and so does a weight that is one block
-  in all (K = block, one output: TensorRT refuses its one-element scale);
-* symmetric int4 (zero point 0, no zero-point input): ``scale = max|w| / 7`` per block, rounded to
-  the export dtype (scales are float16 / bfloat16, as the graph computes), ``q = clip(round(w /
-  scale), -8, 7)``.
+* **linears** (every mode) -- a 2-D weight feeding the B input of a MatMul (or Gemm), directly or
+  through a 2-D Transpose, stored ``[K, N]`` (a Transpose is folded into the layout and removed),
+  signed INT4/INT8 without zero point, blocks along K (``axis=0``): ONNX Runtime fuses it with the
+  MatMul into MatMulNBits (int8 activations, accuracy level 4) and TensorRT into its int4 GEMM. The
+  LM head is one of them.
+* **experts** (int8 / int4) -- the ``fc1`` [E, 2I, H] and ``fc2`` [E, H, I] inputs of
+  ``dualbrain::MoEDispatch``, blocks along the last axis (one block size for both, as QMoE needs),
+  stored unsigned (UINT4/UINT8) with the mid zero point (8 / 128): byte for byte what ONNX Runtime's
+  QMoE reads, so its rewrite points at the same bytes.
+* **embeddings** (int8 / int4) -- the table of a Gather, blocks along the hidden axis, unsigned as
+  the experts (GatherBlockQuantized's uint8 form).
 
-Left in the export dtype: the embedding table (Gather), norms and other 1-D parameters, the causal
-conv weights, and the MoE expert tensors fed to ``dualbrain::MoEDispatch`` (quantizing those needs
-the plugin / ONNX function to take int4 experts; not done yet). The router and shared-expert
-linears are ordinary MatMuls and are quantized.
+Block size: the mode's (or ``--block``), or the largest of 128 / 64 / 32 under it that divides K; a
+weight whose K none divides stays in float, and so does a weight that is one block in all (K =
+block, one output: TensorRT refuses its one-element scale). ``int4-weight-only`` (the TensorRT form)
+covers the linears only: our TensorRT MoE plugin takes float experts. The MTP head is never
+quantized (runtime.blocks: its kind says so). Norms, the causal conv and other small parameters stay
+in float.
 
-The block's external-data file is rewritten one tensor at a time (memory stays at one weight) into
-a temporary file, then both the graph and its data replace the originals.
+The block's external-data file is rewritten one tensor at a time (one expert at a time for the
+experts, so memory stays at one weight) into a temporary file, then both the graph and its data
+replace the originals.
 """
 from __future__ import annotations
 
@@ -31,18 +38,20 @@ from pathlib import Path
 import numpy as np
 
 from dualbrain.errors import DualbrainError
+from dualbrain.plugins.moe_dispatch.reference import DOMAIN as MOE_DOMAIN, OP_TYPE as MOE_OP
 from dualbrain.runtime import dtypes
-from dualbrain.runtime.dtypes import INT4_WEIGHT_ONLY, QUANT_MODES
+from dualbrain.runtime.dtypes import INT4_WEIGHT_ONLY, QUANT_BLOCKS, quant_mode
 
-BLOCK_SIZES = (128, 64, 32)
+BLOCK_SIZES = QUANT_BLOCKS
 MIN_OPSET = 21           # DequantizeLinear-21: blockwise (block_size) and INT4
-QMIN, QMAX = -8, 7
+QMIN, QMAX = -8, 7       # int4
 ALIGN = 64               # byte alignment of tensors in the rewritten external-data file
+LINEAR, EXPERTS, EMBEDDING = "linear", "experts", "embedding"
 
 
-def block_size_for(k: int) -> int | None:
-    """The largest of 128 / 64 / 32 that divides `k`, or None."""
-    return next((b for b in BLOCK_SIZES if k % b == 0), None)
+def block_size_for(k: int, largest: int = 128) -> int | None:
+    """The largest of 128 / 64 / 32, at most `largest`, that divides `k`, or None."""
+    return next((b for b in BLOCK_SIZES if b <= largest and k % b == 0), None)
 
 
 FLOAT_ONNX_TYPES = tuple(dtypes.dtype(n).onnx for n in dtypes.FLOAT_DTYPES)
@@ -53,34 +62,66 @@ def _np_dtype(data_type: int):
     return dtypes.numpy_dtype(dtypes.from_onnx(data_type).name) if data_type in FLOAT_ONNX_TYPES else None
 
 
-def quantize_int4(w: np.ndarray, block: int, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric blockwise int4 of a 2-D `w` [K, N], blocks of `block` rows along axis 0.
+# Scales tried per block, as fractions of max|w| / qmax: the one with the least squared error wins
+# (clipping the largest weight a little buys a finer step for the rest; the int4 analogue of
+# llama.cpp's scale search). 1.0 first, so a tie keeps the plain scale.
+SCALE_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)
 
-    Returns (q int8 [K, N] in [-8, 7], scale [K // block, N] in `scale_dtype`). The scale is rounded
-    to `scale_dtype` first and q computed from the rounded scale, so q * scale is the best int4
-    approximation the stored scale allows.
-    """
-    k, n = w.shape
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_blockwise(w: np.ndarray, axis: int, block: int, bits: int, scale_dtype
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blockwise quantization of `w` along `axis` in blocks of `block`.
+
+    Returns (q int8 shaped like `w`, in [-2^(bits-1), 2^(bits-1)-1]; scale in `scale_dtype`, shaped
+    like `w` with `axis` divided by `block`). The scale is rounded to `scale_dtype` first and q
+    computed from the rounded scale, so q * scale is the best approximation the stored scale allows."""
+    k = w.shape[axis]
     if k % block:
         raise ValueError(f"K={k} is not a multiple of block {block}")
-    wb = np.asarray(w, dtype=np.float32).reshape(k // block, block, n)
+    wm = np.moveaxis(np.asarray(w, dtype=np.float32), axis, 0)
+    rest = wm.shape[1:]
+    wb = wm.reshape(k // block, block, *rest)
     amax = np.abs(wb).max(axis=1)
-    scale = (amax / QMAX).astype(scale_dtype)
-    s32 = scale.astype(np.float32)[:, None, :]
-    q = np.zeros_like(wb)
-    np.divide(wb, s32, out=q, where=s32 > 0)
-    q = np.clip(np.rint(q), QMIN, QMAX).astype(np.int8).reshape(k, n)
-    return q, scale
+    best_err = best_scale = best_q = None
+    for f in SCALE_SEARCH:
+        scale = (amax * f / qmax(bits)).astype(scale_dtype)
+        s32 = scale.astype(np.float32)[:, None]
+        q = np.zeros_like(wb)
+        np.divide(wb, s32, out=q, where=s32 > 0)
+        q = np.clip(np.rint(q), -qmax(bits) - 1, qmax(bits))
+        err = np.square(q * s32 - wb).sum(axis=1)
+        if best_err is None:
+            best_err, best_scale, best_q = err, scale, q
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_q = np.where(better[:, None], q, best_q)
+    q = best_q.astype(np.int8).reshape(k, *rest)
+    return np.moveaxis(q, 0, axis), np.moveaxis(best_scale, 0, axis)
 
 
-def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
-    """Reference DequantizeLinear (axis 0, `block`, zero point 0): q * scale in the scale's dtype."""
-    s = np.repeat(scale.astype(np.float32), block, axis=0)
+def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """Reference DequantizeLinear (`axis`, `block`, symmetric): q * scale in the scale's dtype."""
+    s = np.repeat(scale.astype(np.float32), block, axis=axis)
     return (q.astype(np.float32) * s).astype(scale.dtype)
 
 
+def quantize_int4(w: np.ndarray, block: int, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """int4 of a 2-D `w` [K, N] in blocks of `block` rows (axis 0)."""
+    return quantize_blockwise(w, 0, block, 4, scale_dtype)
+
+
+def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    return dequantize_blockwise(q, scale, 0, block)
+
+
 def pack_int4(q: np.ndarray) -> bytes:
-    """ONNX INT4 packing: two values per byte, the first in the low nibble; odd counts padded."""
+    """ONNX INT4/UINT4 packing: two values per byte, the first in the low nibble; odd counts padded."""
     flat = q.reshape(-1).astype(np.uint8) & 0x0F
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
@@ -97,6 +138,33 @@ def unpack_int4(raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return v.reshape(shape)
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How quantized values are stored: signed without zero point (linears), or unsigned with the
+    mid zero point (experts, embeddings: the layout QMoE and GatherBlockQuantized read)."""
+    bits: int
+    signed: bool
+
+    @property
+    def onnx_type(self) -> int:
+        from onnx import TensorProto
+
+        return {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+                (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}[self.bits, self.signed]
+
+    @property
+    def suffix(self) -> str:
+        return ("int" if self.signed else "uint") + str(self.bits)
+
+    @property
+    def zero_point(self) -> int:
+        return 0 if self.signed else 2 ** (self.bits - 1)
+
+    def encode(self, q: np.ndarray) -> bytes:
+        v = q if self.signed else q.astype(np.int16) + self.zero_point
+        return pack_int4(v) if self.bits == 4 else v.astype(np.int8 if self.signed else np.uint8).tobytes()
+
+
 @dataclass
 class _Plan:
     """One weight to quantize."""
@@ -105,6 +173,11 @@ class _Plan:
     transpose: bool        # stored [N, K] behind a Transpose: store [K, N] and drop the Transpose
     drop: object | None    # the Transpose node to remove
     block: int
+    role: str = LINEAR
+
+    @property
+    def axis(self) -> int:
+        return {LINEAR: 0, EXPERTS: 2, EMBEDDING: 1}[self.role]
 
 
 def _consumers(graph) -> dict[str, list[tuple[object, int]]]:
@@ -142,20 +215,55 @@ def _is_weight_input(node, idx: int, k_axis_first: bool) -> bool:
     return False
 
 
-def plan_weights(model) -> tuple[list[_Plan], list[tuple[str, str]]]:
-    """(weights to quantize, [(initializer, why it stays)] for 2-D float MatMul weights left as they are)."""
+def _moe_blocks(graph, inits: dict, largest: int) -> dict[str, int | None]:
+    """fc1 / fc2 initializer -> the block size its MoEDispatch node's experts share (None: none fits)."""
+    out: dict[str, int | None] = {}
+    for node in graph.node:
+        if node.domain != MOE_DOMAIN or node.op_type != MOE_OP or len(node.input) < 4:
+            continue
+        fc1, fc2 = (inits.get(x) for x in node.input[2:4])
+        if fc1 is None or fc2 is None or len(fc1.dims) != 3 or len(fc2.dims) != 3:
+            continue
+        k1, k2 = int(fc1.dims[2]), int(fc2.dims[2])
+        block = next((b for b in BLOCK_SIZES if b <= largest and k1 % b == 0 and k2 % b == 0), None)
+        out[fc1.name] = out[fc2.name] = block
+    return out
+
+
+def plan_weights(model, largest: int = 128, experts: bool = False) -> tuple[list[_Plan], list[tuple[str, str]]]:
+    """(weights to quantize, [(initializer, why it stays)] for float weights of a quantizable role
+    left as they are). `largest`: the block size to use where K allows; `experts`: also the MoE
+    experts and the embedding tables."""
     graph = model.graph
     cons = _consumers(graph)
     outputs = {o.name for o in graph.output}
     floats = FLOAT_ONNX_TYPES
+    inits = {t.name: t for t in graph.initializer}
+    moe = _moe_blocks(graph, inits, largest) if experts else {}
     plans, skipped = [], []
     for t in graph.initializer:
-        if len(t.dims) != 2 or t.data_type not in floats or t.name in outputs:
+        if t.data_type not in floats or t.name in outputs:
             continue
         users = cons.get(t.name, [])
         if len(users) != 1:
             continue
         node, idx = users[0]
+        if t.name in moe and node.domain == MOE_DOMAIN and idx in (2, 3):
+            if moe[t.name] is None:
+                skipped.append((t.name, "expert widths with no common block size of 32, 64 or 128"))
+            else:
+                plans.append(_Plan(t.name, t.name, False, None, moe[t.name], EXPERTS))
+            continue
+        if len(t.dims) != 2:
+            continue
+        if experts and node.domain in ("", "ai.onnx") and node.op_type == "Gather" and idx == 0 \
+                and all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            block = block_size_for(int(t.dims[1]), largest)
+            if block is None:
+                skipped.append((t.name, f"hidden dimension {t.dims[1]} is not a multiple of 32"))
+            else:
+                plans.append(_Plan(t.name, t.name, False, None, block, EMBEDDING))
+            continue
         if _is_weight_input(node, idx, True):
             k, out, transpose, drop = t.dims[0], t.name, False, None
         elif node.domain in ("", "ai.onnx") and node.op_type == "Transpose" and idx == 0:
@@ -171,7 +279,7 @@ def plan_weights(model) -> tuple[list[_Plan], list[tuple[str, str]]]:
             # stored transposed to [K, N]: the Gemm must then read it untransposed
         else:
             continue
-        block = block_size_for(int(k))
+        block = block_size_for(int(k), largest)
         if block is None:
             skipped.append((t.name, f"input dimension {k} is not a multiple of 32"))
             continue
@@ -197,14 +305,26 @@ def _read(data, t, fallback_dtype) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY) -> dict:
-    """Quantize the linear weights of the block graph at `path` in place (graph and its external
-    data); returns {"quantized": {name: block}, "skipped": {name: reason}}."""
+def _quantized_chunks(w: np.ndarray, p: _Plan, bits: int, sdt):
+    """(q, scale) pieces of `w` in storage order: one expert at a time for the experts."""
+    if p.role == EXPERTS:
+        for e in range(w.shape[0]):
+            q, scale = quantize_blockwise(w[e], p.axis - 1, p.block, bits, sdt)
+            yield q, scale
+    else:
+        yield quantize_blockwise(w.T if p.transpose else w, p.axis, p.block, bits, sdt)
+
+
+def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block: int | None = None) -> dict:
+    """Quantize the block graph at `path` in place (graph and its external data) in `mode`, blocks of
+    at most `block` (default: the mode's); returns {"quantized": {name: block}, "skipped": {name: reason}}."""
     import onnx
     from onnx import TensorProto, helper
 
-    if mode != INT4_WEIGHT_ONLY:
-        raise DualbrainError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
+    qm = quant_mode(mode)
+    largest = block or qm.block
+    if largest not in BLOCK_SIZES:
+        raise DualbrainError(f"block size {largest} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -214,7 +334,7 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY) -> dic
     if model.ir_version < 10:
         model.ir_version = 10   # INT4 needs IR 10
     graph = model.graph
-    plans, skipped = plan_weights(model)
+    plans, skipped = plan_weights(model, largest, qm.experts)
     by_name = {p.name: p for p in plans}
     data_name = None
     for t in graph.initializer:
@@ -233,22 +353,18 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY) -> dic
 
     new_inits: list = []
     new_nodes: dict[int, object] = {}    # id(Transpose node) -> its DequantizeLinear replacement
-    first_nodes: list = []               # DequantizeLinear of weights fed straight to MatMul/Gemm
+    first_nodes: list = []               # DequantizeLinear of weights fed straight to their consumer
     src = open(data_path, "rb") if data_path.is_file() else None
     try:
         with open(tmp_data, "wb") as dst:
-            def put(t, raw: bytes) -> None:
+            def put(t, *pieces: bytes) -> None:
                 pad = (-dst.tell()) % ALIGN
                 if pad:
                     dst.write(b"\0" * pad)
                 offset = dst.tell()
-                dst.write(raw)
-                del t.external_data[:]
-                t.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-                t.ClearField("raw_data")
+                for raw in pieces:
+                    dst.write(raw)
+                _point(t, data_name, offset, dst.tell() - offset)
 
             for t in graph.initializer:
                 p = by_name.get(t.name)
@@ -261,18 +377,34 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY) -> dic
                     continue
                 w = _read(src, t, None)
                 sdt = w.dtype
-                if p.transpose:
-                    w = w.T
-                q, scale = quantize_int4(w, p.block, sdt)
+                enc = Encoding(qm.bits, signed=p.role == LINEAR)
+                dims = list(w.shape[::-1] if p.transpose else w.shape)
+                sdims = list(dims)
+                sdims[p.axis] //= p.block
+                qt = onnx.TensorProto(name=f"{t.name}.{enc.suffix}", data_type=enc.onnx_type, dims=dims)
+                st = onnx.TensorProto(name=f"{t.name}.scale", data_type=t.data_type, dims=sdims)
+                scales = []
+                # the quantized values go out piece by piece; the scales (1/block of the size) after them
+                pad = (-dst.tell()) % ALIGN
+                dst.write(b"\0" * pad)
+                offset = dst.tell()
+                for q, scale in _quantized_chunks(w, p, qm.bits, sdt):
+                    dst.write(enc.encode(q))
+                    scales.append(np.ascontiguousarray(scale).tobytes())
+                    del q
                 del w
-                qt = onnx.TensorProto(name=f"{t.name}.int4", data_type=TensorProto.INT4, dims=list(q.shape))
-                put(qt, pack_int4(q))
-                st = onnx.TensorProto(name=f"{t.name}.scale", data_type=t.data_type, dims=list(scale.shape))
-                put(st, np.ascontiguousarray(scale).tobytes())
-                del q, scale
+                _point(qt, data_name, offset, dst.tell() - offset)
+                put(st, *scales)
                 new_inits += [qt, st]
-                dq = helper.make_node("DequantizeLinear", [qt.name, st.name], [p.out], name=f"{t.name}.dequantize",
-                                      axis=0, block_size=p.block)
+                ins = [qt.name, st.name]
+                if not enc.signed:
+                    zt = onnx.TensorProto(name=f"{t.name}.zero_point", data_type=enc.onnx_type, dims=sdims)
+                    n = int(np.prod(sdims))
+                    put(zt, enc.encode(np.zeros(n, np.int8)))
+                    new_inits.append(zt)
+                    ins.append(zt.name)
+                dq = helper.make_node("DequantizeLinear", ins, [p.out], name=f"{t.name}.dequantize",
+                                      axis=p.axis, block_size=p.block)
                 if p.drop is not None:
                     new_nodes[id(p.drop)] = dq
                 else:
@@ -311,3 +443,13 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY) -> dic
         tmp_graph.unlink(missing_ok=True)
         raise
     return {"quantized": {p.name: p.block for p in plans}, "skipped": dict(skipped)}
+
+
+def _point(t, location: str, offset: int, length: int) -> None:
+    """Make `t` read `length` bytes at `offset` of the external-data file `location`."""
+    del t.external_data[:]
+    t.data_location = t.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.ClearField("raw_data")

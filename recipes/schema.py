@@ -37,7 +37,7 @@ from typing import Any
 
 from dualbrain.errors import DualbrainError
 from dualbrain.plugins.tensorrt import FLAVOURS as _FLAVOUR_MODULES
-from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_BASE_DTYPES, QUANT_MODES
+from dualbrain.runtime.dtypes import FLOAT_DTYPES, QUANT_BASE_DTYPES, TENSORRT_QUANT_MODES
 
 RECIPE_DIR = Path(__file__).resolve().parent
 TARGETS = {"rtx4090": "8.9", "rtx5090": "12.0", "orin": "8.7", "h100": "9.0"}
@@ -46,9 +46,9 @@ FLAVOURS = tuple(_FLAVOUR_MODULES)
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "10.0", "10.3", "11.0", "12.0", "12.1")
 # fp8 is a recipe precision `dualbrain export --quant` cannot make yet (it needs calibration)
-QUANTIZED = (*QUANT_MODES, "fp8")
+QUANTIZED = (*TENSORRT_QUANT_MODES, "fp8")
 PRECISIONS = (*FLOAT_DTYPES, *QUANTIZED)
-SUPPORTED_QUANT = QUANT_MODES
+SUPPORTED_QUANT = TENSORRT_QUANT_MODES
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,10 @@ class Recipe:
         unquantized export of exactly its dtype."""
         label = f"recipe {self.name}"
         have = export_dtype + (f" + {export_quant}" if export_quant else "")
+        if export_quant and export_quant not in TENSORRT_QUANT_MODES:
+            raise DualbrainError(f"{label}: this export is {have}; --quant {export_quant} exports run on ONNX Runtime "
+                                 "(QMoE experts); TensorRT recipes take an unquantized export or --quant "
+                                 f"{' / '.join(TENSORRT_QUANT_MODES)}")
         if self.precision in QUANTIZED:
             if self.precision not in SUPPORTED_QUANT:
                 raise DualbrainError(

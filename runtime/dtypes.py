@@ -42,10 +42,43 @@ BY_NAME = {d.name: d for d in TABLE}
 
 # Precisions a model can be exported in (`export --dtype`, `make-tiny --dtype`, manifest `dtype`).
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-# Weight-only quantization on top of a float dtype (`export --quant`, manifest `quant`).
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    """A blockwise weight quantization on top of a float export dtype (`export --quant`, manifest `quant`).
+
+    Symmetric: q = round(w / scale), scale = max|w| / (2^(bits-1) - 1) per block of `block` input
+    features (smaller blocks where the input dimension needs it). On disk every quantized weight is
+    an ONNX DequantizeLinear-21 (the portable form); ONNX Runtime runs the linears as MatMulNBits
+    and, at load, the experts as QMoE and the embeddings as GatherBlockQuantized."""
+    name: str
+    bits: int
+    block: int                      # default (largest) block size
+    experts: bool                   # MoE experts and embedding tables too, not only the linears
+    base_dtypes: tuple[str, ...]    # float dtypes it goes on top of (scales and activations)
+    tensorrt: bool                  # a TensorRT recipe can build it (our MoE plugin takes float experts)
+
+
+INT8, INT4 = "int8", "int4"
+# The TensorRT form: linear weights only, int4, scales in fp16/bf16; before int8/int4 it was the only one.
 INT4_WEIGHT_ONLY = "int4-weight-only"
-QUANT_MODES = (INT4_WEIGHT_ONLY,)
-QUANT_BASE_DTYPES = ("float16", "bfloat16")   # float dtypes a quantized export can have (scales, activations)
+QUANTS = {q.name: q for q in (
+    QuantMode(INT8, 8, 32, True, FLOAT_DTYPES, False),
+    QuantMode(INT4, 4, 32, True, FLOAT_DTYPES, False),
+    QuantMode(INT4_WEIGHT_ONLY, 4, 128, False, ("float16", "bfloat16"), True),
+)}
+QUANT_MODES = tuple(QUANTS)
+QUANT_BLOCKS = (128, 64, 32)
+TENSORRT_QUANT_MODES = tuple(q.name for q in QUANTS.values() if q.tensorrt)
+QUANT_BASE_DTYPES = QUANTS[INT4_WEIGHT_ONLY].base_dtypes   # what a TensorRT quantized recipe takes
+
+
+def quant_mode(name: str) -> QuantMode:
+    try:
+        return QUANTS[name]
+    except KeyError:
+        raise DualbrainError(f"unknown quantization {name!r} (choose from {', '.join(QUANT_MODES)})") from None
 
 
 def dtype(name: str) -> DType:

@@ -62,7 +62,8 @@ class Manifest:
     linked: str | None = None                 # optional whole-model graph
     linked_window: str | None = None          # the same, linked from the blocks' window variants
     source: dict[str, Any] = field(default_factory=dict)
-    quant: str | None = None                  # e.g. "int4-weight-only": linear weights quantized, rest in dtype
+    quant: str | None = None                  # int8 | int4 | int4-weight-only (dtypes.QUANTS), rest in dtype
+    quant_block: int | None = None            # the largest quantization block used (smaller where K needs it)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -199,12 +200,16 @@ def load_manifest(model_dir: str | os.PathLike, *, verify_hashes: bool = False) 
         if quant is not None and quant not in QUANT_MODES:
             raise DualbrainError(f"manifest.json: unknown quant {quant!r} (this dualbrain reads "
                                  f"{', '.join(QUANT_MODES)})")
+        quant_block = d.get("quant_block")
+        if quant_block is not None and (not isinstance(quant_block, int) or isinstance(quant_block, bool)):
+            raise DualbrainError("manifest.json: field 'quant_block' has the wrong type")
         man = Manifest(model=model, dtype=d["dtype"], opset=d["opset"], max_context=d["max_context"],
                        window=d["window"], blocks=tuple(blocks), files=files,
                        tokenizer_files=tuple(_list(tok, "tokenizer_files")),
                        linked=linked if isinstance(linked, str) else None,
                        linked_window=linked_window if isinstance(linked_window, str) else None,
-                       source=d.get("source") if isinstance(d.get("source"), dict) else {}, quant=quant)
+                       source=d.get("source") if isinstance(d.get("source"), dict) else {}, quant=quant,
+                       quant_block=quant_block)
     except KeyError as e:
         raise DualbrainError(f"manifest.json: missing field {e.args[0]!r}") from None
     check_structure(man)

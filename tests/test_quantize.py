@@ -83,9 +83,12 @@ def test_quantize_error_bound(dtype):
     assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7 and scale.shape == (2, 48) and scale.dtype == dt
     dq = dequantize_int4(q, scale, 128).astype(np.float32)
     assert np.all(np.isfinite(dq)) and np.all(dq[:128, 0] == 0)
-    half_step = np.repeat(scale.astype(np.float32), 128, axis=0) / 2
+    # the scale search may clip the largest weights a little (scale down to 0.8 max|w| / 7) to refine the
+    # rest: every error stays within 1.5 steps of the plain scale max|w| / 7
+    plain = np.abs(w.astype(np.float32)).reshape(2, 128, 48).max(axis=1) / 7
+    bound = np.repeat(plain, 128, axis=0) * 1.5
     eps = float(ml_dtypes.finfo(dt).eps)              # dq itself is rounded to the export dtype
-    assert np.all(np.abs(dq - w.astype(np.float32)) <= half_step * (1 + eps) + np.abs(dq) * eps)
+    assert np.all(np.abs(dq - w.astype(np.float32)) <= bound * (1 + eps) + np.abs(dq) * eps)
 
 
 # --- the pass on hand-built graphs -----------------------------------------------------------------

@@ -229,11 +229,13 @@ class OrtBackend:
     def _load(self, name: str, file: str):
         import onnx
 
+        from dualbrain.runtime.backends.ort_quant import fuse_quantized
+
         path = safe_child(self.model_dir, file, "manifest.json")
         try:
             model = onnx.load(str(path), load_external_data=False)
             check_external_data(self.model_dir, model)
-            rewritten = split_attention(model)
+            rewritten = split_attention(model) + fuse_quantized(model, self.model_dir)
             if self.convert_bf16:
                 onnx.load_external_data_for_model(model, str(self.model_dir))
                 bf16_to_fp32(model)

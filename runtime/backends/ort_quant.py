@@ -1,0 +1,157 @@
+"""ONNX Runtime's fused kernels for a quantized export, chosen at load (the export keeps the portable form).
+
+`exporter.quantize` writes every quantized weight as a blockwise DequantizeLinear. ONNX Runtime
+fuses the linears' DequantizeLinear -> MatMul into MatMulNBits by itself (int8 activations:
+``session.qdq_matmulnbits_accuracy_level``, 4 by default). It has no such fusion for the other two
+roles, which this module rewrites in the graph handed to the session:
+
+* ``dualbrain::MoEDispatch(x, logits, DQ(fc1), DQ(fc2))`` -> ``com.microsoft.QMoE`` (SwiGLU,
+  interleaved gate/up, the node's top_k and normalisation, accuracy level 4), so the experts are
+  read quantized instead of dequantized to float every step;
+* ``Gather(DQ(table), ids)`` -> ``com.microsoft.GatherBlockQuantized``, so the embedding lookup
+  reads its rows quantized instead of dequantizing the whole table each call.
+
+Both kernels read unsigned values with the implicit mid zero point (8 / 128), which is the layout
+the exporter stores these roles in: the rewritten tensors point at the same bytes of the export's
+external data (packed UINT4 read as uint8), so nothing is copied or loaded twice. A pattern that
+does not match exactly is left as it is: ONNX Runtime then runs the DequantizeLinear itself,
+slower, with the same result.
+"""
+from __future__ import annotations
+
+from onnx import TensorProto, helper
+
+from dualbrain.plugins.moe_dispatch.reference import DOMAIN as MOE_DOMAIN, OP_TYPE as MOE_OP
+
+MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 4          # int8 activations in the int4/int8 GEMMs (llama.cpp's Q4_0/Q8_0 do the same)
+_UNSIGNED_BITS = {TensorProto.UINT4: 4, TensorProto.UINT8: 8}
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Graph:
+    def __init__(self, graph, model_dir):
+        self.graph = graph
+        self.model_dir = model_dir
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.users: dict[str, int] = {}
+        for n in graph.node:
+            for x in n.input:
+                self.users[x] = self.users.get(x, 0) + 1
+        self.drop_nodes: set[int] = set()
+        self.drop_inits: set[str] = set()
+        self.add_inits: list = []
+
+    def dequantized(self, value: str, rank: int, axis: int):
+        """(DQ node, quantized initializer, scale name, bits, block) when `value` is the only use of an
+        unsigned blockwise DequantizeLinear of a rank-`rank` initializer along `axis` with the mid
+        zero point; else None."""
+        dq = self.producer.get(value)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") \
+                or len(dq.input) != 3 or self.users.get(value, 0) != 1:
+            return None
+        q, zp = self.inits.get(dq.input[0]), self.inits.get(dq.input[2])
+        a = _attrs(dq)
+        if q is None or zp is None or q.data_type not in _UNSIGNED_BITS or len(q.dims) != rank \
+                or a.get("axis") != axis or not a.get("block_size") or dq.input[1] not in self.inits:
+            return None
+        # the zero point must be the implicit one of the fused kernels: every nibble / byte the mid value
+        bits = _UNSIGNED_BITS[q.data_type]
+        if not _is_mid_zero_point(self.raw(zp), list(zp.dims), bits):
+            return None
+        return dq, q, dq.input[1], bits, int(a["block_size"])
+
+    def raw(self, t) -> bytes:
+        """The bytes of initializer `t` (inline, or read from its external-data file)."""
+        if t.data_location != TensorProto.EXTERNAL:
+            return t.raw_data
+        from dualbrain.runtime.manifest import safe_child
+
+        ext = {e.key: e.value for e in t.external_data}
+        with open(safe_child(self.model_dir, ext["location"], f"external data of {t.name!r}"), "rb") as f:
+            f.seek(int(ext.get("offset", 0)))
+            return f.read(int(ext["length"])) if "length" in ext else f.read()
+
+    def as_uint8(self, q, bits: int):
+        """A uint8 [.., K * bits / 8] initializer over `q`'s bytes (UINT4 packs two values per byte)."""
+        dims = list(q.dims)
+        dims[-1] = dims[-1] * bits // 8
+        t = TensorProto(name=f"{q.name}.packed", data_type=TensorProto.UINT8, dims=dims)
+        if q.data_location == TensorProto.EXTERNAL:
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.extend(q.external_data)
+        else:
+            t.raw_data = q.raw_data
+        self.add_inits.append(t)
+        return t.name
+
+    def drop_dq(self, dq) -> None:
+        """Remove `dq` and its values and zero point (the fused node reads the scales and the bytes)."""
+        self.drop_nodes.add(id(dq))
+        for x in (dq.input[0], dq.input[2]):
+            if self.users.get(x, 0) == 1:
+                self.drop_inits.add(x)
+
+    def commit(self, replace: dict[int, object]) -> None:
+        g = self.graph
+        nodes = [replace.get(id(n), n) for n in g.node if id(n) not in self.drop_nodes]
+        del g.node[:]
+        g.node.extend(nodes)
+        keep = [t for t in g.initializer if t.name not in self.drop_inits] + self.add_inits
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def _is_mid_zero_point(raw: bytes, dims: list[int], bits: int) -> bool:
+    """The zero-point tensor holds 2^(bits-1) everywhere."""
+    import numpy as np
+
+    mid = 2 ** (bits - 1)
+    want = (mid | (mid << 4)) if bits == 4 else mid
+    arr = np.frombuffer(raw, np.uint8)
+    n = int(np.prod(dims))
+    if bits == 4 and n % 2:          # the padding nibble of an odd count is 0
+        return arr.size > 0 and bool(np.all(arr[:-1] == want) and arr[-1] & 0x0F == mid)
+    return arr.size > 0 and bool(np.all(arr == want))
+
+
+def fuse_quantized(model, model_dir) -> int:
+    """Rewrite the quantized experts to QMoE and quantized embedding lookups to GatherBlockQuantized
+    (`model_dir`: where its external data lives); returns how many nodes were rewritten."""
+    g = _Graph(model.graph, model_dir)
+    replace: dict[int, object] = {}
+    for node in model.graph.node:
+        if node.domain == MOE_DOMAIN and node.op_type == MOE_OP and len(node.input) == 4:
+            fc1, fc2 = g.dequantized(node.input[2], 3, 2), g.dequantized(node.input[3], 3, 2)
+            if fc1 is None or fc2 is None or fc1[3:] != fc2[3:]:
+                continue
+            bits, block = fc1[3], fc1[4]
+            a = _attrs(node)
+            qmoe = helper.make_node(
+                "QMoE", [node.input[0], node.input[1], g.as_uint8(fc1[1], bits), fc1[2], "",
+                         g.as_uint8(fc2[1], bits), fc2[2]], list(node.output), name=f"{node.name}/qmoe",
+                domain=MS_DOMAIN, k=int(a["top_k"]), normalize_routing_weights=int(a.get("normalize", 1)),
+                activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                expert_weight_bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+            g.drop_dq(fc1[0])
+            g.drop_dq(fc2[0])
+            replace[id(node)] = qmoe
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Gather" and _attrs(node).get("axis", 0) == 0:
+            table = g.dequantized(node.input[0], 2, 1)
+            if table is None:
+                continue
+            dq, q, scale, bits, block = table
+            replace[id(node)] = helper.make_node(
+                "GatherBlockQuantized", [g.as_uint8(q, bits), node.input[1], scale], list(node.output),
+                name=f"{node.name}/gather_block_quantized", domain=MS_DOMAIN, bits=bits, block_size=block,
+                quantize_axis=1, gather_axis=0)
+            g.drop_dq(dq)
+    if replace:
+        g.commit(replace)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(replace)

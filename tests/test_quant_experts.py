@@ -1,0 +1,248 @@
+"""`--quant int8 | int4`: the experts and embeddings quantized too, and ONNX Runtime's fused kernels for them.
+
+The pass on a hand-built MoE graph is checked against numpy (plugins.moe_dispatch.reference on the
+dequantized weights), first through ONNX Runtime's own DequantizeLinear (the portable form), then
+through the QMoE / GatherBlockQuantized rewrite (runtime.backends.ort_quant). Whole exports of the
+tiny MoE and of the committed trained pair check the wiring and the top-1 agreement with fp32.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from dualbrain.errors import DualbrainError
+from dualbrain.exporter.quantize import (
+    Encoding, dequantize_blockwise, pack_int4, quantize_block, quantize_blockwise, unpack_int4,
+)
+from dualbrain.plugins.moe_dispatch import reference as moe_ref
+from dualbrain.plugins.moe_dispatch.function import add_functions_to_model
+from dualbrain.plugins.moe_dispatch.reference import DOMAIN, OP_TYPE
+from dualbrain.runtime.backends import ort_quant
+from dualbrain.runtime.backends.ort_quant import fuse_quantized
+
+H, I, E, K, V, N = 64, 32, 6, 2, 40, 7       # hidden, expert width, experts, top-k, vocab, tokens
+
+
+# --- the numerics ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blockwise_along_the_last_axis_beats_the_plain_scale(bits):
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((3, 10, 96)) * 0.05).astype(np.float32)
+    w[1, 2, :32] = 0                                       # an all-zero block: scale 0, q 0
+    w[0, 0, 5] = 1.0                                       # an outlier block
+    q, scale = quantize_blockwise(w, 2, 32, bits, np.float32)
+    lim = 2 ** (bits - 1)
+    assert q.dtype == np.int8 and q.min() >= -lim and q.max() < lim and scale.shape == (3, 10, 3)
+    dq = dequantize_blockwise(q, scale, 2, 32)
+    assert np.all(dq[1, 2, :32] == 0) and np.all(np.isfinite(dq))
+    # the searched scale is never worse per block than max|w| / qmax, and within a step of w
+    plain = np.abs(w).reshape(3, 10, 3, 32).max(-1) / (lim - 1)
+    pq = np.clip(np.rint(w / np.repeat(np.where(plain > 0, plain, 1), 32, -1)), -lim, lim - 1)
+    plain_err = np.square(pq * np.repeat(plain, 32, -1) - w).reshape(3, 10, 3, 32).sum(-1)
+    err = np.square(dq - w).reshape(3, 10, 3, 32).sum(-1)
+    assert np.all(err <= plain_err * (1 + 1e-5) + 1e-12)
+    assert np.all(np.abs(dq - w) <= np.repeat(plain, 32, -1) * 1.5 + 1e-7)
+
+
+def test_unsigned_storage_is_the_mid_zero_point_layout():
+    q = np.random.default_rng(0).integers(-8, 8, (4, 64)).astype(np.int8)
+    assert Encoding(4, False).encode(q) == pack_int4(q + 8)
+    assert np.array_equal(unpack_int4(Encoding(4, True).encode(q), q.shape), q)
+    q8 = np.random.default_rng(1).integers(-128, 128, (4, 64)).astype(np.int8)
+    assert Encoding(8, False).encode(q8) == (q8.astype(np.int16) + 128).astype(np.uint8).tobytes()
+    assert Encoding(8, True).encode(q8) == q8.tobytes()
+
+
+# --- the pass and the rewrite on a hand-built MoE graph -------------------------------------------
+
+def _moe_graph(tmp_path):
+    """ids -> Gather(table) -> MatMul(router) -> MoEDispatch(fc1, fc2) -> y, plus the numpy weights."""
+    rng = np.random.default_rng(5)
+    w = {"table": rng.standard_normal((V, H)) * 0.5, "router": rng.standard_normal((H, E)) * 0.3,
+         "fc1": rng.standard_normal((E, 2 * I, H)) * 0.2, "fc2": rng.standard_normal((E, H, I)) * 0.2}
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"], axis=0),
+             helper.make_node("MatMul", ["x", "router"], ["logits"]),
+             helper.make_node(OP_TYPE, ["x", "logits", "fc1", "fc2"], ["y"], domain=DOMAIN, top_k=K)]
+    g = helper.make_graph(nodes, "moe", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", H])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10
+    add_functions_to_model(model)
+    path = tmp_path / "moe.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="moe.onnx.data", size_threshold=0)
+    return path, w
+
+
+def _run(path, ids, fuse: bool, level: int):
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    rewritten = fuse_quantized(model, path.parent) if fuse else 0
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")    # the router: fp32 activations
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"ids": ids})[0], model, rewritten
+
+
+@pytest.mark.parametrize("mode,bits", [("int4", 4), ("int8", 8)])
+def test_experts_and_embeddings_quantized_and_fused(tmp_path, mode, bits, monkeypatch):
+    path, w = _moe_graph(tmp_path)
+    res = quantize_block(path, mode, 32)
+    assert res["quantized"] == {"table": 32, "router": 32, "fc1": 32, "fc2": 32}
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    unsigned = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
+    assert {inits[f"{n}.uint{bits}"].data_type for n in ("table", "fc1", "fc2")} == {unsigned}
+    assert inits[f"router.int{bits}"].data_type == (TensorProto.INT4 if bits == 4 else TensorProto.INT8)
+    axes = {n.output[0]: {a.name: a.i for a in n.attribute}["axis"] for n in model.graph.node
+            if n.op_type == "DequantizeLinear"}
+    assert axes == {"table": 1, "router": 0, "fc1": 2, "fc2": 2}
+
+    # numpy on the dequantized weights (the quantizer is deterministic: same q, same scales)
+    dq = {}
+    for name, axis in (("table", 1), ("router", 0), ("fc1", 2), ("fc2", 2)):
+        q, s = quantize_blockwise(w[name], axis, 32, bits, np.float32)
+        dq[name] = dequantize_blockwise(q, s, axis, 32)
+    ids = np.array([3, 0, 39, 7, 7, 21, 12], np.int64)
+    x = dq["table"][ids]
+    want = moe_ref.moe_dispatch(x, x @ dq["router"], dq["fc1"], dq["fc2"], K)
+    scale = np.abs(want).max()
+
+    portable, _, n = _run(path, ids, fuse=False, level=1)
+    assert n == 0
+    np.testing.assert_allclose(portable, want, rtol=1e-4, atol=1e-5 * scale)
+
+    monkeypatch.setattr(ort_quant, "ACCURACY_LEVEL", 0)   # int4 experts: fp32 activations, same sums
+    exact, fused_model, n = _run(path, ids, fuse=True, level=0)
+    assert n == 2
+    ops = [(x.domain, x.op_type) for x in fused_model.graph.node]
+    assert ("com.microsoft", "QMoE") in ops and ("com.microsoft", "GatherBlockQuantized") in ops
+    assert (DOMAIN, OP_TYPE) not in ops
+    assert [x.output[0] for x in fused_model.graph.node if x.op_type == "DequantizeLinear"] == ["router"]
+    # int8 experts always quantize activations to int8 (ORT has no fp32 kernel for them)
+    np.testing.assert_allclose(exact, want, rtol=0, atol=(1e-5 if bits == 4 else 2e-2) * scale)
+    monkeypatch.setattr(ort_quant, "ACCURACY_LEVEL", 4)
+    fast, _, _ = _run(path, ids, fuse=True, level=4)
+    np.testing.assert_allclose(fast, want, rtol=0, atol=3e-2 * scale)
+
+
+def test_rewrite_leaves_other_patterns_alone(tmp_path):
+    """int4-weight-only (the TensorRT form) leaves experts and table in float: nothing to rewrite."""
+    path, _ = _moe_graph(tmp_path)
+    res = quantize_block(path, "int4-weight-only")
+    assert set(res["quantized"]) == {"router"}
+    model = onnx.load(str(path), load_external_data=False)
+    assert fuse_quantized(model, path.parent) == 0
+
+
+def test_block_too_wide_for_the_experts_falls_back(tmp_path):
+    path, _ = _moe_graph(tmp_path)
+    res = quantize_block(path, "int4", 128)        # H = 64, I = 32: only 32 divides both
+    assert res["quantized"]["fc1"] == res["quantized"]["fc2"] == 32 and res["quantized"]["table"] == 64
+
+
+# --- whole exports ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe(artifacts):
+    return artifacts.checkpoint("moe")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_export_runs_fused_and_agrees(artifacts, moe, mode, tmp_path):
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.runtime.agreement import top1_agreement
+    from dualbrain.runtime.manifest import load_manifest
+    from dualbrain.runtime.model import Model
+
+    ref = artifacts.export(moe)
+    out = export_checkpoint(moe, tmp_path / mode, quant=mode)
+    man = load_manifest(out)
+    assert (man.quant, man.quant_block, man.dtype) == (mode, 32, "float32")
+    for b in man.chain:
+        rewritten = fuse_quantized(onnx.load(str(out / b.file), load_external_data=False), out)
+        assert rewritten == (1 if b.kind in ("embed", "linear_attention", "full_attention") else 0), b.name
+    mtp = man.side("mtp")
+    if mtp is not None:       # the MTP head stays float
+        assert not any(n.op_type == "DequantizeLinear"
+                       for n in onnx.load(str(out / mtp.file), load_external_data=False).graph.node)
+    prompts = [list(range(5, 21)), [7, 3, 900, 12, 44, 1, 2, 3]]
+    a, = top1_agreement(Model.load(ref), [Model.load(out)], prompts, 64)
+    # random weights, flat logits: no target; a broken kernel or layout lands near 1/vocab
+    assert a.positions == 64 and a.rate > (0.8 if mode == "int8" else 0.4)
+
+
+def test_trained_pair_agreement():
+    """The committed trained pair's large model (peaked logits where it knows the answer)."""
+    import tempfile
+    from pathlib import Path
+
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.recipes.pair import TRAINED as pair
+    from dualbrain.runtime.agreement import top1_agreement
+    from dualbrain.runtime.model import Model
+
+    prompts = [list(range(40, 56)), list(range(300, 316)), list(range(600, 616)), list(range(900, 916))]
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [export_checkpoint(pair.large_checkpoint, Path(tmp) / m, quant=m) for m in ("int8", "int4")]
+        int8, int4 = top1_agreement(Model.load(pair.large), [Model.load(o) for o in outs], prompts, 256)
+    assert int8.positions == 256 and int8.confident_positions > 100
+    assert int8.rate >= 0.95 and int8.confident_rate >= 0.99
+    assert int4.rate >= 0.7 and int4.confident_rate >= 0.9
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def test_cli_quant_options(moe, tmp_path):
+    from dualbrain.cli import main
+
+    r = CliRunner().invoke(main, ["export", str(moe), "-o", str(tmp_path / "a"), "--block", "64"])
+    assert r.exit_code != 0 and "--block needs --quant" in r.output and not (tmp_path / "a").exists()
+    r = CliRunner().invoke(main, ["export", str(moe), "-o", str(tmp_path / "b"), "--quant", "int4", "--block", "48"])
+    assert r.exit_code != 0 and "48" in r.output
+    r = CliRunner().invoke(main, ["export", str(moe), "-o", str(tmp_path / "c"), "--quant", "int4-weight-only"])
+    assert r.exit_code != 0 and "--quant int4 or int8 go on any dtype" in r.output
+    r = CliRunner().invoke(main, ["export", str(moe), "-o", str(tmp_path / "d"), "--quant", "int4", "--block", "64"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert (man["quant"], man["quant_block"]) == ("int4", 64)
+
+
+def test_tensorrt_recipes_refuse_onnxruntime_quant():
+    from dualbrain.recipes.schema import load_recipe
+
+    for recipe in ("rtx4090-fp16", "rtx5090-int4"):
+        with pytest.raises(DualbrainError, match="run on ONNX Runtime"):
+            load_recipe(recipe).check_precision("float16", "int4")
+
+
+def test_bench_reports_precisions(artifacts, moe, tmp_path):
+    from dualbrain.cli import main
+    from dualbrain.exporter.export import export_checkpoint
+
+    ref = artifacts.export(moe)
+    q = export_checkpoint(moe, tmp_path / "int8", quant="int8")
+    r = CliRunner().invoke(main, ["bench", str(ref), "--precision", str(q), "--no-peers", "--prefill", "16",
+                                  "--batch", "1", "--new-tokens", "4", "--runs", "1", "--agreement-positions", "32",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output[r.output.index("{"):])
+    ref_row, q_row = rep["precisions"]
+    assert ref_row["precision"] == "float32" and "agreement" not in ref_row
+    assert q_row["precision"] == "int8/32 (float32)" and q_row["agreement_positions"] == 32
+    assert 0 <= q_row["agreement"] <= 1 and q_row["model_bytes"] < ref_row["model_bytes"]
+    assert q_row["decode_bytes_per_token"] < ref_row["decode_bytes_per_token"] / 3
+    assert [e["name"] for e in rep["engines"]] == ["dualbrain", "dualbrain int8/32"]
+    assert all(e["ok"] and e["decode"]["1"]["tok_s"] > 0 for e in rep["engines"])
