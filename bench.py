@@ -275,16 +275,16 @@ def precision_label(man) -> str:
 
 def agreement_prompts(export: Path, n: int, length: int = 16, text: Path | None = None) -> list[list[int]]:
     """Prompts for the agreement check: the lines of `text` tokenized, else random ids (seeded)."""
+    from dualbrain.runtime.manifest import load_manifest
+
     if text is None:
-        from dualbrain.runtime.manifest import load_manifest
-
         return _prompts(load_manifest(export).model.vocab_size, n, length, seed=7)
-    from dualbrain.runtime.model import Model
+    from dualbrain.runtime.chat import Tokenizer
 
-    tok = Model.load(export).tokenizer
     lines = [x for x in Path(text).read_text(encoding="utf-8").splitlines() if x.strip()]
     if not lines:
         raise DualbrainError(f"{text}: no prompts in it")
+    tok = Tokenizer.from_dir(export)
     return [tok.encode(x) for x in lines[:n]]
 
 
@@ -338,6 +338,7 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
 
         if importlib.util.find_spec("onnxruntime_genai") is not None:
             names.append("onnxruntime-genai")
+    prompts = agreement_prompts(export, 4, text=agreement_text) if others else None   # bad input fails first
     llama = llama or (shutil.which("llama-bench") if ggufs else None)
     steps = len(names) + len(others) + (len(ggufs) if llama else 0) + bool(others)
     results = []
@@ -379,11 +380,10 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
 
         if progress:
             progress("agreement", steps - 1, steps)
-        prompts = agreement_prompts(export, 4, text=agreement_text)
         found = top1_agreement(Model.load(export), [Model.load(p) for p in others], prompts, agreement_positions)
         for row, a in zip(rows[1:], found):
-            row.update(agreement=a.rate, agreement_positions=a.positions, agreement_confident=a.confident_rate if a.confident_positions else None,
-                       confident_positions=a.confident_positions)
+            row.update(agreement=a.rate, agreement_positions=a.positions, confident_positions=a.confident_positions,
+                       agreement_confident=a.confident_rate if a.confident_positions else None)
     return {
         "export": str(export), "checkpoint": str(ckpt) if ckpt else None, "dtype": man.dtype,
         "size_bytes": rows[0]["size_bytes"], "config": asdict(cfg), "gemv_bytes_per_s": bw,
