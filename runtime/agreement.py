@@ -1,8 +1,10 @@
 """Top-1 agreement of a model with a reference over teacher-forced positions (how much a precision drifts).
 
 The positions are the reference's own greedy text: each prompt is continued greedily by the
-reference, then both models read the same prompt + continuation in one call and, at every position
-whose next token the reference generated, their argmax is compared. So each position asks "given
+reference, then both models read the same prompt + continuation the way generation does (the prompt
+in one call, then one token per call: a backend may run the two differently, e.g. dualbrain's CPU
+kernels serve decode-sized calls) and, at every position whose next token the reference generated,
+their argmax is compared. So each position asks "given
 the same history, does this model pick the reference's token?" on text the reference finds likely
 (peaked logits), and one disagreement cannot derail the positions after it. Positions where the
 reference itself is unsure (top-1 probability under CONFIDENT) are counted apart as well: there a
@@ -49,9 +51,11 @@ def greedy_continuation(model: Model, prompt: Sequence[int], n: int) -> list[int
 
 def teacher_forced(model: Model, ids: Sequence[int], first: int) -> tuple[np.ndarray, np.ndarray]:
     """(argmax, top-1 probability) of `model` at positions first-1 .. len(ids)-2 of `ids` (its
-    predictions of tokens first .. end), in one call."""
-    logits = model.forward(np.asarray([ids], np.int64), model.new_state(1), all_logits=True)
-    z = logits[0, first - 1:len(ids) - 1].astype(np.float64)
+    predictions of tokens first .. end): ids[:first] in one call, then one token per call."""
+    state = model.new_state(1, capacity=len(ids))
+    logits = [model.forward(np.asarray([ids[:first]], np.int64), state)]
+    logits += [model.forward(np.asarray([[t]], np.int64), state) for t in ids[first:-1]]
+    z = np.concatenate(logits).astype(np.float64)
     z -= z.max(-1, keepdims=True)
     return z.argmax(-1), 1 / np.exp(z).sum(-1)
 

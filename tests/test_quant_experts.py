@@ -22,7 +22,7 @@ from dualbrain.exporter.quantize import (
 from dualbrain.plugins.moe_dispatch import reference as moe_ref
 from dualbrain.plugins.moe_dispatch.function import add_functions_to_model
 from dualbrain.plugins.moe_dispatch.reference import DOMAIN, OP_TYPE
-from dualbrain.runtime.backends import ort_quant
+from dualbrain.runtime.backends import ort_kernels, ort_quant
 from dualbrain.runtime.backends.ort_quant import fuse_quantized
 
 H, I, E, K, V, N = 64, 32, 6, 2, 40, 7       # hidden, expert width, experts, top-k, vocab, tokens
@@ -199,8 +199,10 @@ def test_trained_pair_agreement():
         outs = [export_checkpoint(pair.large_checkpoint, Path(tmp) / m, quant=m) for m in ("int8", "int4")]
         int8, int4 = top1_agreement(Model.load(pair.large), [Model.load(o) for o in outs], prompts, 256)
     assert int8.positions == 256 and int8.confident_positions > 100
-    assert int8.rate >= 0.95 and int8.confident_rate >= 0.99
-    assert int4.rate >= 0.7 and int4.confident_rate >= 0.9
+    # measured: int8 99.6 % with the CPU kernels' float-activation linears (98.8 % with MatMulNBits'
+    # int8 activations, when no compiler builds them); int4 91.0 % (95.4 % where fp32 is sure)
+    assert int8.rate >= (0.99 if ort_kernels.library() else 0.95) and int8.confident_rate >= 0.99
+    assert int4.rate >= 0.85 and int4.confident_rate >= 0.93
 
 
 # --- the command line ------------------------------------------------------------------------------

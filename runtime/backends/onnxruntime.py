@@ -165,10 +165,13 @@ class OrtBackend:
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
                  providers: list[str] | None = None, linked: bool = True, cpu_mem_arena: bool = False,
-                 profile: str | None = None):
+                 profile: str | None = None, cpu_kernels: bool = True):
         """`profile`: a file prefix; every session writes ONNX Runtime's profile (per-node times) there,
-        returned by `end_profiling()` (tests/benchmarks/profile_decode.py)."""
+        returned by `end_profiling()` (tests/benchmarks/profile_decode.py). `cpu_kernels`: use
+        dualbrain's own CPU kernels where they apply and build (`ort_kernels`; CPU provider only)."""
         import onnxruntime as ort
+
+        from dualbrain.runtime.backends import ort_kernels
 
         self.model_dir = Path(model_dir)
         self.manifest = manifest
@@ -181,6 +184,10 @@ class OrtBackend:
                 opts.enable_profiling = True
                 opts.profile_file_prefix = profile
         self._providers = providers or ["CPUExecutionProvider"]
+        self.cpu_kernels = ort_kernels.library() if cpu_kernels and self._providers == ["CPUExecutionProvider"] else None
+        for opts in self._opts.values():
+            if self.cpu_kernels:
+                opts.register_custom_ops_library(str(self.cpu_kernels))
         self.sessions: dict[str, object] = {}
         self.convert_bf16 = manifest.dtype == "bfloat16" and self._providers == ["CPUExecutionProvider"]
         self._files = {b.name: b.file for b in manifest.blocks}
@@ -229,6 +236,7 @@ class OrtBackend:
     def _load(self, name: str, file: str):
         import onnx
 
+        from dualbrain.runtime.backends.ort_kernels import use_cpu_kernels
         from dualbrain.runtime.backends.ort_quant import fuse_quantized
 
         path = safe_child(self.model_dir, file, "manifest.json")
@@ -239,6 +247,8 @@ class OrtBackend:
             if self.convert_bf16:
                 onnx.load_external_data_for_model(model, str(self.model_dir))
                 bf16_to_fp32(model)
+            if self.cpu_kernels:    # after the bf16 rewrite: its experts are float32 by then
+                rewritten += use_cpu_kernels(model, self.model_dir)
             opts = self._opts[name.startswith(LINKED)]
             if rewritten or self.convert_bf16:
                 return self._ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)

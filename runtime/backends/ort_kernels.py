@@ -1,0 +1,260 @@
+"""dualbrain's own CPU kernels for ONNX Runtime: built with the system C compiler on first use, cached,
+and swapped into the graph at load; the pure-ONNX graph is the fallback wherever they are not available.
+
+The kernels, each beside its op's numpy reference (float32 only; other dtypes keep the ONNX function):
+
+* `plugins/moe_dispatch/cpu.c`: the MoE experts for decode-sized calls. It reads each chosen expert's
+  rows once for every token routed to it. It is a GEMV kernel, so a call of more than
+  `KERNEL_MAX_TOKENS` tokens (a prefill) keeps ONNX Runtime's GEMM-based `com.microsoft.MoE`: the
+  rewrite puts both behind an ONNX `If` on the token count.
+* `plugins/causal_conv/cpu.c`: the GDN layers' short depthwise convolution, which ONNX Runtime's `Conv`
+  runs as one tiny convolution per channel (25 ms per batch-8 step on the mid-size MoE).
+* `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
+  Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
+  laid out in MatMulNBits' layout at load; behind the same `If` as the MoE, prefill keeps MatMulNBits.
+
+`plugins/ort_kernels.c` registers them under `CPU_DOMAIN`. The library talks to ONNX Runtime through
+its C ABI only (`plugins/ort_abi.h`), so it needs no headers and builds with nothing but `cc`.
+It is compiled for this machine's CPU (`-march=native`) into
+``$DUALBRAIN_CACHE`` (default ``~/.cache/dualbrain``) under a name that hashes the sources, the
+compiler and the CPU, written to a temporary file and renamed, so a build cut short leaves nothing
+half-written. ``DUALBRAIN_CPU_KERNELS=0`` turns the kernels off; no compiler, a failed build or
+Windows turn them off with one warning.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
+
+from dualbrain import plugins
+from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
+from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
+from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE
+from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL
+
+CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
+# Calls of at most this many tokens run our MoE and int8 kernels (GEMV-style); longer ones ONNX Runtime's
+# GEMMs. Measured on the mid-size MoE's shapes (H 1024, 64 experts of 256, top 8), 2 cores: our MoE is
+# faster up to 32 tokens, ONNX Runtime's from ~64.
+KERNEL_MAX_TOKENS = 32
+ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
+
+_PLUGINS = Path(plugins.__file__).parent
+SOURCES = (_PLUGINS / "ort_kernels.c",
+           *(_PLUGINS / op / "cpu.c" for op in ("moe_dispatch", "causal_conv", "int8_matmul")))
+HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h")
+FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
+         f'-DDUALBRAIN_CPU_DOMAIN="{CPU_DOMAIN}"')
+ARCH_FLAGS = (("-march=native",), ())   # tried in order: this CPU's vector units, then the compiler's default
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DUALBRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dualbrain")
+    return Path(root) / "kernels"
+
+
+def _cpu_id() -> str:
+    """What the -march=native code depends on (a cache shared between machines must not mix them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
+@functools.cache
+def library() -> Path | None:
+    """The kernels' shared library, built on first use; None when off or not buildable (one warning)."""
+    if not enabled():
+        return None
+    if sys.platform == "win32":
+        return _unavailable("no build for Windows yet")
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return _unavailable("no C compiler found (set CC)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return _unavailable(f"{cc} --version failed: {e}")
+    key = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in SOURCES + HEADERS), version.encode(), _cpu_id().encode(),
+                 " ".join(FLAGS).encode()]:
+        key.update(part)
+    out = cache_dir() / f"libdualbrain_cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _unavailable(f"cannot write the cache ({e}; set DUALBRAIN_CACHE)")
+    errors = []
+    for arch in ARCH_FLAGS:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.part")
+        os.close(fd)
+        cmd = [cc, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES), "-lm"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return out
+            errors.append(r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"])
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append([str(e)])
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return _unavailable(f"{cc} failed: {errors[-1][0]}")
+
+
+def _unavailable(why: str) -> None:
+    warnings.warn(f"dualbrain CPU kernels off ({why}); ONNX Runtime's own kernels run instead "
+                  f"(set {ENV_SWITCH}=0 to silence)", RuntimeWarning, stacklevel=3)
+    return None
+
+
+class _Rewrite:
+    """One pass over a main graph: what the rewrites read (initializers, producers, users) and add."""
+
+    def __init__(self, model, model_dir):
+        g = model.graph
+        self.model_dir = model_dir
+        self.inits = {t.name: t for t in g.initializer}
+        self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.users: dict[str, int] = {}
+        for n in g.node:
+            for x in n.input:
+                self.users[x] = self.users.get(x, 0) + 1
+        self.outputs = {o.name for o in g.output}
+        self.shapes = {v.name: v.type.tensor_type.shape for v in list(g.value_info) + list(g.input) + list(g.output)}
+        self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
+        self.added: list = []                # initializers made by a rewrite
+
+    def array(self, name: str) -> np.ndarray:
+        t = TensorProto()
+        t.CopyFrom(self.inits[name])
+        if t.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(self.model_dir))
+        return numpy_helper.to_array(t)
+
+    def branch_output(self, name: str, like: str):
+        """A branch's output `name`, typed like value `like` where the graph knows its rank."""
+        shape = self.shapes.get(like)
+        dims = [None] * len(shape.dim) if shape is not None and shape.dim else None
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _small_call(x: str, p: str, limit: int) -> list:
+    """Nodes computing `{p}/small`: whether `x` holds at most `limit` elements."""
+    return [
+        helper.make_node("Size", [x], [f"{p}/size"], name=f"{p}/size"),
+        helper.make_node("Constant", [], [f"{p}/limit"], name=f"{p}/limit",
+                         value=helper.make_tensor(f"{p}/limit", TensorProto.INT64, [], [limit])),
+        helper.make_node("LessOrEqual", [f"{p}/size", f"{p}/limit"], [f"{p}/small"], name=f"{p}/small"),
+    ]
+
+
+def _moe_behind_if(node, r: _Rewrite) -> list | None:
+    """MoEDispatch -> If(tokens <= KERNEL_MAX_TOKENS, our kernel, the node as it was)."""
+    if len(node.input) != 4 or not {node.input[2], node.input[3]} <= r.floats:
+        return None
+    x, y = node.input[0], node.output[0]
+    p = f"{node.name or y}/cpu_kernel"
+    hidden = r.inits[node.input[2]].dims[2]
+    ours = helper.make_node(MOE.op_type, list(node.input), [f"{p}/y"], name=f"{p}/moe", domain=CPU_DOMAIN)
+    theirs = helper.make_node(MOE.op_type, list(node.input), [f"{p}/y_ort"], name=f"{p}/moe_ort", domain=MOE.domain)
+    for n in (ours, theirs):
+        n.attribute.extend(node.attribute)
+    branch = lambda n, name: helper.make_graph([n], name, [], [r.branch_output(n.output[0], y)])  # noqa: E731
+    return _small_call(x, p, KERNEL_MAX_TOKENS * hidden) + [
+        helper.make_node("If", [f"{p}/small"], [y], name=f"{p}/if",
+                         then_branch=branch(ours, f"{p}/decode"), else_branch=branch(theirs, f"{p}/prefill"))]
+
+
+def _conv(node, r: _Rewrite) -> list | None:
+    """CausalConv1d -> the same node, run by our kernel."""
+    if len(node.input) != 3 or node.input[1] not in r.floats:
+        return None
+    node.domain = CPU_DOMAIN
+    return [node]
+
+
+def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
+    """MatMul(x, DequantizeLinear(int8 [K, N], scale, axis 0)) -> If(tokens <= KERNEL_MAX_TOKENS,
+    Int8MatMul (float activations), com.microsoft.MatMulNBits (int8 activations, for prefill)), both
+    reading one copy of the weight in MatMulNBits' layout, made here from the export's bytes."""
+    if len(node.input) != 2:
+        return None
+    x, w = node.input
+    dq = r.producer.get(w)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or len(dq.input) != 2 \
+            or r.users.get(w) != 1 or w in r.outputs:
+        return None
+    q, scale = (r.inits.get(i) for i in dq.input)
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    block = attrs.get("block_size", 0)
+    if q is None or scale is None or q.data_type != TensorProto.INT8 or scale.data_type != TensorProto.FLOAT \
+            or len(q.dims) != 2 or attrs.get("axis") != 0 or block < 16 or block & (block - 1) or q.dims[0] % block:
+        return None
+    (k, n), y = q.dims, node.output[0]
+    p = f"{node.name or y}/cpu_kernel"
+    b, scales = to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block)
+    r.added += [numpy_helper.from_array(b, f"{p}/b"), numpy_helper.from_array(scales, f"{p}/scales")]
+    r.dropped.add(w)
+    ours = helper.make_node(INT8_OP, [x, f"{p}/b", f"{p}/scales"], [f"{p}/y"], name=f"{p}/int8",
+                            domain=CPU_DOMAIN, block_size=block)
+    theirs = helper.make_node("MatMulNBits", [x, f"{p}/b", f"{p}/scales"], [f"{p}/y_ort"], name=f"{p}/nbits",
+                              domain="com.microsoft", K=k, N=n, bits=8, block_size=block,
+                              accuracy_level=ACCURACY_LEVEL)
+    return _small_call(x, p, KERNEL_MAX_TOKENS * k) + [helper.make_node(
+        "If", [f"{p}/small"], [y], name=f"{p}/if",
+        then_branch=helper.make_graph([ours], f"{p}/decode", [], [r.branch_output(f"{p}/y", y)]),
+        else_branch=helper.make_graph([theirs], f"{p}/prefill", [], [r.branch_output(f"{p}/y_ort", y)]))]
+
+
+# (domain, op type) -> the rewrite (None: the node stays as it is)
+REWRITES = {
+    (MOE.domain, MOE.op_type): _moe_behind_if,
+    (CONV.domain, CONV.op_type): _conv,
+    ("", "MatMul"): _int8_linear_behind_if,
+}
+
+
+def use_cpu_kernels(model, model_dir=".") -> int:
+    """Hand the float32 nodes our kernels cover (`REWRITES`) in `model`'s main graph to them; returns how
+    many nodes were rewritten. `model_dir`: where the model's external data lies (the int8 linears'
+    weights are read to lay them out by rows). The session must have loaded `library()`."""
+    g = model.graph
+    r = _Rewrite(model, model_dir)
+    replaced = {}
+    for index, node in enumerate(g.node):
+        rewrite = REWRITES.get((node.domain, node.op_type))
+        new = rewrite(node, r) if rewrite else None
+        if new is not None:
+            replaced[index] = new
+    if replaced:
+        nodes = [n for i, node in enumerate(g.node) if not (node.output and node.output[0] in r.dropped)
+                 for n in replaced.get(i, [node])]
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(r.added)
+        if not any(o.domain == CPU_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(CPU_DOMAIN, 1))
+    return len(replaced)

@@ -1,0 +1,320 @@
+"""dualbrain's own CPU kernels for ONNX Runtime (runtime/backends/ort_kernels.py, plugins/*/cpu.c).
+
+The float32 MoE and causal-conv kernels and the int8 linear kernel are checked against their numpy
+references on random inputs and odd shapes, through a session that loads the built library; the MoE
+and int8 rewrites are checked on both sides of their token limit (our kernel, ONNX Runtime's), with
+ONNX Runtime's profile showing which one ran; a whole tiny-MoE export gives the same tokens and logits
+with and without the kernels.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dualbrain.exporter.quantize import dequantize_blockwise, quantize_blockwise
+from dualbrain.plugins.int8_matmul import reference as int8_ref
+from dualbrain.plugins.moe_dispatch import reference as moe_ref
+from dualbrain.plugins.moe_dispatch.function import add_functions_to_model
+from dualbrain.plugins.causal_conv import reference as conv_ref
+from dualbrain.plugins.causal_conv.function import onnx_functions as conv_functions
+from dualbrain.plugins.moe_dispatch.reference import DOMAIN, OP_TYPE
+from dualbrain.runtime.backends import ort_kernels
+from dualbrain.runtime.backends.ort_kernels import CPU_DOMAIN, KERNEL_MAX_TOKENS, use_cpu_kernels
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the kernels are off and ONNX Runtime's run instead")
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    lib = ort_kernels.library()
+    assert lib is not None and lib.is_file(), "the CPU kernels did not build"
+    return lib
+
+
+def _moe_model(fc1, fc2, *, top_k, normalize=None, domain=CPU_DOMAIN):
+    h, e = fc1.shape[2], fc1.shape[0]
+    attrs = {"top_k": top_k} | ({} if normalize is None else {"normalize": normalize})
+    node = helper.make_node(OP_TYPE, ["x", "logits", "fc1", "fc2"], ["y"], name="moe", domain=domain, **attrs)
+    dt = helper.np_dtype_to_tensor_dtype(fc1.dtype)
+    graph = helper.make_graph(
+        [node], "moe", [helper.make_tensor_value_info("x", dt, ["N", h]),
+                        helper.make_tensor_value_info("logits", dt, ["N", e])],
+        [helper.make_tensor_value_info("y", dt, ["N", h])],
+        [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    if domain == DOMAIN:
+        add_functions_to_model(model)
+    return model
+
+
+def _session(model, library, profile: str | None = None):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.register_custom_ops_library(str(library))
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _weights(rng, e, i, h):
+    return ((rng.standard_normal((e, 2 * i, h)) * 0.1).astype(np.float32),
+            (rng.standard_normal((e, h, i)) * 0.1).astype(np.float32))
+
+
+@pytest.mark.parametrize("n,h,e,i,k,normalize", [
+    (1, 1024, 64, 256, 8, 1),      # the mid-size MoE's decode step
+    (8, 1024, 64, 256, 8, 1),      # batch 8: experts shared between tokens
+    (3, 37, 7, 13, 3, 0),          # nothing a multiple of 8; the full-softmax weights
+    (5, 64, 4, 8, 4, None),        # every expert chosen; normalize left to the op's default
+    (33, 24, 5, 9, 1, 1),          # top-1; more tokens than the kernel's limit (the op itself has none)
+    (2, 16, 3, 1, 2, 1),           # an expert width of 1
+])
+def test_moe_kernel_matches_the_reference(library, n, h, e, i, k, normalize):
+    rng = np.random.default_rng(n * 1000 + h)
+    fc1, fc2 = _weights(rng, e, i, h)
+    x = rng.standard_normal((n, h)).astype(np.float32)
+    logits = rng.standard_normal((n, e)).astype(np.float32)
+    y = _session(_moe_model(fc1, fc2, top_k=k, normalize=normalize), library).run(None, {"x": x, "logits": logits})[0]
+    ref = moe_ref.moe_dispatch(x, logits, fc1, fc2, k, normalize is None or bool(normalize))
+    assert y.shape == (n, h) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-6 * np.abs(ref).max())
+
+
+def test_moe_kernel_breaks_ties_towards_the_lower_expert(library):
+    rng = np.random.default_rng(7)
+    fc1, fc2 = _weights(rng, 6, 8, 16)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    logits = np.array([[1, 2, 2, 2, 0, 2], [0, 0, 0, 0, 0, 0], [3, 3, 1, 1, 3, 2], [5, 1, 5, 1, 5, 1]], np.float32)
+    y = _session(_moe_model(fc1, fc2, top_k=2), library).run(None, {"x": x, "logits": logits})[0]
+    np.testing.assert_allclose(y, moe_ref.moe_dispatch(x, logits, fc1, fc2, 2), rtol=2e-5, atol=1e-6)
+
+
+def test_moe_kernel_with_no_tokens(library):
+    fc1, fc2 = _weights(np.random.default_rng(0), 4, 8, 16)
+    y = _session(_moe_model(fc1, fc2, top_k=2), library).run(
+        None, {"x": np.zeros((0, 16), np.float32), "logits": np.zeros((0, 4), np.float32)})[0]
+    assert y.shape == (0, 16)
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("fc1", "fc1 [E, 2I, H]"),        # fc1's hidden size differs from x's
+    ("top_k", "top_k must be in 1..E"),
+])
+def test_moe_kernel_refuses_bad_shapes_and_attributes(library, fault, message):
+    rng = np.random.default_rng(1)
+    fc1, fc2 = _weights(rng, 4, 8, 16)
+    if fault == "fc1":
+        fc1 = np.ascontiguousarray(fc1[:, :, :12])
+    model = _moe_model(fc1, fc2, top_k=5 if fault == "top_k" else 2)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 16
+    with pytest.raises(Exception, match="MoEDispatch \\(cpu\\)") as info:
+        _session(model, library).run(None, {"x": rng.standard_normal((2, 16)).astype(np.float32),
+                                            "logits": rng.standard_normal((2, 4)).astype(np.float32)})
+    assert message in str(info.value)
+
+
+def _conv_model(weight, *, domain=CPU_DOMAIN, window=False):
+    c, k = weight.shape
+    op = conv_ref.OP_TYPE_WINDOW if window else conv_ref.OP_TYPE
+    outs = ["y", "new_state"] + (["states"] if window else [])
+    node = helper.make_node(op, ["x", "weight", "state"], outs, name="conv", domain=domain, channels=c)
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", c]),
+                         helper.make_tensor_value_info("state", TensorProto.FLOAT, ["B", c, k - 1])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+        [numpy_helper.from_array(weight, "weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+    if domain == conv_ref.DOMAIN:
+        model.functions.extend(conv_functions(21))
+    return model
+
+
+@pytest.mark.parametrize("b,t,c,k", [
+    (1, 1, 2048, 4),     # the mid-size MoE's decode step
+    (8, 1, 2048, 4),     # batch 8
+    (2, 70, 37, 4),      # a prefill longer than one parallel chunk; C not a multiple of 8
+    (3, 2, 5, 3),        # fewer new positions than the state holds
+    (2, 0, 6, 4),        # no new positions: the state passes through
+])
+def test_causal_conv_kernel_matches_the_reference(library, b, t, c, k):
+    rng = np.random.default_rng(b * 100 + t)
+    weight = rng.standard_normal((c, k)).astype(np.float32)
+    x = rng.standard_normal((b, t, c)).astype(np.float32)
+    state = rng.standard_normal((b, c, k - 1)).astype(np.float32)
+    y, new_state = _session(_conv_model(weight), library).run(None, {"x": x, "state": state})
+    ref_y, ref_state = conv_ref.causal_conv1d(x, weight, state)
+    assert y.shape == (b, t, c) and new_state.shape == (b, c, k - 1)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new_state, ref_state)
+
+
+def test_causal_conv_rewrite_leaves_the_window_variant(library):
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((12, 4)).astype(np.float32)
+    model = _conv_model(weight, domain=conv_ref.DOMAIN)
+    assert use_cpu_kernels(model) == 1 and model.graph.node[0].domain == CPU_DOMAIN
+    x, state = rng.standard_normal((2, 3, 12)).astype(np.float32), rng.standard_normal((2, 12, 3)).astype(np.float32)
+    for got, want in zip(_session(model, library).run(None, {"x": x, "state": state}),
+                         conv_ref.causal_conv1d(x, weight, state)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert use_cpu_kernels(_conv_model(weight, domain=conv_ref.DOMAIN, window=True)) == 0
+
+
+def _int8_weight(rng, k, n, block):
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    q, scale = quantize_blockwise(w, 0, block, 8, np.float32)
+    return q, scale
+
+
+@pytest.mark.parametrize("x_shape,n,block", [
+    ((1, 1024), 37, 32),        # one token; N odd
+    ((2, 1, 64), 300, 16),      # batch 2 decode step (rank 3)
+    ((3, 5, 256), 20, 128),     # 15 tokens: passes of four plus a remainder of three
+    ((2, 2, 96), 8, 32),
+])
+def test_int8_matmul_kernel_matches_the_reference(library, x_shape, n, block):
+    rng = np.random.default_rng(n + block)
+    k = x_shape[-1]
+    q, scale = _int8_weight(rng, k, n, block)
+    b, scales = int8_ref.to_rows(q, scale, block)
+    np.testing.assert_array_equal(int8_ref.int8_matmul(np.eye(k, dtype=np.float32), b, scales),
+                                  dequantize_blockwise(q, scale, 0, block))      # the layout round-trips
+    node = helper.make_node(int8_ref.OP_TYPE, ["x", "b", "s"], ["y"], domain=CPU_DOMAIN, block_size=block)
+    graph = helper.make_graph([node], "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    y = _session(model, library).run(None, {"x": x})[0]
+    ref = int8_ref.int8_matmul(x, b, scales)
+    assert y.shape == x_shape[:-1] + (n,)
+    # int16 activations (one scale per token): within 2^-15 of each token's largest value, per weight
+    bound = np.abs(dequantize_blockwise(q, scale, 0, block)).sum(0) * np.abs(x).max(-1, keepdims=True) / 32767
+    assert (np.abs(y - ref) <= bound + 1e-6).all()
+
+
+def _linear_model(q, scale, block, tokens, *, zero_point=False):
+    k, n = q.shape
+    dq_in = ["q", "scale"] + (["zp"] if zero_point else [])
+    nodes = [helper.make_node("DequantizeLinear", dq_in, ["w"], name="lin.dequantize", axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="lin")]
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "scale")]
+    if zero_point:
+        inits.append(numpy_helper.from_array(np.zeros_like(q[:k // block]), "zp"))
+    graph = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("tokens", [1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 9])
+def test_int8_linear_rewrite_runs_ours_for_decode_and_matmulnbits_for_prefill(library, tmp_path, tokens):
+    rng = np.random.default_rng(tokens)
+    k, n, block = 128, 48, 32
+    q, scale = _int8_weight(rng, k, n, block)
+    model = _linear_model(q, scale, block, tokens)
+    assert use_cpu_kernels(model, tmp_path) == 1
+    assert not any(nd.op_type == "DequantizeLinear" for nd in model.graph.node)     # moved into the prefill branch
+    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    sess = _session(model, library, profile=str(tmp_path / "p"))
+    y = sess.run(None, {"x": x})[0]
+    exact = x @ dequantize_blockwise(q, scale, 0, block)
+    ours = tokens <= KERNEL_MAX_TOKENS
+    # ours: int16 activations; MatMulNBits: int8 activations (accuracy level 4)
+    np.testing.assert_allclose(y, exact, atol=(2e-4 if ours else 2e-2) * np.abs(exact).max())
+    ran = _ran(sess.end_profiling())
+    assert any(name.endswith("cpu_kernel/int8") for name in ran) == ours, ran
+    assert any(name.endswith("cpu_kernel/nbits") for name in ran) == (not ours), ran
+
+
+def test_int8_linear_rewrite_leaves_other_weights_alone(tmp_path):
+    rng = np.random.default_rng(2)
+    q, scale = _int8_weight(rng, 64, 16, 32)
+    assert use_cpu_kernels(_linear_model(q, scale, 32, 1, zero_point=True), tmp_path) == 0   # a zero point
+    model = _linear_model(q, scale, 32, 1)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(q.astype(np.float32), "q"))  # not int8
+    assert use_cpu_kernels(model, tmp_path) == 0
+
+
+def _ran(profile_file: str) -> set[str]:
+    events = json.loads(Path(profile_file).read_text())
+    return {e["name"].removesuffix("_kernel_time") for e in events
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")}
+
+
+@pytest.mark.parametrize("n", [1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 1, 70])
+def test_rewrite_uses_our_kernel_for_decode_and_onnxruntime_for_prefill(library, tmp_path, n):
+    rng = np.random.default_rng(n)
+    fc1, fc2 = _weights(rng, 8, 16, 40)
+    model = _moe_model(fc1, fc2, top_k=3, domain=DOMAIN)
+    assert use_cpu_kernels(model) == 1
+    assert any(o.domain == CPU_DOMAIN for o in model.opset_import)
+    onnx.checker.check_model(model)
+    sess = _session(model, library, profile=str(tmp_path / "p"))
+    x = rng.standard_normal((n, 40)).astype(np.float32)
+    logits = rng.standard_normal((n, 8)).astype(np.float32)
+    y = sess.run(None, {"x": x, "logits": logits})[0]
+    np.testing.assert_allclose(y, moe_ref.moe_dispatch(x, logits, fc1, fc2, 3), rtol=2e-5, atol=1e-6)
+    ran = _ran(sess.end_profiling())
+    ours = any(name.endswith("cpu_kernel/moe") for name in ran)
+    assert ours == (n <= KERNEL_MAX_TOKENS), ran
+
+
+def test_rewrite_leaves_other_dtypes_and_quantized_experts_alone():
+    rng = np.random.default_rng(0)
+    fc1, fc2 = _weights(rng, 4, 8, 16)
+    assert use_cpu_kernels(_moe_model(fc1.astype(np.float16), fc2.astype(np.float16), top_k=2, domain=DOMAIN)) == 0
+    model = _moe_model(fc1, fc2, top_k=2, domain=DOMAIN)
+    model.graph.node[0].input[2] = "fc1_dq"       # experts computed by another node (e.g. DequantizeLinear)
+    assert use_cpu_kernels(model) == 0
+
+
+def test_library_is_cached_and_switchable(library, monkeypatch):
+    ort_kernels.library.cache_clear()
+    try:
+        assert ort_kernels.library() == library                  # the cached build, not a new one
+        ort_kernels.library.cache_clear()
+        monkeypatch.setenv(ort_kernels.ENV_SWITCH, "0")
+        assert ort_kernels.library() is None
+    finally:
+        ort_kernels.library.cache_clear()
+
+
+def test_failed_build_warns_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALBRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")                             # a "compiler" that always fails
+    ort_kernels.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert ort_kernels.library() is None
+        assert any("CPU kernels off" in str(w.message) for w in seen)
+        assert not any(tmp_path.rglob("*.so*"))
+    finally:
+        ort_kernels.library.cache_clear()
+
+
+def test_tiny_moe_export_gives_the_same_tokens_with_and_without_the_kernel(artifacts, library):
+    from dualbrain.runtime.model import Model
+
+    export = artifacts.export(artifacts.checkpoint("moe"))
+    ours, theirs = Model.load(export), Model.load(export, cpu_kernels=False)
+    assert ours.backend.cpu_kernels == library and theirs.backend.cpu_kernels is None
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, ours.vocab_size, (2, 9))
+    states = [m.new_state(2) for m in (ours, theirs)]
+    ids = [prompt, prompt]
+    for step in range(12):                                      # prefill (18 tokens), then decode
+        logits = [m.forward(i, s) for m, i, s in zip((ours, theirs), ids, states)]
+        np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4 * np.abs(logits[1]).max())
+        assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
+        ids = [lg.argmax(-1)[:, None] for lg in logits]
