@@ -289,6 +289,18 @@ def test_library_is_cached_and_switchable(library, monkeypatch):
         ort_kernels.library.cache_clear()
 
 
+def test_unwritable_cache_warns_and_runs_without(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("DUALBRAIN_CACHE", str(blocked))             # kernels/ cannot be made under a file
+    ort_kernels.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no writable cache folder"):
+            assert ort_kernels.library() is None
+    finally:
+        ort_kernels.library.cache_clear()
+
+
 def test_failed_build_warns_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALBRAIN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")                             # a "compiler" that always fails

@@ -16,7 +16,7 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
 `plugins/ort_kernels.c` registers them under `CPU_DOMAIN`. The library talks to ONNX Runtime through
 its C ABI only (`plugins/ort_abi.h`), so it needs no headers and builds with nothing but `cc`.
 It is compiled for this machine's CPU (`-march=native`) into
-``$DUALBRAIN_CACHE`` (default ``~/.cache/dualbrain``) under a name that hashes the sources, the
+``$DUALBRAIN_CACHE`` (default ``~/.cache/dualbrain``, else the temporary folder) under a name that hashes the sources, the
 compiler and the CPU, written to a temporary file and renamed, so a build cut short leaves nothing
 half-written. ``DUALBRAIN_CPU_KERNELS=0`` turns the kernels off; no compiler, a failed build or
 Windows turn them off with one warning.
@@ -64,9 +64,14 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("DUALBRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dualbrain")
-    return Path(root) / "kernels"
+def cache_dirs() -> list[Path]:
+    """Where the library may be cached, in order: $DUALBRAIN_CACHE (alone, when set), else
+    ~/.cache/dualbrain, then the system's temporary folder (a read-only or missing home)."""
+    if os.environ.get("DUALBRAIN_CACHE"):
+        return [Path(os.environ["DUALBRAIN_CACHE"]) / "kernels"]
+    user = getattr(os, "getuid", lambda: "user")()
+    return [Path(os.path.expanduser("~")) / ".cache" / "dualbrain" / "kernels",
+            Path(tempfile.gettempdir()) / f"dualbrain-{user}" / "kernels"]
 
 
 def _cpu_id() -> str:
@@ -97,13 +102,20 @@ def library() -> Path | None:
     for part in [*(p.read_bytes() for p in SOURCES + HEADERS), version.encode(), _cpu_id().encode(),
                  " ".join(FLAGS).encode()]:
         key.update(part)
-    out = cache_dir() / f"libdualbrain_cpu-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return _unavailable(f"cannot write the cache ({e}; set DUALBRAIN_CACHE)")
+    name = f"libdualbrain_cpu-{key.hexdigest()[:16]}.so"
+    for folder in cache_dirs():
+        if (folder / name).exists():
+            return folder / name
+    for folder in cache_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                break
+        except OSError:
+            pass
+    else:
+        return _unavailable(f"no writable cache folder ({', '.join(map(str, cache_dirs()))}; set DUALBRAIN_CACHE)")
+    out = folder / name
     errors = []
     for arch in ARCH_FLAGS:
         fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.part")
