@@ -15,9 +15,9 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
 
 `plugins/ort_kernels.c` registers them under `CPU_DOMAIN`. The library talks to ONNX Runtime through
 its C ABI only (`plugins/ort_abi.h`), so it needs no headers and builds with nothing but `cc`.
-It is compiled for this machine's CPU (`-march=native`) into
-``$DUALBRAIN_CACHE`` (default ``~/.cache/dualbrain``, else the temporary folder) under a name that hashes the sources, the
-compiler and the CPU, written to a temporary file and renamed, so a build cut short leaves nothing
+It is compiled for this machine's CPU (`-march=native`) into ``$DUALBRAIN_CACHE`` (default
+``~/.cache/dualbrain``, else the temporary folder) under a name that hashes the sources, the compiler
+and the CPU, written to a temporary file and renamed, so a build cut short leaves nothing
 half-written. ``DUALBRAIN_CPU_KERNELS=0`` turns the kernels off; no compiler, a failed build or
 Windows turn them off with one warning.
 """
@@ -36,13 +36,12 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor
 
 from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE
-from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL
+from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
 # Calls of at most this many tokens run our MoE and int8 kernels (GEMV-style); longer ones ONNX Runtime's
@@ -141,30 +140,25 @@ def _unavailable(why: str) -> None:
     return None
 
 
-class _Rewrite:
-    """One pass over a main graph: what the rewrites read (initializers, producers, users) and add."""
+class _Rewrite(_Graph):
+    """One pass over a main graph: ort_quant's view of it (initializers, producers, users, external
+    bytes) plus what these rewrites read and add."""
 
     def __init__(self, model, model_dir):
+        super().__init__(model.graph, model_dir)
         g = model.graph
-        self.model_dir = model_dir
-        self.inits = {t.name: t for t in g.initializer}
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.users: dict[str, int] = {}
-        for n in g.node:
-            for x in n.input:
-                self.users[x] = self.users.get(x, 0) + 1
         self.outputs = {o.name for o in g.output}
         self.shapes = {v.name: v.type.tensor_type.shape for v in list(g.value_info) + list(g.input) + list(g.output)}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.added: list = []                # initializers made by a rewrite
 
     def array(self, name: str) -> np.ndarray:
-        t = TensorProto()
-        t.CopyFrom(self.inits[name])
-        if t.data_location == TensorProto.EXTERNAL:
-            load_external_data_for_tensor(t, str(self.model_dir))
-        return numpy_helper.to_array(t)
+        """Initializer `name` as an array (its bytes read through `raw`, external data included)."""
+        t = self.inits[name]
+        if t.data_location != TensorProto.EXTERNAL and not t.raw_data:
+            return numpy_helper.to_array(t)          # stored in the typed fields, not as bytes
+        return np.frombuffer(self.raw(t), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
 
     def branch_output(self, name: str, like: str):
         """A branch's output `name`, typed like value `like` where the graph knows its rank."""
@@ -210,7 +204,7 @@ def _conv(node, r: _Rewrite) -> list | None:
 
 def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     """MatMul(x, DequantizeLinear(int8 [K, N], scale, axis 0)) -> If(tokens <= KERNEL_MAX_TOKENS,
-    Int8MatMul (float activations), com.microsoft.MatMulNBits (int8 activations, for prefill)), both
+    Int8MatMul (int16 activations), com.microsoft.MatMulNBits (int8 activations, for prefill)), both
     reading one copy of the weight in MatMulNBits' layout, made here from the export's bytes."""
     if len(node.input) != 2:
         return None
@@ -220,7 +214,7 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
             or r.users.get(w) != 1 or w in r.outputs:
         return None
     q, scale = (r.inits.get(i) for i in dq.input)
-    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    attrs = _attrs(dq)
     block = attrs.get("block_size", 0)
     if q is None or scale is None or q.data_type != TensorProto.INT8 or scale.data_type != TensorProto.FLOAT \
             or len(q.dims) != 2 or attrs.get("axis") != 0 or block < 16 or block & (block - 1) or q.dims[0] % block:
@@ -233,7 +227,7 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     ours = helper.make_node(INT8_OP, [x, f"{p}/b", f"{p}/scales"], [f"{p}/y"], name=f"{p}/int8",
                             domain=CPU_DOMAIN, block_size=block)
     theirs = helper.make_node("MatMulNBits", [x, f"{p}/b", f"{p}/scales"], [f"{p}/y_ort"], name=f"{p}/nbits",
-                              domain="com.microsoft", K=k, N=n, bits=8, block_size=block,
+                              domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block,
                               accuracy_level=ACCURACY_LEVEL)
     return _small_call(x, p, KERNEL_MAX_TOKENS * k) + [helper.make_node(
         "If", [f"{p}/small"], [y], name=f"{p}/if",
