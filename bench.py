@@ -231,9 +231,16 @@ def gemv_bandwidth(seconds: float = 1.0) -> float:
     return a.nbytes / best
 
 
-def decode_bytes(export: Path) -> int:
-    """Bytes of weights one decode token reads: every weight but the experts, and top-k of those. A
-    quantized export counts its quantized matrices at bits/8 plus one scale per block."""
+def experts_touched(num_experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts a step of `batch` tokens reads, each token routing to `top_k` of
+    `num_experts` at random: 8 of 64 for 8 tokens touch about 42."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def decode_bytes(export: Path, batch: int = 1) -> int:
+    """Bytes of weights one decode step of `batch` tokens reads: every weight but the experts, and of
+    those the ones the step touches (`experts_touched`). A quantized export counts its quantized
+    matrices at bits/8 plus one scale per block."""
     from dualbrain.exporter.checkpoint import expected_layer_shapes
     from dualbrain.runtime.dtypes import dtype, quant_mode
     from dualbrain.runtime.manifest import load_manifest
@@ -252,7 +259,8 @@ def decode_bytes(export: Path) -> int:
         for name, shape in expected_layer_shapes(s, i).items():
             p = math.prod(shape)
             if ".experts." in name:
-                n += p * s.num_experts_per_tok / s.num_experts * per_param(bool(qm and qm.experts))
+                n += p * experts_touched(s.num_experts, s.num_experts_per_tok, batch) / s.num_experts \
+                    * per_param(bool(qm and qm.experts))
             else:
                 n += p * per_param(len(shape) == 2 and "conv" not in name and min(shape) > 1)
     return int(n)
@@ -367,11 +375,14 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
     bw = gemv_bandwidth()
     rows = []
     for path, m in zip([export] + others, mans):
-        step_bytes = decode_bytes(path)
+        step_bytes = {b: decode_bytes(path, b) for b in sorted({1, *cfg.batches})}
         rows.append({"export": str(path), "precision": precision_label(m), "dtype": m.dtype, "quant": m.quant,
                      "quant_block": m.quant_block, "size_bytes": sum(i.get("size", 0) for i in m.files.values()),
                      "model_bytes": model_bytes(m),
-                     "decode_bytes_per_token": step_bytes, "roofline_decode_tok_s": bw / step_bytes})
+                     "decode_bytes_per_token": step_bytes[1], "roofline_decode_tok_s": bw / step_bytes[1],
+                     # per batch size: the bytes one step reads, and the tokens/s that bandwidth allows
+                     "decode_bytes_per_step": step_bytes,
+                     "roofline_decode_tok_s_by_batch": {b: b * bw / n for b, n in step_bytes.items()}})
     for r, row in zip([results[0]] + results[len(names):len(names) + len(others)], rows):
         r.result["size_bytes"] = row["model_bytes"]
     if others:
@@ -388,7 +399,8 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
         "export": str(export), "checkpoint": str(ckpt) if ckpt else None, "dtype": man.dtype,
         "size_bytes": rows[0]["size_bytes"], "config": asdict(cfg), "gemv_bytes_per_s": bw,
         "decode_bytes_per_token": rows[0]["decode_bytes_per_token"],
-        "roofline_decode_tok_s": rows[0]["roofline_decode_tok_s"], "precisions": rows,
+        "roofline_decode_tok_s": rows[0]["roofline_decode_tok_s"],
+        "roofline_decode_tok_s_by_batch": rows[0]["roofline_decode_tok_s_by_batch"], "precisions": rows,
         "engines": [{"name": r.name, "ok": r.ok, "note": r.note, "tokens_match": r.tokens_match, **r.result}
                     for r in results],
     }
@@ -427,17 +439,26 @@ def print_report(report: dict) -> None:
     Console().print(t)
     if len(report.get("precisions", [])) > 1:
         p = Table(title="precisions (agreement: top-1 with the first over teacher-forced positions)")
-        for c in ("precision", "model MiB", "roofline b1 tok/s", "top-1 agreement", "where the reference is sure"):
+        batches = list(report["precisions"][0].get("roofline_decode_tok_s_by_batch", {1: None}))
+        for c in ("precision", "model MiB", *[f"roofline b{b} tok/s" for b in batches], "top-1 agreement",
+                  "where the reference is sure"):
             p.add_column(c, justify="left" if c == "precision" else "right")
         for r in report["precisions"]:
             agree = [f"{r['agreement']:.1%} of {r['agreement_positions']}",
                      f"{r['agreement_confident'] or 0:.1%} of {r['confident_positions']}"] if "agreement" in r \
                 else ["reference", ""]
-            p.add_row(r["precision"], f"{r['model_bytes'] / 2**20:.0f}", f"{r['roofline_decode_tok_s']:.1f}", *agree)
+            roof = r.get("roofline_decode_tok_s_by_batch", {1: r["roofline_decode_tok_s"]})
+            p.add_row(r["precision"], f"{r['model_bytes'] / 2**20:.0f}", *[f"{roof[b]:.1f}" for b in batches], *agree)
         Console().print(p)
     print(f"roofline: {report['decode_bytes_per_token'] / 2**20:.0f} MiB read per decode token at "
           f"{report['gemv_bytes_per_s'] / 1e9:.1f} GB/s (fp32 GEMV, this run) = "
           f"{report['roofline_decode_tok_s']:.1f} tok/s at batch 1")
+    roof = report.get("roofline_decode_tok_s_by_batch", {})
+    for b, tok_s in roof.items():
+        if int(b) > 1:
+            m = report["precisions"][0]["decode_bytes_per_step"][b]
+            print(f"          batch {b}: {m / 2**20:.0f} MiB per step (the experts its tokens touch at random "
+                  f"routing) = {tok_s:.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -41,17 +42,28 @@ def test_bench_with_peers(moe, tmp_path):
         assert e["peak_rss_mib"] > 0 and len(e["greedy_ids"]) == 5
         assert e["tokens_match"] is (None if name == "dualbrain" else True)
     assert report["roofline_decode_tok_s"] > 0 and report["size_bytes"] > 0
+    roof = report["roofline_decode_tok_s_by_batch"]
+    assert set(roof) == {"1", "2"} and roof["1"] == report["roofline_decode_tok_s"]
+    # two tokens share every weight but the experts, so a step of two reads less than twice the bytes
+    steps = report["precisions"][0]["decode_bytes_per_step"]
+    assert steps["1"] < steps["2"] < 2 * steps["1"] and roof["2"] > roof["1"]
 
 
-def test_decode_bytes_counts_the_weights_one_token_reads(moe):
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_decode_bytes_counts_the_weights_one_step_reads(moe, batch):
     """Independent count from the checkpoint's own safetensors header: every language-model weight,
-    less the embedding table but one row, with only top-k / E of each expert tensor."""
+    less the embedding table but one row, with only the experts a step touches: for `batch` tokens
+    routed at random, the mean number of distinct experts over simulated routings."""
     from dualbrain.bench import decode_bytes
     from dualbrain.exporter.checkpoint import read_header
     from dualbrain.runtime.spec import ModelSpec
 
     ckpt, out = moe
     spec = ModelSpec.from_dir(ckpt)
+    rng = np.random.default_rng(0)
+    touched = np.mean([len({int(e) for _ in range(batch)
+                            for e in rng.choice(spec.num_experts, spec.num_experts_per_tok, replace=False)})
+                       for _ in range(20000)])
     total = 0.0
     for f in ckpt.glob("*.safetensors"):
         for name, info in read_header(f).items():
@@ -61,9 +73,11 @@ def test_decode_bytes_counts_the_weights_one_token_reads(moe):
             if name.endswith("embed_tokens.weight"):
                 n = spec.hidden_size
             elif ".mlp.experts." in name:
-                n = n * spec.num_experts_per_tok / spec.num_experts
+                n = n * touched / spec.num_experts
             total += n
-    assert decode_bytes(out) == int(total) * 4
+    assert decode_bytes(out, batch) == pytest.approx(total * 4, rel=5e-3)
+    if batch == 1:
+        assert touched == spec.num_experts_per_tok
 
 
 @pytest.mark.parametrize("args, message", [
