@@ -7,8 +7,14 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   rows once for every token routed to it. It is a GEMV kernel, so a call of more than
   `KERNEL_MAX_TOKENS` tokens (a prefill) keeps ONNX Runtime's GEMM-based `com.microsoft.MoE`: the
   rewrite puts both behind an ONNX `If` on the token count.
+* `plugins/moe_dispatch/cpu_quant.c`: the same for the int4 / int8 experts of a quantized export, on
+  com.microsoft.QMoE's weight layout (one copy serves both), with int16 activations; prefill keeps
+  QMoE behind the same `If`.
 * `plugins/causal_conv/cpu.c`: the GDN layers' short depthwise convolution, which ONNX Runtime's `Conv`
   runs as one tiny convolution per channel (25 ms per batch-8 step on the mid-size MoE).
+* `plugins/gated_delta/cpu.c`: the GDN recurrence (and its window form, which keeps every position's
+  state for speculative rollback). ONNX Runtime's `LinearAttention` took 33-37 ms of a batch-8 decode
+  step on the mid-size MoE for what is reading and writing a 16 KB state per head.
 * `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
   Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
   laid out in MatMulNBits' layout at load; behind the same `If` as the MoE, prefill keeps MatMulNBits.
@@ -39,8 +45,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
+from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
-from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE
+from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE, QUANT_OP_TYPE as QUANT_MOE_OP
 from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -52,8 +59,9 @@ ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
 
 _PLUGINS = Path(plugins.__file__).parent
 SOURCES = (_PLUGINS / "ort_kernels.c",
-           *(_PLUGINS / op / "cpu.c" for op in ("moe_dispatch", "causal_conv", "int8_matmul")))
-HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h")
+           *(_PLUGINS / op / "cpu.c" for op in ("moe_dispatch", "causal_conv", "int8_matmul", "gated_delta")),
+           _PLUGINS / "moe_dispatch" / "cpu_quant.c")
+HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "moe_dispatch" / "route.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
          f'-DDUALBRAIN_CPU_DOMAIN="{CPU_DOMAIN}"')
 ARCH_FLAGS = (("-march=native",), ())   # tried in order: this CPU's vector units, then the compiler's default
@@ -149,7 +157,9 @@ class _Rewrite(_Graph):
         g = model.graph
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
         self.outputs = {o.name for o in g.output}
-        self.shapes = {v.name: v.type.tensor_type.shape for v in list(g.value_info) + list(g.input) + list(g.output)}
+        typed = list(g.value_info) + list(g.input) + list(g.output)
+        self.shapes = {v.name: v.type.tensor_type.shape for v in typed}
+        self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.added: list = []                # initializers made by a rewrite
 
@@ -167,13 +177,17 @@ class _Rewrite(_Graph):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
-def _small_call(x: str, p: str, limit: int) -> list:
-    """Nodes computing `{p}/small`: whether `x` holds at most `limit` elements."""
+def _decode_or_prefill(r: _Rewrite, x: str, limit: int, y: str, p: str, ours, theirs) -> list:
+    """Nodes giving `y` from `ours` when `x` holds at most `limit` elements (a decode-sized call), else
+    from `theirs` (ONNX Runtime's kernel, for prefill): an ONNX If on Size(x). Each branch is its node."""
+    branch = lambda n, name: helper.make_graph([n], name, [], [r.branch_output(n.output[0], y)])  # noqa: E731
     return [
         helper.make_node("Size", [x], [f"{p}/size"], name=f"{p}/size"),
         helper.make_node("Constant", [], [f"{p}/limit"], name=f"{p}/limit",
                          value=helper.make_tensor(f"{p}/limit", TensorProto.INT64, [], [limit])),
         helper.make_node("LessOrEqual", [f"{p}/size", f"{p}/limit"], [f"{p}/small"], name=f"{p}/small"),
+        helper.make_node("If", [f"{p}/small"], [y], name=f"{p}/if",
+                         then_branch=branch(ours, f"{p}/decode"), else_branch=branch(theirs, f"{p}/prefill")),
     ]
 
 
@@ -188,15 +202,42 @@ def _moe_behind_if(node, r: _Rewrite) -> list | None:
     theirs = helper.make_node(MOE.op_type, list(node.input), [f"{p}/y_ort"], name=f"{p}/moe_ort", domain=MOE.domain)
     for n in (ours, theirs):
         n.attribute.extend(node.attribute)
-    branch = lambda n, name: helper.make_graph([n], name, [], [r.branch_output(n.output[0], y)])  # noqa: E731
-    return _small_call(x, p, KERNEL_MAX_TOKENS * hidden) + [
-        helper.make_node("If", [f"{p}/small"], [y], name=f"{p}/if",
-                         then_branch=branch(ours, f"{p}/decode"), else_branch=branch(theirs, f"{p}/prefill"))]
+    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * hidden, y, p, ours, theirs)
+
+
+def _qmoe_behind_if(node, r: _Rewrite) -> list | None:
+    """com.microsoft.QMoE (as ort_quant writes it: swiglu, no biases, int4/int8 experts with float scales)
+    -> If(tokens <= KERNEL_MAX_TOKENS, our QuantMoEDispatch, the node as it was): one copy of the
+    weights serves both."""
+    a = _attrs(node)
+    ins = list(node.input) + [""] * (7 - len(node.input))
+    x, logits, fc1, s1, bias1, fc2, s2 = ins[:7]
+    if len(node.input) > 7 or bias1 or a.get("activation_type") != b"swiglu" or a.get("swiglu_fusion") != 1 \
+            or a.get("expert_weight_bits") not in (4, 8) or a.get("block_size", 0) % 32 or not a.get("block_size") \
+            or fc1 not in r.inits or fc2 not in r.inits or not {s1, s2} <= r.floats:
+        return None
+    bits, y = a["expert_weight_bits"], node.output[0]
+    hidden = r.inits[fc1].dims[2] * 8 // bits
+    p = f"{node.name or y}/cpu_kernel"
+    ours = helper.make_node(QUANT_MOE_OP, [x, logits, fc1, s1, fc2, s2], [f"{p}/y"], name=f"{p}/qmoe",
+                            domain=CPU_DOMAIN, top_k=a["k"], normalize=a.get("normalize_routing_weights", 1),
+                            bits=bits, block_size=a["block_size"])
+    theirs = helper.make_node(node.op_type, list(node.input), [f"{p}/y_ort"], name=f"{p}/qmoe_ort", domain=MS_DOMAIN)
+    theirs.attribute.extend(node.attribute)
+    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * hidden, y, p, ours, theirs)
 
 
 def _conv(node, r: _Rewrite) -> list | None:
     """CausalConv1d -> the same node, run by our kernel."""
     if len(node.input) != 3 or node.input[1] not in r.floats:
+        return None
+    node.domain = CPU_DOMAIN
+    return [node]
+
+
+def _gated_delta(node, r: _Rewrite) -> list | None:
+    """GatedDeltaRule / GatedDeltaRuleWindow on a float32 state -> the same node, run by our kernel."""
+    if len(node.input) != 6 or r.types.get(node.input[5]) != TensorProto.FLOAT:
         return None
     node.domain = CPU_DOMAIN
     return [node]
@@ -229,16 +270,16 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     theirs = helper.make_node("MatMulNBits", [x, f"{p}/b", f"{p}/scales"], [f"{p}/y_ort"], name=f"{p}/nbits",
                               domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block,
                               accuracy_level=ACCURACY_LEVEL)
-    return _small_call(x, p, KERNEL_MAX_TOKENS * k) + [helper.make_node(
-        "If", [f"{p}/small"], [y], name=f"{p}/if",
-        then_branch=helper.make_graph([ours], f"{p}/decode", [], [r.branch_output(f"{p}/y", y)]),
-        else_branch=helper.make_graph([theirs], f"{p}/prefill", [], [r.branch_output(f"{p}/y_ort", y)]))]
+    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs)
 
 
 # (domain, op type) -> the rewrite (None: the node stays as it is)
 REWRITES = {
     (MOE.domain, MOE.op_type): _moe_behind_if,
+    (MS_DOMAIN, "QMoE"): _qmoe_behind_if,
     (CONV.domain, CONV.op_type): _conv,
+    (GDN.domain, GDN.op_type): _gated_delta,
+    (GDN.domain, GDN.window_op_type): _gated_delta,
     ("", "MatMul"): _int8_linear_behind_if,
 }
 
