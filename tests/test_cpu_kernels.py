@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dualbrain.exporter.quantize import Encoding, dequantize_blockwise, quantize_blockwise
+from dualbrain.exporter.quantize import dequantize_blockwise, quantize_blockwise
 from dualbrain.plugins.int8_matmul import reference as int8_ref
 from dualbrain.plugins.moe_dispatch import reference as moe_ref
 from dualbrain.plugins.moe_dispatch.function import add_functions_to_model
@@ -123,100 +123,6 @@ def test_moe_kernel_refuses_bad_shapes_and_attributes(library, fault, message):
         _session(model, library).run(None, {"x": rng.standard_normal((2, 16)).astype(np.float32),
                                             "logits": rng.standard_normal((2, 4)).astype(np.float32)})
     assert message in str(info.value)
-
-
-def _quant_experts(w, bits, block):
-    """float experts [E, R, K] -> (QMoE's uint8 bytes [E, R, K * bits / 8], scales [E, R, K / block]),
-    through the exporter's own quantization and storage encoding."""
-    q, scale = quantize_blockwise(w, 2, block, bits, np.float32)
-    raw = Encoding(bits, signed=False).encode(q)
-    return np.frombuffer(raw, np.uint8).reshape(*w.shape[:2], -1).copy(), scale
-
-
-def _quant_moe_model(fc1, s1, fc2, s2, *, top_k, bits, block, normalize=1, qmoe=False):
-    """Our QuantMoEDispatch node, or (qmoe) com.microsoft.QMoE as ort_quant writes it."""
-    h = s1.shape[2] * block
-    if qmoe:
-        node = helper.make_node("QMoE", ["x", "logits", "fc1", "s1", "", "fc2", "s2"], ["y"], name="moe",
-                                domain="com.microsoft", k=top_k, normalize_routing_weights=normalize,
-                                activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                                activation_beta=0.0, expert_weight_bits=bits, block_size=block, accuracy_level=4)
-    else:
-        node = helper.make_node(moe_ref.QUANT_OP_TYPE, ["x", "logits", "fc1", "s1", "fc2", "s2"], ["y"], name="moe",
-                                domain=CPU_DOMAIN, top_k=top_k, normalize=normalize, bits=bits, block_size=block)
-    graph = helper.make_graph(
-        [node], "qmoe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", h]),
-                         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", s1.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", h])],
-        [numpy_helper.from_array(a, n) for a, n in ((fc1, "fc1"), (s1, "s1"), (fc2, "fc2"), (s2, "s2"))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1),
-                                                   helper.make_opsetid("com.microsoft", 1)])
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n,h,e,i,k,block", [
-    (1, 1024, 64, 256, 8, 32),     # the mid-size MoE's decode step
-    (8, 1024, 64, 256, 8, 32),     # batch 8: experts shared between tokens
-    (6, 128, 5, 64, 4, 64),        # every expert chosen, some by more than 4 tokens; block 64
-    (3, 256, 3, 32, 1, 128),       # top-1; a block longer than the expert width (fc2: I < block) is refused
-    (0, 64, 4, 32, 2, 32),         # no tokens
-])
-def test_quant_moe_kernel_matches_the_reference(library, bits, n, h, e, i, k, block):
-    rng = np.random.default_rng(n * 100 + h + bits)
-    fc1, fc2 = _weights(rng, e, i, h)
-    if i % block:
-        block = 32
-    (q1, s1), (q2, s2) = _quant_experts(fc1, bits, block), _quant_experts(fc2, bits, block)
-    x = rng.standard_normal((n, h)).astype(np.float32)
-    logits = rng.standard_normal((n, e)).astype(np.float32)
-    y = _session(_quant_moe_model(q1, s1, q2, s2, top_k=k, bits=bits, block=block), library).run(
-        None, {"x": x, "logits": logits})[0]
-    ref = moe_ref.quant_moe_dispatch(x, logits, q1, s1, q2, s2, k, bits, block)
-    # the dequantized weights are the exporter's (an independent unpacking)
-    np.testing.assert_allclose(moe_ref.dequantize_experts(q1, s1, bits, block),
-                               dequantize_blockwise(quantize_blockwise(fc1, 2, block, bits, np.float32)[0],
-                                                    quantize_blockwise(fc1, 2, block, bits, np.float32)[1], 2, block))
-    assert y.shape == (n, h)
-    if n:   # int16 activations: within ~1e-4 of the largest output
-        np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
-
-
-def test_quant_moe_kernel_refuses_bad_shapes_and_attributes(library):
-    rng = np.random.default_rng(2)
-    fc1, fc2 = _weights(rng, 4, 32, 64)
-    (q1, s1), (q2, s2) = _quant_experts(fc1, 4, 32), _quant_experts(fc2, 4, 32)
-    feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32), "logits": rng.standard_normal((2, 4)).astype(np.float32)}
-    for model, message in ((_quant_moe_model(q1, s1, q2, s2, top_k=2, bits=8, block=32), "shapes must be"),
-                           (_quant_moe_model(q1, s1, q2, s2, top_k=2, bits=4, block=16), "block_size a multiple of 32"),
-                           (_quant_moe_model(q1, s1, q2, s2, top_k=5, bits=4, block=32), "top_k must be in 1..E")):
-        model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "H"
-        with pytest.raises(Exception, match="QuantMoEDispatch \\(cpu\\)") as info:
-            _session(model, library).run(None, feeds)
-        assert message in str(info.value)
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n", [1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 1])
-def test_qmoe_rewrite_runs_ours_for_decode_and_qmoe_for_prefill(library, tmp_path, bits, n):
-    """Both sides of the token limit agree with the reference; ours, with int16 activations, is the
-    closer of the two (QMoE quantizes them to int8)."""
-    rng = np.random.default_rng(n + bits)
-    fc1, fc2 = _weights(rng, 8, 64, 96)
-    (q1, s1), (q2, s2) = _quant_experts(fc1, bits, 32), _quant_experts(fc2, bits, 32)
-    model = _quant_moe_model(q1, s1, q2, s2, top_k=3, bits=bits, block=32, qmoe=True)
-    feeds = {"x": rng.standard_normal((n, 96)).astype(np.float32), "logits": rng.standard_normal((n, 8)).astype(np.float32)}
-    theirs = _session(model, library).run(None, feeds)[0]
-    assert use_cpu_kernels(model) == 1
-    onnx.checker.check_model(model)
-    sess = _session(model, library, profile=str(tmp_path / "p"))
-    y = sess.run(None, feeds)[0]
-    ref = moe_ref.quant_moe_dispatch(*feeds.values(), q1, s1, q2, s2, 3, bits, 32)
-    ours = any(name.endswith("cpu_kernel/qmoe") for name in _ran(sess.end_profiling()))
-    assert ours == (n <= KERNEL_MAX_TOKENS)
-    err = np.abs(y - ref).max() / np.abs(ref).max()
-    assert err < (1e-4 if ours else 3e-2)
-    if ours:
-        assert err < np.abs(theirs - ref).max() / np.abs(ref).max()
 
 
 def _conv_model(weight, *, domain=CPU_DOMAIN, window=False):

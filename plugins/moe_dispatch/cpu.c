@@ -20,7 +20,6 @@
 #include <string.h>
 
 #include "ort_kernel.h"
-#include "route.h"
 
 /* rows of fc1 (pairs of gate/up rows) and of fc2 per parallel work item: ~256-512 KB of weights */
 #define ACT_ROWS_PER_ITEM 32
@@ -73,34 +72,40 @@ static inline void dot2x1(const float *a0, const float *a1, const float *b, int6
   for (; i < n; i++) out[0] += a0[i] * b[i], out[1] += a1[i] * b[i];
 }
 
+static inline float silu_mul(float g, float v) { return g / (1.0f + expf(-g)) * v; }
+
 typedef struct {
   int64_t top_k, normalize;
 } MoeKernel;
 
+/* One call's routing, grouped by expert: pairs start[u]..start[u+1]-1 go to expert used[u]. */
 typedef struct {
-  Routing r;
   const float *x, *fc1, *fc2;
-  float *y;
-  int64_t h, act_chunks;
+  float *y, *act;  /* act: [pairs, I] swiglu activations */
+  int64_t n, h, i;
+  int64_t n_used, act_chunks;
+  int32_t *used, *tok;
+  int64_t *start;
+  float *w;
 } Plan;
 
 static void expert_inputs(void *user, size_t item) {  /* act = silu(x fc1_gate^T) * (x fc1_up^T) */
   const Plan *p = user;
   int64_t u = (int64_t)item / p->act_chunks, c = (int64_t)item % p->act_chunks;
-  int64_t e = p->r.used[u], r0 = c * ACT_ROWS_PER_ITEM, q0 = p->r.start[u], q1 = p->r.start[u + 1];
-  int64_t r1 = r0 + ACT_ROWS_PER_ITEM < p->r.i ? r0 + ACT_ROWS_PER_ITEM : p->r.i;
+  int64_t e = p->used[u], r0 = c * ACT_ROWS_PER_ITEM, q0 = p->start[u], q1 = p->start[u + 1];
+  int64_t r1 = r0 + ACT_ROWS_PER_ITEM < p->i ? r0 + ACT_ROWS_PER_ITEM : p->i;
   float o[4];
   for (int64_t r = r0; r < r1; r++) {
-    const float *gate = p->fc1 + (e * 2 * p->r.i + 2 * r) * p->h, *up = gate + p->h;
+    const float *gate = p->fc1 + (e * 2 * p->i + 2 * r) * p->h, *up = gate + p->h;
     int64_t q = q0;
     for (; q + 2 <= q1; q += 2) {  /* two tokens per pass over the rows */
-      dot2x2(gate, up, p->x + (int64_t)p->r.tok[q] * p->h, p->x + (int64_t)p->r.tok[q + 1] * p->h, p->h, o);
-      p->r.act[q * p->r.i + r] = silu_mul(o[0], o[2]);
-      p->r.act[(q + 1) * p->r.i + r] = silu_mul(o[1], o[3]);
+      dot2x2(gate, up, p->x + (int64_t)p->tok[q] * p->h, p->x + (int64_t)p->tok[q + 1] * p->h, p->h, o);
+      p->act[q * p->i + r] = silu_mul(o[0], o[2]);
+      p->act[(q + 1) * p->i + r] = silu_mul(o[1], o[3]);
     }
     if (q < q1) {
-      dot2x1(gate, up, p->x + (int64_t)p->r.tok[q] * p->h, p->h, o);
-      p->r.act[q * p->r.i + r] = silu_mul(o[0], o[1]);
+      dot2x1(gate, up, p->x + (int64_t)p->tok[q] * p->h, p->h, o);
+      p->act[q * p->i + r] = silu_mul(o[0], o[1]);
     }
   }
 }
@@ -110,28 +115,84 @@ static void expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum over 
   int64_t h0 = (int64_t)item * OUT_ROWS_PER_ITEM;
   int64_t h1 = h0 + OUT_ROWS_PER_ITEM < p->h ? h0 + OUT_ROWS_PER_ITEM : p->h;
   float o[4];
-  for (int64_t t = 0; t < p->r.n; t++) memset(p->y + t * p->h + h0, 0, (size_t)(h1 - h0) * sizeof(float));
-  for (int64_t u = 0; u < p->r.n_used; u++) {
-    const float *base = p->fc2 + (int64_t)p->r.used[u] * p->h * p->r.i;
-    int64_t q0 = p->r.start[u], q1 = p->r.start[u + 1];
+  for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + h0, 0, (size_t)(h1 - h0) * sizeof(float));
+  for (int64_t u = 0; u < p->n_used; u++) {
+    const float *base = p->fc2 + (int64_t)p->used[u] * p->h * p->i;
+    int64_t q0 = p->start[u], q1 = p->start[u + 1];
     for (int64_t hh = h0; hh < h1; hh += 2) {
-      const float *a0 = base + hh * p->r.i, *a1 = hh + 1 < h1 ? a0 + p->r.i : a0;  /* an odd last row twice */
+      const float *a0 = base + hh * p->i, *a1 = hh + 1 < h1 ? a0 + p->i : a0;  /* an odd last row twice */
       float *y0 = p->y + hh, *y1 = hh + 1 < h1 ? y0 + 1 : o + 3;
       int64_t q = q0;
       for (; q + 2 <= q1; q += 2) {
-        dot2x2(a0, a1, p->r.act + q * p->r.i, p->r.act + (q + 1) * p->r.i, p->r.i, o);
-        int64_t t0 = (int64_t)p->r.tok[q] * p->h, t1 = (int64_t)p->r.tok[q + 1] * p->h;
-        y0[t0] += p->r.w[q] * o[0], y0[t1] += p->r.w[q + 1] * o[1];
-        if (y1 != o + 3) y1[t0] += p->r.w[q] * o[2], y1[t1] += p->r.w[q + 1] * o[3];
+        dot2x2(a0, a1, p->act + q * p->i, p->act + (q + 1) * p->i, p->i, o);
+        int64_t t0 = (int64_t)p->tok[q] * p->h, t1 = (int64_t)p->tok[q + 1] * p->h;
+        y0[t0] += p->w[q] * o[0], y0[t1] += p->w[q + 1] * o[1];
+        if (y1 != o + 3) y1[t0] += p->w[q] * o[2], y1[t1] += p->w[q + 1] * o[3];
       }
       if (q < q1) {
-        dot2x1(a0, a1, p->r.act + q * p->r.i, p->r.i, o);
-        int64_t t0 = (int64_t)p->r.tok[q] * p->h;
-        y0[t0] += p->r.w[q] * o[0];
-        if (y1 != o + 3) y1[t0] += p->r.w[q] * o[1];
+        dot2x1(a0, a1, p->act + q * p->i, p->i, o);
+        int64_t t0 = (int64_t)p->tok[q] * p->h;
+        y0[t0] += p->w[q] * o[0];
+        if (y1 != o + 3) y1[t0] += p->w[q] * o[1];
       }
     }
   }
+}
+
+/* Top-k of softmax(logits) per token, grouped by expert into `p`; its arrays live in one malloc'd block,
+ * returned in *mem (NULL when out of memory). */
+static void route(Plan *p, const float *logits, int64_t e_count, int64_t k, int normalize, void **mem) {
+  size_t pairs = (size_t)(p->n * k), ne = (size_t)e_count;
+  size_t bytes = sizeof(int64_t) * 2 * (ne + 1) + sizeof(int32_t) * (ne + 2 * pairs) +
+                 sizeof(float) * (ne + 2 * pairs + pairs * (size_t)p->i) + ne;
+  char *m = *mem = malloc(bytes);
+  if (!m) return;
+  int64_t *count = (int64_t *)m;    m += sizeof(int64_t) * (ne + 1);
+  p->start = (int64_t *)m;          m += sizeof(int64_t) * (ne + 1);
+  p->used = (int32_t *)m;           m += sizeof(int32_t) * ne;
+  int32_t *pick = (int32_t *)m;     m += sizeof(int32_t) * pairs;   /* expert of choice j of token t */
+  p->tok = (int32_t *)m;            m += sizeof(int32_t) * pairs;
+  float *prob = (float *)m;         m += sizeof(float) * ne;
+  float *pick_w = (float *)m;       m += sizeof(float) * pairs;
+  p->w = (float *)m;                m += sizeof(float) * pairs;
+  p->act = (float *)m;              m += sizeof(float) * pairs * (size_t)p->i;
+  unsigned char *taken = (unsigned char *)m;
+
+  memset(count, 0, sizeof(int64_t) * (ne + 1));
+  for (int64_t t = 0; t < p->n; t++) {
+    const float *l = logits + t * e_count;
+    float mx = l[0], sum = 0.0f, kept = 0.0f;
+    for (int64_t e = 1; e < e_count; e++) mx = l[e] > mx ? l[e] : mx;
+    for (int64_t e = 0; e < e_count; e++) sum += prob[e] = expf(l[e] - mx);
+    for (int64_t e = 0; e < e_count; e++) prob[e] /= sum;
+    memset(taken, 0, ne);
+    for (int64_t j = 0; j < k; j++) {  /* the largest left; the lower index on ties */
+      int64_t best = -1;
+      for (int64_t e = 0; e < e_count; e++)
+        if (!taken[e] && (best < 0 || prob[e] > prob[best])) best = e;
+      taken[best] = 1;
+      pick[t * k + j] = (int32_t)best;
+      kept += pick_w[t * k + j] = prob[best];
+      count[best + 1]++;
+    }
+    if (normalize)
+      for (int64_t j = 0; j < k; j++) pick_w[t * k + j] /= kept;
+  }
+  p->n_used = 0;
+  for (int64_t e = 0; e < e_count; e++) {  /* count[e] becomes where expert e's pairs start */
+    count[e + 1] += count[e];
+    if (count[e + 1] > count[e]) {
+      p->used[p->n_used] = (int32_t)e;
+      p->start[p->n_used++] = count[e];
+    }
+  }
+  p->start[p->n_used] = (int64_t)pairs;
+  for (int64_t t = 0; t < p->n; t++)        /* within an expert, tokens in order */
+    for (int64_t j = 0; j < k; j++) {
+      int64_t q = count[pick[t * k + j]]++;
+      p->tok[q] = (int32_t)t;
+      p->w[q] = pick_w[t * k + j];
+    }
 }
 
 /* ---- ONNX Runtime glue ------------------------------------------------------------------------ */
@@ -145,18 +206,18 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = dualbrain_input(ctx, 0, 2, &p.x, xd)) || (st = dualbrain_input(ctx, 1, 2, &logits, ld)) ||
       (st = dualbrain_input(ctx, 2, 3, &p.fc1, f1)) || (st = dualbrain_input(ctx, 3, 3, &p.fc2, f2)))
     return st;
-  p.r.n = xd[0], p.h = xd[1], p.r.i = f2[2];
+  p.n = xd[0], p.h = xd[1], p.i = f2[2];
   int64_t e_count = ld[1];
-  if (ld[0] != p.r.n || f1[0] != e_count || f2[0] != e_count || f1[1] != 2 * p.r.i || f1[2] != p.h || f2[1] != p.h)
+  if (ld[0] != p.n || f1[0] != e_count || f2[0] != e_count || f1[1] != 2 * p.i || f1[2] != p.h || f2[1] != p.h)
     return dualbrain_error("MoEDispatch (cpu): shapes must be x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I]");
   if (kn->top_k < 1 || kn->top_k > e_count) return dualbrain_error("MoEDispatch (cpu): top_k must be in 1..E");
   if ((st = dualbrain_output(ctx, 0, xd, 2, &p.y))) return st;
-  if (p.r.n == 0) return NULL;
+  if (p.n == 0) return NULL;
   void *mem;
-  moe_route(&p.r, logits, e_count, kn->top_k, (int)kn->normalize, &mem);
+  route(&p, logits, e_count, kn->top_k, (int)kn->normalize, &mem);
   if (!mem) return dualbrain_error("MoEDispatch (cpu): out of memory");
-  p.act_chunks = (p.r.i + ACT_ROWS_PER_ITEM - 1) / ACT_ROWS_PER_ITEM;
-  st = dualbrain_parallel(ctx, expert_inputs, (size_t)(p.r.n_used * p.act_chunks), &p);
+  p.act_chunks = (p.i + ACT_ROWS_PER_ITEM - 1) / ACT_ROWS_PER_ITEM;
+  st = dualbrain_parallel(ctx, expert_inputs, (size_t)(p.n_used * p.act_chunks), &p);
   if (!st) st = dualbrain_parallel(ctx, expert_outputs, (size_t)((p.h + OUT_ROWS_PER_ITEM - 1) / OUT_ROWS_PER_ITEM), &p);
   free(mem);
   return st;

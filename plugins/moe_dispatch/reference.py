@@ -18,12 +18,7 @@ from dualbrain.plugins import OpIdentity
 IDENTITY = OpIdentity("MoEDispatch")
 DOMAIN, OP_TYPE, VERSION = IDENTITY.domain, IDENTITY.op_type, IDENTITY.version
 
-# The runtime-only form of the op on quantized experts (dualbrain.cpu, ONNX Runtime's CPU kernels):
-# com.microsoft.QMoE's weight layout, for decode-sized calls.
-QUANT_OP_TYPE = "QuantMoEDispatch"
-
-__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "QUANT_OP_TYPE", "route", "moe_dispatch",
-           "dequantize_experts", "quant_moe_dispatch", "interleave_gate_up", "deinterleave_gate_up"]
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "route", "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up"]
 
 
 def interleave_gate_up(gate_up):
@@ -82,21 +77,3 @@ def moe_dispatch(x, router_logits, fc1, fc2, top_k: int, normalize: bool = True)
         out = (_silu(gate) * up) @ fc2f[e].T  # [n, H]
         np.add.at(y, tok, out * w[tok, slot][:, None])
     return y.astype(dtype)
-
-
-def dequantize_experts(packed, scales, bits: int, block: int):
-    """QMoE's expert weights [E, R, K * bits / 8] uint8 (the implicit zero point 2^(bits-1); int4 packs
-    two values per byte, the first in the low nibble) with scales [E, R, K / block] -> float32 [E, R, K]."""
-    packed = np.asarray(packed, np.uint8)
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    else:
-        q = packed
-    return (q.astype(np.float32) - 2 ** (bits - 1)) * np.repeat(np.asarray(scales, np.float32), block, axis=-1)
-
-
-def quant_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k: int, bits: int, block: int,
-                       normalize: bool = True):
-    """``QuantMoEDispatch``: :func:`moe_dispatch` of the dequantized experts."""
-    return moe_dispatch(x, router_logits, dequantize_experts(fc1, fc1_scales, bits, block),
-                        dequantize_experts(fc2, fc2_scales, bits, block), top_k, normalize)

@@ -7,9 +7,6 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   rows once for every token routed to it. It is a GEMV kernel, so a call of more than
   `KERNEL_MAX_TOKENS` tokens (a prefill) keeps ONNX Runtime's GEMM-based `com.microsoft.MoE`: the
   rewrite puts both behind an ONNX `If` on the token count.
-* `plugins/moe_dispatch/cpu_quant.c`: the same for the int4 / int8 experts of a quantized export, on
-  com.microsoft.QMoE's weight layout (one copy serves both), with int16 activations; prefill keeps
-  QMoE behind the same `If`.
 * `plugins/causal_conv/cpu.c`: the GDN layers' short depthwise convolution, which ONNX Runtime's `Conv`
   runs as one tiny convolution per channel (25 ms per batch-8 step on the mid-size MoE).
 * `plugins/gated_delta/cpu.c`: the GDN recurrence (and its window form, which keeps every position's
@@ -47,7 +44,7 @@ from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
-from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE, QUANT_OP_TYPE as QUANT_MOE_OP
+from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE
 from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -59,9 +56,8 @@ ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
 
 _PLUGINS = Path(plugins.__file__).parent
 SOURCES = (_PLUGINS / "ort_kernels.c",
-           *(_PLUGINS / op / "cpu.c" for op in ("moe_dispatch", "causal_conv", "int8_matmul", "gated_delta")),
-           _PLUGINS / "moe_dispatch" / "cpu_quant.c")
-HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "moe_dispatch" / "route.h")
+           *(_PLUGINS / op / "cpu.c" for op in ("moe_dispatch", "causal_conv", "int8_matmul", "gated_delta")))
+HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
          f'-DDUALBRAIN_CPU_DOMAIN="{CPU_DOMAIN}"')
 ARCH_FLAGS = (("-march=native",), ())   # tried in order: this CPU's vector units, then the compiler's default
@@ -205,28 +201,6 @@ def _moe_behind_if(node, r: _Rewrite) -> list | None:
     return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * hidden, y, p, ours, theirs)
 
 
-def _qmoe_behind_if(node, r: _Rewrite) -> list | None:
-    """com.microsoft.QMoE (as ort_quant writes it: swiglu, no biases, int4/int8 experts with float scales)
-    -> If(tokens <= KERNEL_MAX_TOKENS, our QuantMoEDispatch, the node as it was): one copy of the
-    weights serves both."""
-    a = _attrs(node)
-    ins = list(node.input) + [""] * (7 - len(node.input))
-    x, logits, fc1, s1, bias1, fc2, s2 = ins[:7]
-    if len(node.input) > 7 or bias1 or a.get("activation_type") != b"swiglu" or a.get("swiglu_fusion") != 1 \
-            or a.get("expert_weight_bits") not in (4, 8) or a.get("block_size", 0) % 32 or not a.get("block_size") \
-            or fc1 not in r.inits or fc2 not in r.inits or not {s1, s2} <= r.floats:
-        return None
-    bits, y = a["expert_weight_bits"], node.output[0]
-    hidden = r.inits[fc1].dims[2] * 8 // bits
-    p = f"{node.name or y}/cpu_kernel"
-    ours = helper.make_node(QUANT_MOE_OP, [x, logits, fc1, s1, fc2, s2], [f"{p}/y"], name=f"{p}/qmoe",
-                            domain=CPU_DOMAIN, top_k=a["k"], normalize=a.get("normalize_routing_weights", 1),
-                            bits=bits, block_size=a["block_size"])
-    theirs = helper.make_node(node.op_type, list(node.input), [f"{p}/y_ort"], name=f"{p}/qmoe_ort", domain=MS_DOMAIN)
-    theirs.attribute.extend(node.attribute)
-    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * hidden, y, p, ours, theirs)
-
-
 def _conv(node, r: _Rewrite) -> list | None:
     """CausalConv1d -> the same node, run by our kernel."""
     if len(node.input) != 3 or node.input[1] not in r.floats:
@@ -276,7 +250,6 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
 # (domain, op type) -> the rewrite (None: the node stays as it is)
 REWRITES = {
     (MOE.domain, MOE.op_type): _moe_behind_if,
-    (MS_DOMAIN, "QMoE"): _qmoe_behind_if,
     (CONV.domain, CONV.op_type): _conv,
     (GDN.domain, GDN.op_type): _gated_delta,
     (GDN.domain, GDN.window_op_type): _gated_delta,
