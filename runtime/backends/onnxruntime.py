@@ -236,6 +236,7 @@ class OrtBackend:
     def _load(self, name: str, file: str):
         import onnx
 
+        from dualbrain.runtime.backends.ort_fusions import fuse_rms_norm
         from dualbrain.runtime.backends.ort_kernels import use_cpu_kernels
         from dualbrain.runtime.backends.ort_quant import fuse_quantized
 
@@ -243,7 +244,7 @@ class OrtBackend:
         try:
             model = onnx.load(str(path), load_external_data=False)
             check_external_data(self.model_dir, model)
-            rewritten = split_attention(model) + fuse_quantized(model, self.model_dir)
+            rewritten = split_attention(model) + fuse_quantized(model, self.model_dir) + fuse_rms_norm(model)
             if self.convert_bf16:
                 onnx.load_external_data_for_model(model, str(self.model_dir))
                 bf16_to_fp32(model)

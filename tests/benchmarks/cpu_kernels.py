@@ -1,11 +1,18 @@
-"""Decode with and without dualbrain's CPU kernels (runtime/backends/ort_kernels.py), same exports.
+"""Decode with and without dualbrain's CPU kernels (runtime/backends/ort_kernels.py), or one of them, or
+the load-time norm fusion (runtime/backends/ort_fusions.py), same exports.
 
     python tests/benchmarks/cpu_kernels.py EXPORT [EXPORT ...] [--batch 1,8] [--steps 60] [--reps 3]
+        [--without kernels | rms_norm | OP_TYPE | ablate:OP_TYPE]
 
-Each measurement is its own process (loading one model; ONNX Runtime's spinning threads of a second
-model in the same process would take the cores), on and off alternating, `--reps` times each; the
-table gives the median ms per decode step (random prompts of 64 tokens, one per row, greedy, after 5
-warm-up steps) and whether the greedy tokens were the same with and without the kernels.
+`--without`: what the "without" side leaves out: every kernel (default), the norm fusion, the one
+kernel rewrite of an op type (e.g. GatedDeltaRule: its two forms), or (`ablate:QMoE`) the work of
+every main-graph node of an op type, each replaced by an Identity of its first input: the outputs are
+then wrong, but the time saved is what those nodes cost in place, which ONNX Runtime's profiler
+overstates for short nodes. Each measurement is its own
+process (loading one model; ONNX Runtime's spinning threads of a second model in the same process
+would take the cores), with and without alternating, `--reps` times each; the table gives the median
+ms per decode step (random prompts of 64 tokens, one per row, greedy, after 5 warm-up steps) and
+whether the greedy tokens were the same with and without.
 """
 from __future__ import annotations
 
@@ -15,15 +22,46 @@ import statistics
 import subprocess
 import sys
 
+from onnx import helper
 
-def _one(export: str, kernels: bool, batch: int, steps: int) -> dict:
+
+def _leave_out(what: str) -> dict:
+    """Model.load options, after turning off `what` in this process (`--without`)."""
+    from dualbrain.runtime.backends import ort_fusions, ort_kernels
+
+    if what.startswith("ablate:"):
+        op, rewrite = what.split(":", 1)[1], ort_kernels.use_cpu_kernels
+
+        def ablated(model, model_dir="."):
+            n = rewrite(model, model_dir)
+            for node in model.graph.node:
+                if node.op_type == op:
+                    node.CopyFrom(helper.make_node("Identity", node.input[:1], node.output[:1], name=node.name))
+            return n
+        ort_kernels.use_cpu_kernels = ablated
+        return {}
+    if what == "kernels":
+        return {"cpu_kernels": False}
+    if what == "rms_norm":
+        ort_fusions.fuse_rms_norm = lambda model: 0
+        return {}
+    keys = [k for k in ort_kernels.REWRITES if k[1].startswith(what)]
+    if not keys:
+        ops = sorted(k[1] for k in ort_kernels.REWRITES)
+        raise SystemExit(f"--without {what}: not 'kernels', 'rms_norm' or one of the kernels' op types {ops}")
+    for k in keys:
+        del ort_kernels.REWRITES[k]
+    return {}
+
+
+def _one(export: str, without: str | None, batch: int, steps: int) -> dict:
     import time
 
     from dualbrain.bench import _prompts
     from dualbrain.runtime.generate import decode_one, prefill
     from dualbrain.runtime.model import Model
 
-    model = Model.load(export, cpu_kernels=kernels)
+    model = Model.load(export, **(_leave_out(without) if without else {}))
     state, logits = prefill(model, _prompts(model.vocab_size, batch, 64), new_tokens=steps + 8)
     tok, times, ids = logits.argmax(-1), [], []
     for _ in range(steps + 5):
@@ -37,23 +75,26 @@ def _one(export: str, kernels: bool, batch: int, steps: int) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(_one(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5]))))
+        print(json.dumps(_one(sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]))))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("exports", nargs="+")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--without", default="kernels",
+                    help="kernels (all), rms_norm, one kernel's op type, or ablate:OP_TYPE (its nodes' work)")
     args = ap.parse_args()
-    print("| export | batch | kernels on: ms/step | off: ms/step | speedup | same tokens |")
+    print(f"| export | batch | with: ms/step | without {args.without}: ms/step | speedup | same tokens |")
     print("|---|---|---|---|---|---|")
     for export in args.exports:
         for batch in map(int, args.batch.split(",")):
             runs = {True: [], False: []}
             for _ in range(args.reps):
                 for on in (True, False):
-                    out = subprocess.run([sys.executable, __file__, "--one", export, str(int(on)), str(batch),
-                                          str(args.steps)], capture_output=True, text=True, check=True).stdout
+                    cmd = [sys.executable, __file__, "--one", export, "" if on else args.without, str(batch),
+                           str(args.steps)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                     runs[on].append(json.loads(out.strip().splitlines()[-1]))
             on, off = (statistics.median(r["ms"] for r in runs[k]) for k in (True, False))
             same = all(a["ids"] == b["ids"] for a, b in zip(runs[True], runs[False]))
