@@ -15,7 +15,7 @@ EPS = 1e-6
 
 
 def _norm_model(*, weight: str | None = "one_plus", axes=(-1,), exponent: float = 2.0, expose: str | None = None,
-                constants_as_nodes: bool = True, reduce: str = "ReduceMean", square: str = "Pow"):
+                constants: str = "nodes", reduce: str = "ReduceMean", square: str = "Pow"):
     """y = x * 1/sqrt(mean(x^2, axes) + eps) [* w | * (1 + w)] (`reduce` ReduceSum: the l2norm's sum), in the
     nodes the exporter's trace has; x^2 as Pow(x, exponent) or Mul(x, x). `expose`: an intermediate value
     also made a graph output (a second reader)."""
@@ -25,8 +25,11 @@ def _norm_model(*, weight: str | None = "one_plus", axes=(-1,), exponent: float 
               "eps": np.array(EPS, np.float32), "one": np.array(1.0, np.float32)}
     nodes, inits = [], [numpy_helper.from_array(w, "w")]
     for name, value in consts.items():
-        if constants_as_nodes:
+        if constants == "nodes":          # what the exporter's trace has
             nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+        elif constants == "lists":        # Constant's value_float / value_ints forms
+            attr = {"value_float": float(value)} if value.dtype == np.float32 else {"value_ints": value.tolist()}
+            nodes.append(helper.make_node("Constant", [], [name], **attr))
         else:
             inits.append(numpy_helper.from_array(value, name))
     squared = helper.make_node(square, ["x", "two" if square == "Pow" else "x"], ["sq"])
@@ -54,10 +57,10 @@ def _run(model, x):
 
 @pytest.mark.parametrize("weight,reduce,square", [("one_plus", "ReduceMean", "Pow"), ("plain", "ReduceMean", "Mul"),
                                                   (None, "ReduceMean", "Pow"), (None, "ReduceSum", "Mul")])
-@pytest.mark.parametrize("constants_as_nodes", [True, False])
+@pytest.mark.parametrize("constants", ["nodes", "lists", "initializers"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7)])
-def test_rms_norm_chain_becomes_one_node_with_the_same_result(weight, reduce, square, constants_as_nodes, shape):
-    model, w = _norm_model(weight=weight, constants_as_nodes=constants_as_nodes, reduce=reduce, square=square)
+def test_rms_norm_chain_becomes_one_node_with_the_same_result(weight, reduce, square, constants, shape):
+    model, w = _norm_model(weight=weight, constants=constants, reduce=reduce, square=square)
     x = (np.random.default_rng(sum(shape)).standard_normal((*shape, H)) * 3).astype(np.float32)
     before = _run(model, x)[0]
     assert fuse_rms_norm(model) == 1

@@ -19,7 +19,23 @@ from dualbrain.runtime.backends.ort_quant import _attrs, _Graph
 _ONNX = ("", "ai.onnx")
 
 
+# a Constant node's value attributes other than `value` (a tensor) -> the numpy dtype they hold
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
 class _Chain(_Graph):
+    """The main graph seen as chains: each value's producer, readers, element type and static last dim."""
+
+    def __init__(self, model):
+        super().__init__(model.graph, None)
+        g = model.graph
+        self.outputs = {o.name for o in g.output}
+        self.readers = {x: n for n in g.node for x in n.input}
+        typed = list(g.value_info) + list(g.input) + list(g.output)
+        self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
+        self.last_dims = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in typed
+                          if v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[-1].HasField("dim_value")}
+
     def only_user(self, value: str):
         """The one node that reads `value` when exactly one does and it is not a graph output."""
         if self.users.get(value) != 1 or value in self.outputs:
@@ -33,11 +49,13 @@ class _Chain(_Graph):
             node = self.producer.get(name)
             if node is None or node.op_type != "Constant" or node.domain not in _ONNX:
                 return None
-            a = _attrs(node)
-            if "value" in a:
-                t = a["value"]
-            else:
-                return np.asarray(next(iter(a.values()))) if len(a) == 1 and "sparse_value" not in a else None
+            attrs = _attrs(node)
+            if len(attrs) != 1:
+                return None
+            (key, value), = attrs.items()
+            if key != "value":
+                return np.asarray(value, _CONSTANT_LISTS[key]) if key in _CONSTANT_LISTS else None
+            t = value
         return None if t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
 
     def dims(self, name: str) -> list[int] | None:
@@ -92,17 +110,11 @@ def fuse_rms_norm(model) -> int:
     chains were fused. x^2 is Pow(x, 2) or Mul(x, x). Reduce is ReduceMean (RMSNorm: the weight's Mul
     after it joins when it is a per-channel constant) or ReduceSum (l2norm: x / sqrt(sum + eps) =
     x / sqrt(D) / sqrt(mean + eps / D), so the scale is 1 / sqrt(D) and the epsilon eps / D)."""
-    g = _Chain(model.graph, None)
-    g.outputs = {o.name for o in model.graph.output}
-    g.readers = {x: n for n in model.graph.node for x in n.input}
-    typed = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-    types = {v.name: v.type.tensor_type.elem_type for v in typed}
-    last_dims = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in typed
-                 if v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[-1].HasField("dim_value")}
+    g = _Chain(model)
     replace: dict[int, object] = {}
     for square in model.graph.node:
         x = _squared(g, square)
-        if x is None or types.get(x, TensorProto.FLOAT) != TensorProto.FLOAT:
+        if x is None or g.types.get(x, TensorProto.FLOAT) != TensorProto.FLOAT:
             continue
         reduce = g.only_user(square.output[0])
         add = reduce and reduce.op_type in _SUMS and _reduces_last_axis(g, reduce) and g.only_user(reduce.output[0])
@@ -123,7 +135,7 @@ def fuse_rms_norm(model) -> int:
                 chain, scale, out = chain + [weight], other[0], weight.output[0]
         name = f"{norm.name or out}/rms_norm"
         if scale is None:
-            dim = last_dims.get(x)
+            dim = g.last_dims.get(x)
             if not dim:
                 continue
             scale = f"{name}/scale"
