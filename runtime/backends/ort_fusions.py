@@ -24,17 +24,17 @@ _CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value
 
 
 class _Chain(_Graph):
-    """The main graph seen as chains: each value's producer, readers, element type and static last dim."""
+    """The main graph seen as chains: ort_quant's view of it plus each value's reader."""
 
     def __init__(self, model):
         super().__init__(model.graph, None)
-        g = model.graph
-        self.outputs = {o.name for o in g.output}
-        self.readers = {x: n for n in g.node for x in n.input}
-        typed = list(g.value_info) + list(g.input) + list(g.output)
-        self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
-        self.last_dims = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in typed
-                          if v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[-1].HasField("dim_value")}
+        self.readers = {x: n for n in model.graph.node for x in n.input}
+
+    def last_dim(self, name: str) -> int | None:
+        """`name`'s last dimension where the graph records it as a number."""
+        shape = self.shapes.get(name)
+        last = shape.dim[-1] if shape is not None and shape.dim else None
+        return last.dim_value if last is not None and last.HasField("dim_value") else None
 
     def only_user(self, value: str):
         """The one node that reads `value` when exactly one does and it is not a graph output."""
@@ -58,14 +58,6 @@ class _Chain(_Graph):
             t = value
         return None if t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
 
-    def dims(self, name: str) -> list[int] | None:
-        """The shape of a constant `name` (an initializer, inline or not, or a Constant node's)."""
-        t = self.inits.get(name)
-        if t is not None:
-            return list(t.dims)
-        value = self.constant(name)
-        return None if value is None else list(value.shape)
-
     def scalar(self, name: str) -> float | None:
         """The value of a one-element float constant `name`; else None."""
         value = self.constant(name)
@@ -76,9 +68,11 @@ class _Chain(_Graph):
     def channel_constant(self, name: str) -> bool:
         """`name` is a 1-D float constant, or one plus / minus a one-element one (Qwen3.5's `1 + w`)."""
         def vector(i):
-            t, dims = self.inits.get(i), self.dims(i)
-            return dims is not None and len(dims) == 1 and dims[0] > 1 and \
-                (t.data_type == TensorProto.FLOAT if t is not None else self.constant(i).dtype == np.float32)
+            t = self.inits.get(i)     # a weight may live in external data: its dims are enough
+            if t is not None:
+                return t.data_type == TensorProto.FLOAT and len(t.dims) == 1 and t.dims[0] > 1
+            v = self.constant(i)
+            return v is not None and v.dtype == np.float32 and v.ndim == 1 and v.size > 1
 
         if vector(name):
             return True
@@ -135,7 +129,7 @@ def fuse_rms_norm(model) -> int:
                 chain, scale, out = chain + [weight], other[0], weight.output[0]
         name = f"{norm.name or out}/rms_norm"
         if scale is None:
-            dim = g.last_dims.get(x)
+            dim = g.last_dim(x)
             if not dim:
                 continue
             scale = f"{name}/scale"

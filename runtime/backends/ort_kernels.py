@@ -150,12 +150,7 @@ class _Rewrite(_Graph):
 
     def __init__(self, model, model_dir):
         super().__init__(model.graph, model_dir)
-        g = model.graph
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
-        self.outputs = {o.name for o in g.output}
-        typed = list(g.value_info) + list(g.input) + list(g.output)
-        self.shapes = {v.name: v.type.tensor_type.shape for v in typed}
-        self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.added: list = []                # initializers made by a rewrite
 

@@ -42,6 +42,10 @@ class _Graph:
         for n in graph.node:
             for x in n.input:
                 self.users[x] = self.users.get(x, 0) + 1
+        self.outputs = {o.name for o in graph.output}
+        typed = list(graph.value_info) + list(graph.input) + list(graph.output)
+        self.shapes = {v.name: v.type.tensor_type.shape for v in typed}      # where the graph records them
+        self.types = {v.name: v.type.tensor_type.elem_type for v in typed}
         self.drop_nodes: set[int] = set()
         self.drop_inits: set[str] = set()
         self.add_inits: list = []
