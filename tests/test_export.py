@@ -91,6 +91,34 @@ def test_window_states_match_stepwise(artifacts):
         np.testing.assert_allclose(full["recurrent_states"][:, i], st["recurrent_state"], rtol=1e-4, atol=1e-5)
 
 
+def test_linked_load_defers_block_sessions(moe_export, tmp_path):
+    """With a linked graph, plain decode loads it alone (the blocks' sessions would hold a second copy of
+    every weight); a layer-granular step loads the blocks then and agrees; a broken block file still
+    fails at load."""
+    import shutil
+
+    from dualbrain.errors import DualbrainError
+    from dualbrain.runtime.backends.onnxruntime import LINKED
+
+    model = Model.load(moe_export)
+    assert list(model.backend.sessions) == [LINKED]
+    ids = np.random.default_rng(3).integers(0, model.vocab_size, (2, 5))
+    s1, s2 = model.new_state(2), model.new_state(2)
+    plain = model.step(ids, s1)
+    layered = model.step(ids, s2, hidden_after=[1])
+    assert set(model.backend.sessions) == {LINKED, *(b.name for b in model.manifest.chain)}
+    np.testing.assert_allclose(plain.logits, layered.logits, rtol=1e-5, atol=1e-5)
+
+    dst = tmp_path / "out"
+    shutil.copytree(moe_export, dst)
+    graph = dst / "layer_002.onnx"
+    raw = bytearray(graph.read_bytes())
+    raw[: len(raw) // 2] = b"\xff" * (len(raw) // 2)      # same size: past the manifest's size check
+    graph.write_bytes(bytes(raw))
+    with pytest.raises(DualbrainError, match="cannot load layer_002"):
+        Model.load(dst)
+
+
 def test_truncated_external_data_caught_at_load(artifacts, tmp_path):
     import shutil
 
