@@ -35,41 +35,37 @@ static inline v8 load8(const float *p) {
 
 static inline float hsum(v8 s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
 
-/* Dot products of rows a0, a1 with vectors b0, b1 over n floats: out = {a0.b0, a0.b1, a1.b0, a1.b1}.
- * Each load feeds two FMAs (a GEMV with one vector is load-bound, not FMA-bound); two steps per
- * iteration keep eight sums in flight to cover the FMA latency. */
-static inline void dot2x2(const float *a0, const float *a1, const float *b0, const float *b1, int64_t n,
-                          float out[4]) {
-  v8 s[8] = {{0}};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 2; j++) {
-      v8 x0 = load8(b0 + i + 8 * j), x1 = load8(b1 + i + 8 * j), y0 = load8(a0 + i + 8 * j), y1 = load8(a1 + i + 8 * j);
-      s[4 * j] += y0 * x0, s[4 * j + 1] += y0 * x1, s[4 * j + 2] += y1 * x0, s[4 * j + 3] += y1 * x1;
-    }
-  for (; i + 8 <= n; i += 8) {
-    v8 x0 = load8(b0 + i), x1 = load8(b1 + i), y0 = load8(a0 + i), y1 = load8(a1 + i);
-    s[0] += y0 * x0, s[1] += y0 * x1, s[2] += y1 * x0, s[3] += y1 * x1;
-  }
-  for (int j = 0; j < 4; j++) out[j] = hsum(s[j] + s[j + 4]);
-  for (; i < n; i++) out[0] += a0[i] * b0[i], out[1] += a0[i] * b1[i], out[2] += a1[i] * b0[i], out[3] += a1[i] * b1[i];
-}
-
-/* rows a0, a1 with one vector b: out = {a0.b, a1.b} */
-static inline void dot2x1(const float *a0, const float *a1, const float *b, int64_t n, float out[2]) {
+/* Dot products of one row a with vectors b0, b1 over n floats: out = {a.b0, a.b1}. Each load of the
+ * row feeds two FMAs (a GEMV with one vector is load-bound, not FMA-bound); four sums in flight cover
+ * the FMA latency. One row at a time, read front to back: on the Zen 3 this was tuned on, dotting two
+ * rows side by side (two streams a page apart) read the experts ~20 % slower than this order
+ * (tests/benchmarks/RESULTS.md). */
+static inline void dot1x2(const float *a, const float *b0, const float *b1, int64_t n, float out[2]) {
   v8 s[4] = {{0}};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 2; j++) {
-      v8 x = load8(b + i + 8 * j);
-      s[2 * j] += load8(a0 + i + 8 * j) * x, s[2 * j + 1] += load8(a1 + i + 8 * j) * x;
-    }
+  for (; i + 16 <= n; i += 16) {
+    v8 y0 = load8(a + i), y1 = load8(a + i + 8);
+    s[0] += y0 * load8(b0 + i), s[1] += y0 * load8(b1 + i);
+    s[2] += y1 * load8(b0 + i + 8), s[3] += y1 * load8(b1 + i + 8);
+  }
   for (; i + 8 <= n; i += 8) {
-    v8 x = load8(b + i);
-    s[0] += load8(a0 + i) * x, s[1] += load8(a1 + i) * x;
+    v8 y = load8(a + i);
+    s[0] += y * load8(b0 + i), s[1] += y * load8(b1 + i);
   }
   out[0] = hsum(s[0] + s[2]), out[1] = hsum(s[1] + s[3]);
-  for (; i < n; i++) out[0] += a0[i] * b[i], out[1] += a1[i] * b[i];
+  for (; i < n; i++) out[0] += a[i] * b0[i], out[1] += a[i] * b1[i];
+}
+
+/* row a with one vector b */
+static inline float dot1(const float *a, const float *b, int64_t n) {
+  v8 s[4] = {{0}};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int j = 0; j < 4; j++) s[j] += load8(a + i + 8 * j) * load8(b + i + 8 * j);
+  for (; i + 8 <= n; i += 8) s[0] += load8(a + i) * load8(b + i);
+  float r = hsum((s[0] + s[1]) + (s[2] + s[3]));
+  for (; i < n; i++) r += a[i] * b[i];
+  return r;
 }
 
 static inline float silu_mul(float g, float v) { return g / (1.0f + expf(-g)) * v; }
@@ -94,18 +90,20 @@ static void expert_inputs(void *user, size_t item) {  /* act = silu(x fc1_gate^T
   int64_t u = (int64_t)item / p->act_chunks, c = (int64_t)item % p->act_chunks;
   int64_t e = p->used[u], r0 = c * ACT_ROWS_PER_ITEM, q0 = p->start[u], q1 = p->start[u + 1];
   int64_t r1 = r0 + ACT_ROWS_PER_ITEM < p->i ? r0 + ACT_ROWS_PER_ITEM : p->i;
-  float o[4];
+  float g[2], v[2];
   for (int64_t r = r0; r < r1; r++) {
     const float *gate = p->fc1 + (e * 2 * p->i + 2 * r) * p->h, *up = gate + p->h;
     int64_t q = q0;
-    for (; q + 2 <= q1; q += 2) {  /* two tokens per pass over the rows */
-      dot2x2(gate, up, p->x + (int64_t)p->tok[q] * p->h, p->x + (int64_t)p->tok[q + 1] * p->h, p->h, o);
-      p->act[q * p->i + r] = silu_mul(o[0], o[2]);
-      p->act[(q + 1) * p->i + r] = silu_mul(o[1], o[3]);
+    for (; q + 2 <= q1; q += 2) {  /* two tokens per pass over each row */
+      const float *x0 = p->x + (int64_t)p->tok[q] * p->h, *x1 = p->x + (int64_t)p->tok[q + 1] * p->h;
+      dot1x2(gate, x0, x1, p->h, g);
+      dot1x2(up, x0, x1, p->h, v);
+      p->act[q * p->i + r] = silu_mul(g[0], v[0]);
+      p->act[(q + 1) * p->i + r] = silu_mul(g[1], v[1]);
     }
     if (q < q1) {
-      dot2x1(gate, up, p->x + (int64_t)p->tok[q] * p->h, p->h, o);
-      p->act[q * p->i + r] = silu_mul(o[0], o[1]);
+      const float *x0 = p->x + (int64_t)p->tok[q] * p->h;
+      p->act[q * p->i + r] = silu_mul(dot1(gate, x0, p->h), dot1(up, x0, p->h));
     }
   }
 }
@@ -114,27 +112,20 @@ static void expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum over 
   const Plan *p = user;
   int64_t h0 = (int64_t)item * OUT_ROWS_PER_ITEM;
   int64_t h1 = h0 + OUT_ROWS_PER_ITEM < p->h ? h0 + OUT_ROWS_PER_ITEM : p->h;
-  float o[4];
+  float o[2];
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + h0, 0, (size_t)(h1 - h0) * sizeof(float));
   for (int64_t u = 0; u < p->n_used; u++) {
     const float *base = p->fc2 + (int64_t)p->used[u] * p->h * p->i;
     int64_t q0 = p->start[u], q1 = p->start[u + 1];
-    for (int64_t hh = h0; hh < h1; hh += 2) {
-      const float *a0 = base + hh * p->i, *a1 = hh + 1 < h1 ? a0 + p->i : a0;  /* an odd last row twice */
-      float *y0 = p->y + hh, *y1 = hh + 1 < h1 ? y0 + 1 : o + 3;
+    for (int64_t hh = h0; hh < h1; hh++) {
+      const float *a = base + hh * p->i;
       int64_t q = q0;
       for (; q + 2 <= q1; q += 2) {
-        dot2x2(a0, a1, p->act + q * p->i, p->act + (q + 1) * p->i, p->i, o);
-        int64_t t0 = (int64_t)p->tok[q] * p->h, t1 = (int64_t)p->tok[q + 1] * p->h;
-        y0[t0] += p->w[q] * o[0], y0[t1] += p->w[q + 1] * o[1];
-        if (y1 != o + 3) y1[t0] += p->w[q] * o[2], y1[t1] += p->w[q + 1] * o[3];
+        dot1x2(a, p->act + q * p->i, p->act + (q + 1) * p->i, p->i, o);
+        p->y[(int64_t)p->tok[q] * p->h + hh] += p->w[q] * o[0];
+        p->y[(int64_t)p->tok[q + 1] * p->h + hh] += p->w[q + 1] * o[1];
       }
-      if (q < q1) {
-        dot2x1(a0, a1, p->act + q * p->i, p->i, o);
-        int64_t t0 = (int64_t)p->tok[q] * p->h;
-        y0[t0] += p->w[q] * o[0];
-        if (y1 != o + 3) y1[t0] += p->w[q] * o[1];
-      }
+      if (q < q1) p->y[(int64_t)p->tok[q] * p->h + hh] += p->w[q] * dot1(a, p->act + q * p->i, p->i);
     }
   }
 }
