@@ -2,17 +2,20 @@
 the load-time norm fusion (runtime/backends/ort_fusions.py), same exports.
 
     python tests/benchmarks/cpu_kernels.py EXPORT [EXPORT ...] [--batch 1,8] [--steps 60] [--reps 3]
-        [--without kernels | rms_norm | OP_TYPE | ablate:OP_TYPE]
+        [--without kernels | rms_norm | OP_TYPE | ablate:OP_TYPE | lib:PATH] [--feed greedy | random]
 
 `--without`: what the "without" side leaves out: every kernel (default), the norm fusion, the one
 kernel rewrite of an op type (e.g. GatedDeltaRule: its two forms), or (`ablate:QMoE`) the work of
 every main-graph node of an op type, each replaced by an Identity of its first input: the outputs are
 then wrong, but the time saved is what those nodes cost in place, which ONNX Runtime's profiler
-overstates for short nodes. Each measurement is its own
+overstates for short nodes; or (`lib:PATH`) the kernels built from other sources, e.g. an older
+checkout's library from the cache (`~/.cache/dualbrain/libdualbrain_cpu-*.so`). Each measurement is its own
 process (loading one model; ONNX Runtime's spinning threads of a second model in the same process
 would take the cores), with and without alternating, `--reps` times each; the table gives the median
-ms per decode step (random prompts of 64 tokens, one per row, greedy, after 5 warm-up steps) and
-whether the greedy tokens were the same with and without.
+ms per decode step (random prompts of 64 tokens, one per row, after 5 warm-up steps) and whether the
+greedy tokens were the same with and without. `--feed random` feeds seeded random tokens instead of the
+greedy ones: on random weights greedy tokens repeat, and with them the experts chosen, which then stay
+in the L3 cache and hide how fast the experts stream.
 """
 from __future__ import annotations
 
@@ -40,6 +43,14 @@ def _leave_out(what: str) -> dict:
             return n
         ort_kernels.use_cpu_kernels = ablated
         return {}
+    if what.startswith("lib:"):
+        from pathlib import Path
+
+        lib = Path(what.split(":", 1)[1])
+        if not lib.is_file():
+            raise SystemExit(f"--without {what}: no such library")
+        ort_kernels.library = lambda: lib
+        return {}
     if what == "kernels":
         return {"cpu_kernels": False}
     if what == "rms_norm":
@@ -54,8 +65,10 @@ def _leave_out(what: str) -> dict:
     return {}
 
 
-def _one(export: str, without: str | None, batch: int, steps: int) -> dict:
+def _one(export: str, without: str | None, batch: int, steps: int, feed: str) -> dict:
     import time
+
+    import numpy as np
 
     from dualbrain.bench import _prompts
     from dualbrain.runtime.generate import decode_one, prefill
@@ -63,19 +76,19 @@ def _one(export: str, without: str | None, batch: int, steps: int) -> dict:
 
     model = Model.load(export, **(_leave_out(without) if without else {}))
     state, logits = prefill(model, _prompts(model.vocab_size, batch, 64), new_tokens=steps + 8)
-    tok, times, ids = logits.argmax(-1), [], []
+    tok, times, ids, rng = logits.argmax(-1), [], [], np.random.default_rng(0)
     for _ in range(steps + 5):
         t = time.perf_counter()
         logits = decode_one(model, state, tok)
         times.append(time.perf_counter() - t)
-        tok = logits.argmax(-1)
-        ids.append(tok.tolist())
+        ids.append(logits.argmax(-1).tolist())
+        tok = logits.argmax(-1) if feed == "greedy" else rng.integers(0, model.vocab_size, batch)
     return {"ms": statistics.median(times[5:]) * 1e3, "ids": ids}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(_one(sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]))))
+        print(json.dumps(_one(sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("exports", nargs="+")
@@ -83,7 +96,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--without", default="kernels",
-                    help="kernels (all), rms_norm, one kernel's op type, or ablate:OP_TYPE (its nodes' work)")
+                    help="kernels (all), rms_norm, one kernel's op type, ablate:OP_TYPE (its nodes' work) "
+                         "or lib:PATH (the kernels from another build)")
+    ap.add_argument("--feed", choices=("greedy", "random"), default="greedy",
+                    help="tokens fed back: the greedy ones, or seeded random ones (experts not cached)")
     args = ap.parse_args()
     print(f"| export | batch | with: ms/step | without {args.without}: ms/step | speedup | same tokens |")
     print("|---|---|---|---|---|---|")
@@ -93,7 +109,7 @@ def main() -> None:
             for _ in range(args.reps):
                 for on in (True, False):
                     cmd = [sys.executable, __file__, "--one", export, "" if on else args.without, str(batch),
-                           str(args.steps)]
+                           str(args.steps), args.feed]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                     runs[on].append(json.loads(out.strip().splitlines()[-1]))
             on, off = (statistics.median(r["ms"] for r in runs[k]) for k in (True, False))
