@@ -4,8 +4,12 @@ Each engine runs in its own process (so peak RSS is its own), behind one runner 
 measured by one driver (`measure`). Runners: dualbrain (ONNX Runtime, the export), transformers eager (needs the
 checkpoint), onnxruntime-genai (its own model builder on the checkpoint, when installed) and llama.cpp's
 `llama-bench` (on a GGUF the user converted; it prints no tokens, so its tokens are not checked).
-Every figure is the median of `runs` runs. Greedy tokens are compared with dualbrain's before any
-speed is reported. The roofline is the bytes a decode step must read (the weights one token touches:
+Every figure is the median of `runs` runs. With `rounds` > 1 every engine is measured that many
+times, the order reversed every other round (A B C, C B A, ...: a drift in the machine's speed during
+the run then weighs on every engine alike; each export runs beside its GGUF, `run_order`), each
+figure is the median over rounds, and each dualbrain
+engine's ratio to each llama.cpp one is the median of the per-round ratios (`versus_llama`). Greedy
+tokens are compared with dualbrain's before any speed is reported. The roofline is the bytes a decode step must read (the weights one token touches:
 all of them but the experts, of which top-k) over the bandwidth of a large fp32 matrix-vector product
 measured in the same run.
 """
@@ -38,6 +42,7 @@ class BenchConfig:
     new_tokens: int = 200
     prompt_len: int = 64
     runs: int = 3
+    rounds: int = 1
 
 
 def _ms_percentiles(times: list[float]) -> tuple[float, float]:
@@ -348,31 +353,32 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
             names.append("onnxruntime-genai")
     prompts = agreement_prompts(export, 4, text=agreement_text) if others else None   # bad input fails first
     llama = llama or (shutil.which("llama-bench") if ggufs else None)
-    steps = len(names) + len(others) + (len(ggufs) if llama else 0) + bool(others)
-    results = []
-    for i, name in enumerate(names):
-        if progress:
-            progress(name, i, steps)
-        results.append(_run_worker(name, export, ckpt, cfg, work))
-    for i, (path, m) in enumerate(zip(others, mans[1:])):
-        label = f"dualbrain {precision_label(m).split(' (')[0]}"
-        if progress:
-            progress(label, len(names) + i, steps)
-        r = _run_worker("dualbrain", path, None, cfg, work)
-        r.name = label
-        results.append(r)
-    if llama:
-        for i, g in enumerate(ggufs):
+    jobs = [(name, lambda name=name: _run_worker(name, export, ckpt, cfg, work)) for name in names]
+    jobs += [(f"dualbrain {precision_label(m).split(' (')[0]}",
+              lambda path=path: _run_worker("dualbrain", path, None, cfg, work)) for path, m in zip(others, mans[1:])]
+    jobs += [(f"llama.cpp {g.name}", lambda g=g: llama_bench(llama, g, cfg)) for g in (ggufs if llama else [])]
+    steps = len(jobs) * cfg.rounds + bool(others)
+    by_round: list[list[EngineResult]] = [[] for _ in jobs]
+    bandwidths = []
+    order = run_order(len(names), len(others), len(jobs) - len(names) - len(others))
+    for r in range(cfg.rounds):
+        for j in (order if r % 2 == 0 else order[::-1]):
+            label, run = jobs[j]
             if progress:
-                progress(f"llama.cpp {g.name}", len(names) + len(others) + i, steps)
-            results.append(llama_bench(llama, g, cfg))
+                progress(label if cfg.rounds == 1 else f"{label} (round {r + 1}/{cfg.rounds})",
+                         sum(map(len, by_round)), steps)
+            res = run()
+            res.name = label
+            by_round[j].append(res)
+        bandwidths.append(gemv_bandwidth())
+    results = [merge_rounds(rs) for rs in by_round]
     ours = results[0].result.get("greedy_ids") if results[0].ok else None
     for r in results[1:len(names)]:
         if r.ok and "greedy_ids" in r.result and ours is not None:
             r.tokens_match = r.result["greedy_ids"] == ours
             if not r.tokens_match:
                 r.note = "greedy tokens differ from dualbrain's: speed not comparable"
-    bw = gemv_bandwidth()
+    bw = statistics.median(bandwidths)
     rows = []
     for path, m in zip([export] + others, mans):
         step_bytes = {b: decode_bytes(path, b) for b in sorted({1, *cfg.batches})}
@@ -403,7 +409,63 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
         "roofline_decode_tok_s_by_batch": rows[0]["roofline_decode_tok_s_by_batch"], "precisions": rows,
         "engines": [{"name": r.name, "ok": r.ok, "note": r.note, "tokens_match": r.tokens_match, **r.result}
                     for r in results],
+        **({"gemv_bytes_per_s_by_round": bandwidths} if cfg.rounds > 1 else {}),
+        "versus_llama": versus_llama(by_round),
     }
+
+
+def run_order(n_names: int, n_precisions: int, n_ggufs: int) -> list[int]:
+    """The order engines run in, as indices into [dualbrain, peers..., precisions..., GGUFs...]: each
+    dualbrain export beside the GGUF of the same position (EXPORT by the first, the i-th --precision by
+    the next: f32, Q8_0, Q4_0 in the usual call), so the pairs compared are measured minutes apart at
+    most; the peers last."""
+    ours = [0, *range(n_names, n_names + n_precisions)]
+    theirs = list(range(n_names + n_precisions, n_names + n_precisions + n_ggufs))
+    pairs = [j for k in range(max(len(ours), len(theirs))) for j in (ours[k:k + 1] + theirs[k:k + 1])]
+    return pairs + list(range(1, n_names))
+
+
+def _median_figures(results: list[dict]) -> dict:
+    """Prefill tok/s per length and decode figures per batch: the median over `results` (one per round)."""
+    med = lambda xs: statistics.median(xs) if xs and None not in xs else None  # noqa: E731
+    out = {"prefill": {n: med([r["prefill"][n] for r in results]) for n in results[0]["prefill"]}, "decode": {}}
+    for b, d in results[0]["decode"].items():
+        out["decode"][b] = {k: med([r["decode"][b][k] for r in results]) for k in d}
+    return out
+
+
+def merge_rounds(rounds: list[EngineResult]) -> EngineResult:
+    """One engine's rounds as one result: the first failure if any, else the median of each figure, the
+    largest peak RSS, the first round's tokens and, with several rounds, each round's figures."""
+    failed = next((r for r in rounds if not r.ok), None)
+    if failed is not None or len(rounds) == 1:
+        return failed or rounds[0]
+    first = rounds[0]
+    result = {**first.result, **_median_figures([r.result for r in rounds])}
+    if any("peak_rss_mib" in r.result for r in rounds):
+        result["peak_rss_mib"] = max(r.result.get("peak_rss_mib", 0) for r in rounds)
+    result["rounds"] = [{"prefill": r.result["prefill"], "decode": {b: d["tok_s"] for b, d in r.result["decode"].items()}}
+                        for r in rounds]
+    return EngineResult(first.name, True, first.note, first.tokens_match, result)
+
+
+def versus_llama(by_round: list[list[EngineResult]]) -> list[dict]:
+    """Each dualbrain engine against each llama.cpp one: the median over rounds of the round's ratio of
+    batch-1 decode tok/s and of prefill tok/s at each length both measured."""
+    ours = [rs for rs in by_round if rs[0].name.startswith("dualbrain") and all(r.ok for r in rs)]
+    theirs = [rs for rs in by_round if rs[0].name.startswith("llama.cpp") and all(r.ok for r in rs)]
+    out = []
+    for a in ours:
+        for b in theirs:
+            pairs = list(zip((r.result for r in a), (r.result for r in b)))
+            lengths = [n for n in pairs[0][0]["prefill"] if n in pairs[0][1]["prefill"]]
+            out.append({"engine": a[0].name, "llama": b[0].name,
+                        "decode_b1": statistics.median(x["decode"][1]["tok_s"] / y["decode"][1]["tok_s"] for x, y in pairs)
+                        if all(1 in x["decode"] and 1 in y["decode"] for x, y in pairs) else None,
+                        "prefill": {n: statistics.median(x["prefill"][n] / y["prefill"][n] for x, y in pairs)
+                                    for n in lengths},
+                        "rounds": len(pairs)})
+    return out
 
 
 def print_report(report: dict) -> None:
@@ -450,8 +512,18 @@ def print_report(report: dict) -> None:
             roof = r.get("roofline_decode_tok_s_by_batch", {1: r["roofline_decode_tok_s"]})
             p.add_row(r["precision"], f"{r['model_bytes'] / 2**20:.0f}", *[f"{roof[b]:.1f}" for b in batches], *agree)
         Console().print(p)
+    if report.get("versus_llama"):
+        v = Table(title="against llama.cpp (the median of each round's ratio)")
+        lengths = sorted({n for r in report["versus_llama"] for n in r["prefill"]})
+        for c in ("dualbrain", "llama.cpp", "decode b1", *[f"prefill {n}" for n in lengths]):
+            v.add_column(c, justify="left" if c in ("dualbrain", "llama.cpp") else "right")
+        for r in report["versus_llama"]:
+            v.add_row(r["engine"], r["llama"], f"{r['decode_b1']:.2f}×" if r["decode_b1"] else "",
+                      *[f"{r['prefill'][n]:.2f}×" if n in r["prefill"] else "" for n in lengths])
+        Console().print(v)
     print(f"roofline: {report['decode_bytes_per_token'] / 2**20:.0f} MiB read per decode token at "
-          f"{report['gemv_bytes_per_s'] / 1e9:.1f} GB/s (fp32 GEMV, this run) = "
+          f"{report['gemv_bytes_per_s'] / 1e9:.1f} GB/s (fp32 GEMV, this run"
+          f"{', median over rounds' if 'gemv_bytes_per_s_by_round' in report else ''}) = "
           f"{report['roofline_decode_tok_s']:.1f} tok/s at batch 1")
     roof = report.get("roofline_decode_tok_s_by_batch", {})
     for b, tok_s in roof.items():

@@ -535,6 +535,10 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Batch sizes to time decode at.")
 @click.option("--new-tokens", type=int, default=200, show_default=True, help="Decode steps per run.")
 @click.option("--runs", type=int, default=3, show_default=True, help="Runs per figure (the median is reported).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Measure every engine this many times, reversing the order every other round, so that the "
+                   "machine's drift during the run weighs on all alike: figures are medians over rounds, and "
+                   "`versus_llama` gives the median of each round's ratio to each llama.cpp GGUF.")
 @click.option("--no-peers", is_flag=True, help="Only dualbrain.")
 @click.option("--llama-bench", type=click.Path(path_type=Path), default=None,
               help="llama.cpp's llama-bench binary (default: llama-bench on PATH, when --gguf is given).")
@@ -575,9 +579,9 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
                    '"digit_prompt" and "facts" add the per-model checks); latency is then per answer.')
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="With --solver: only the first N questions.")
-def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_peers, llama_bench, gguf, precisions,
-          agreement_positions, agreement_text, output, as_json, solver, large_dir, small_dir, bridges_dir, draft_tokens, threshold, n_prompts, pair_dir,
-          questions_file, limit):
+def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, rounds, no_peers, llama_bench, gguf,
+          precisions, agreement_positions, agreement_text, output, as_json, solver, large_dir, small_dir, bridges_dir,
+          draft_tokens, threshold, n_prompts, pair_dir, questions_file, limit):
     """Time an export's prefill and decode beside the peers, in one run, after checking their tokens.
 
     \b
@@ -591,7 +595,8 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
     `--quant int4`) is timed the same way and listed with its size, its roofline and its top-1
     agreement with EXPORT over --agreement-positions teacher-forced positions (EXPORT's own greedy
     text). Each --gguf (llama.cpp's f32, Q8_0, Q4_0 of the same checkpoint) runs under llama-bench in
-    the same run, so the speeds compare.
+    the same run, so the speeds compare; with --rounds N each engine is measured N times in alternating
+    order and each dualbrain engine's ratio to each GGUF is the median of the per-round ratios.
 
     \b
     With --solver: the large model alone, the small one alone, and each solver mode, each answering the
@@ -624,7 +629,7 @@ def bench(export, checkpoint, prefill_lengths, batches, new_tokens, runs, no_pee
         if not (Path(path) / "manifest.json").is_file():
             raise DualbrainError(f"--precision {path}: not an export (no manifest.json)")
     cfg = BenchConfig(prefill=_ints(prefill_lengths, "--prefill"), batches=_ints(batches, "--batch"),
-                      new_tokens=new_tokens, runs=runs)
+                      new_tokens=new_tokens, runs=runs, rounds=rounds)
     update, bar = progress_bar("benchmarking")
     with bar:
         report = run_bench(export, checkpoint, cfg=cfg, peers=not no_peers,

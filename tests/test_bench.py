@@ -80,6 +80,60 @@ def test_decode_bytes_counts_the_weights_one_step_reads(moe, batch):
         assert touched == spec.num_experts_per_tok
 
 
+def _engine(name, decode, prefill, p95=None):
+    from dualbrain.bench import EngineResult
+
+    return EngineResult(name, True, result={"prefill": {64: prefill}, "decode": {1: {
+        "tok_s": decode, "p50_ms": 1000 / decode, "p95_ms": p95}}})
+
+
+def test_rounds_give_medians_and_per_round_ratios():
+    """Three rounds in which the machine slowed down in the middle: each figure is the median over
+    rounds, and the ratio to llama.cpp the median of each round's own ratio, not the ratio of medians."""
+    from dualbrain.bench import EngineResult, merge_rounds, versus_llama
+
+    ours = [_engine("dualbrain", d, p, 3.0) for d, p in ((10, 300), (12, 100), (30, 330))]
+    theirs = [_engine("llama.cpp f32.gguf", d, p) for d, p in ((20, 200), (10, 90), (30, 300))]
+    merged = merge_rounds(ours)
+    assert merged.ok and merged.result["decode"][1]["tok_s"] == 12 and merged.result["prefill"][64] == 300
+    assert merged.result["decode"][1]["p50_ms"] == pytest.approx(1000 / 12)
+    assert [r["decode"][1] for r in merged.result["rounds"]] == [10, 12, 30]
+    assert merge_rounds(theirs).result["decode"][1]["p95_ms"] is None       # llama-bench gives none
+    (v,) = versus_llama([ours, theirs])
+    assert v["engine"] == "dualbrain" and v["llama"] == "llama.cpp f32.gguf" and v["rounds"] == 3
+    assert v["decode_b1"] == pytest.approx(np.median([10 / 20, 12 / 10, 30 / 30]))     # 1.0; medians' ratio: 0.6
+    assert v["prefill"][64] == pytest.approx(np.median([300 / 200, 100 / 90, 330 / 300]))
+    failed = EngineResult("dualbrain", False, "failed: out of memory")
+    assert merge_rounds([ours[0], failed]) is failed
+    assert versus_llama([[ours[0], failed], theirs[:2]]) == []              # a failed engine has no ratio
+    assert merge_rounds(ours[:1]) is ours[0]                                # one round: as measured
+
+
+def test_run_order_puts_each_export_beside_its_gguf():
+    from dualbrain.bench import run_order
+
+    # [dualbrain, transformers, ort-genai, int8, int4, f32.gguf, q8_0.gguf, q4_0.gguf]
+    assert run_order(3, 2, 3) == [0, 5, 3, 6, 4, 7, 1, 2]
+    assert run_order(1, 3, 1) == [0, 4, 1, 2, 3]
+    assert run_order(1, 0, 0) == [0]
+    assert sorted(run_order(2, 1, 4)) == list(range(7))
+
+
+def test_bench_rounds(moe, tmp_path):
+    _, out = moe
+    res = CliRunner().invoke(main, ["bench", str(out), "--no-peers", "--prefill", "16", "--batch", "1",
+                                    "--new-tokens", "4", "--runs", "1", "--rounds", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output[res.output.index("{"):])
+    (eng,) = rep["engines"]
+    rates = [r["decode"]["1"] for r in eng["rounds"]]
+    assert len(rates) == 2 and all(x > 0 for x in rates) and rep["config"]["rounds"] == 2
+    assert eng["decode"]["1"]["tok_s"] == pytest.approx(np.median(rates))
+    assert len(rep["gemv_bytes_per_s_by_round"]) == 2
+    assert rep["gemv_bytes_per_s"] == pytest.approx(np.median(rep["gemv_bytes_per_s_by_round"]))
+    assert rep["versus_llama"] == []
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give the export to benchmark"),
     (["{out}", "--prefill", "8,x"], "--prefill must be comma-separated integers"),
