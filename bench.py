@@ -5,13 +5,13 @@ measured by one driver (`measure`). Runners: dualbrain (ONNX Runtime, the export
 checkpoint), onnxruntime-genai (its own model builder on the checkpoint, when installed) and llama.cpp's
 `llama-bench` (on a GGUF the user converted; it prints no tokens, so its tokens are not checked).
 Every figure is the median of `runs` runs. With `rounds` > 1 every engine is measured that many
-times, the order reversed every other round (A B C, C B A, ...: a drift in the machine's speed during
-the run then weighs on every engine alike; each export runs beside its GGUF, `run_order`), each
-figure is the median over rounds, and each dualbrain
-engine's ratio to each llama.cpp one is the median of the per-round ratios (`versus_llama`). Greedy
-tokens are compared with dualbrain's before any speed is reported. The roofline is the bytes a decode step must read (the weights one token touches:
-all of them but the experts, of which top-k) over the bandwidth of a large fp32 matrix-vector product
-measured in the same run.
+times, the order reversed every other round (A B C, C B A, ...), so that a drift in the machine's
+speed during the run weighs on every engine alike, and each export runs beside its GGUF (`run_order`);
+each figure is then the median over rounds, and each dualbrain engine's ratio to each llama.cpp one
+the median of the per-round ratios (`versus_llama`). Greedy tokens are compared with dualbrain's
+before any speed is reported. The roofline is the bytes a decode step must read (the weights one
+token touches: all of them but the experts, of which top-k) over the bandwidth of a large fp32
+matrix-vector product measured in the same run.
 """
 from __future__ import annotations
 
@@ -444,8 +444,8 @@ def merge_rounds(rounds: list[EngineResult]) -> EngineResult:
     result = {**first.result, **_median_figures([r.result for r in rounds])}
     if any("peak_rss_mib" in r.result for r in rounds):
         result["peak_rss_mib"] = max(r.result.get("peak_rss_mib", 0) for r in rounds)
-    result["rounds"] = [{"prefill": r.result["prefill"], "decode": {b: d["tok_s"] for b, d in r.result["decode"].items()}}
-                        for r in rounds]
+    result["rounds"] = [{"prefill": r.result["prefill"],
+                         "decode": {b: d["tok_s"] for b, d in r.result["decode"].items()}} for r in rounds]
     return EngineResult(first.name, True, first.note, first.tokens_match, result)
 
 
@@ -459,9 +459,10 @@ def versus_llama(by_round: list[list[EngineResult]]) -> list[dict]:
         for b in theirs:
             pairs = list(zip((r.result for r in a), (r.result for r in b)))
             lengths = [n for n in pairs[0][0]["prefill"] if n in pairs[0][1]["prefill"]]
+            decode = all(1 in x["decode"] and 1 in y["decode"] for x, y in pairs)
             out.append({"engine": a[0].name, "llama": b[0].name,
-                        "decode_b1": statistics.median(x["decode"][1]["tok_s"] / y["decode"][1]["tok_s"] for x, y in pairs)
-                        if all(1 in x["decode"] and 1 in y["decode"] for x, y in pairs) else None,
+                        "decode_b1": statistics.median(x["decode"][1]["tok_s"] / y["decode"][1]["tok_s"]
+                                                       for x, y in pairs) if decode else None,
                         "prefill": {n: statistics.median(x["prefill"][n] / y["prefill"][n] for x, y in pairs)
                                     for n in lengths},
                         "rounds": len(pairs)})
