@@ -410,7 +410,9 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
         "engines": [{"name": r.name, "ok": r.ok, "note": r.note, "tokens_match": r.tokens_match, **r.result}
                     for r in results],
         **({"gemv_bytes_per_s_by_round": bandwidths} if cfg.rounds > 1 else {}),
-        "versus_llama": versus_llama(by_round),
+        # dualbrain's exports (EXPORT, then each --precision) against each GGUF
+        "versus_llama": versus_llama([by_round[0], *by_round[len(names):len(names) + len(others)]],
+                                     by_round[len(names) + len(others):]),
     }
 
 
@@ -449,14 +451,13 @@ def merge_rounds(rounds: list[EngineResult]) -> EngineResult:
     return EngineResult(first.name, True, first.note, first.tokens_match, result)
 
 
-def versus_llama(by_round: list[list[EngineResult]]) -> list[dict]:
-    """Each dualbrain engine against each llama.cpp one: the median over rounds of the round's ratio of
-    batch-1 decode tok/s and of prefill tok/s at each length both measured."""
-    ours = [rs for rs in by_round if rs[0].name.startswith("dualbrain") and all(r.ok for r in rs)]
-    theirs = [rs for rs in by_round if rs[0].name.startswith("llama.cpp") and all(r.ok for r in rs)]
+def versus_llama(ours: list[list[EngineResult]], theirs: list[list[EngineResult]]) -> list[dict]:
+    """Each dualbrain engine (its rounds) against each llama.cpp one: the median over rounds of the
+    round's ratio of batch-1 decode tok/s and of prefill tok/s at each length both measured. An engine
+    that failed a round has no ratio."""
     out = []
-    for a in ours:
-        for b in theirs:
+    for a in (rs for rs in ours if all(r.ok for r in rs)):
+        for b in (rs for rs in theirs if all(r.ok for r in rs)):
             pairs = list(zip((r.result for r in a), (r.result for r in b)))
             lengths = [n for n in pairs[0][0]["prefill"] if n in pairs[0][1]["prefill"]]
             decode = all(1 in x["decode"] and 1 in y["decode"] for x, y in pairs)

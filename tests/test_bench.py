@@ -99,13 +99,13 @@ def test_rounds_give_medians_and_per_round_ratios():
     assert merged.result["decode"][1]["p50_ms"] == pytest.approx(1000 / 12)
     assert [r["decode"][1] for r in merged.result["rounds"]] == [10, 12, 30]
     assert merge_rounds(theirs).result["decode"][1]["p95_ms"] is None       # llama-bench gives none
-    (v,) = versus_llama([ours, theirs])
+    (v,) = versus_llama([ours], [theirs])
     assert v["engine"] == "dualbrain" and v["llama"] == "llama.cpp f32.gguf" and v["rounds"] == 3
     assert v["decode_b1"] == pytest.approx(np.median([10 / 20, 12 / 10, 30 / 30]))     # 1.0; medians' ratio: 0.6
     assert v["prefill"][64] == pytest.approx(np.median([300 / 200, 100 / 90, 330 / 300]))
     failed = EngineResult("dualbrain", False, "failed: out of memory")
     assert merge_rounds([ours[0], failed]) is failed
-    assert versus_llama([[ours[0], failed], theirs[:2]]) == []              # a failed engine has no ratio
+    assert versus_llama([[ours[0], failed]], [theirs[:2]]) == []              # a failed engine has no ratio
     assert merge_rounds(ours[:1]) is ours[0]                                # one round: as measured
 
 

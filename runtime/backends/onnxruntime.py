@@ -252,12 +252,15 @@ class OrtBackend:
                 self.sessions[name] = self._load(name, self._files[name])
         return self.sessions[name]
 
+    def _path(self, file: str) -> Path:
+        return safe_child(self.model_dir, file, "manifest.json")
+
     def _read(self, name: str, file: str):
         """Block `name`'s graph (`file`), its external data checked but not read."""
         import onnx
 
         with _load_errors(name, file):
-            model = onnx.load(str(safe_child(self.model_dir, file, "manifest.json")), load_external_data=False)
+            model = onnx.load(str(self._path(file)), load_external_data=False)
             check_external_data(self.model_dir, model)
             return model
 
@@ -279,8 +282,7 @@ class OrtBackend:
             opts = self._opts[name.startswith(LINKED)]
             if rewritten or self.convert_bf16:
                 return self._ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
-            return self._ort.InferenceSession(str(safe_child(self.model_dir, file, "manifest.json")), opts,
-                                              providers=self._providers)
+            return self._ort.InferenceSession(str(self._path(file)), opts, providers=self._providers)
 
     @property
     def has_linked(self) -> bool:
