@@ -49,15 +49,21 @@ def greedy_continuation(model: Model, prompt: Sequence[int], n: int) -> list[int
     return out
 
 
-def teacher_forced(model: Model, ids: Sequence[int], first: int) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax, top-1 probability) of `model` at positions first-1 .. len(ids)-2 of `ids` (its
-    predictions of tokens first .. end): ids[:first] in one call, then one token per call."""
+def teacher_forced_log_probs(model: Model, ids: Sequence[int], first: int) -> np.ndarray:
+    """float64 log-probabilities [len(ids) - first, V] of `model` at positions first-1 .. len(ids)-2 of
+    `ids` (its predictions of tokens first .. end): ids[:first] in one call, then one token per call."""
     state = model.new_state(1, capacity=len(ids))
     logits = [model.forward(np.asarray([ids[:first]], np.int64), state)]
     logits += [model.forward(np.asarray([[t]], np.int64), state) for t in ids[first:-1]]
     z = np.concatenate(logits).astype(np.float64)
     z -= z.max(-1, keepdims=True)
-    return z.argmax(-1), 1 / np.exp(z).sum(-1)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def teacher_forced(model: Model, ids: Sequence[int], first: int) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, top-1 probability) at the positions of `teacher_forced_log_probs`."""
+    lp = teacher_forced_log_probs(model, ids, first)
+    return lp.argmax(-1), np.exp(lp.max(-1))
 
 
 def top1_agreement(reference: Model, others: Sequence[Model], prompts: Sequence[Sequence[int]],
