@@ -12,10 +12,11 @@ both engines on the same text and the same positions:
   positions  as llama.cpp's `llama-perplexity --kl-divergence` scores them: in each chunk, the
              predictions at positions CTX/2 .. CTX-2 (63 of 128)
   llama.cpp  f32 GGUF (`--kl-divergence-base`) against Q8_0 and Q4_0: its "Same top p"
-  dualbrain  the fp32 export against `--quant int8` and `--quant int4` (`runtime.agreement.teacher_forced_log_probs`)
+  dualbrain  the fp32 export against `--quant int8` and `--quant int4` (`runtime.agreement.teacher_forced_log_probs`),
+             blocks of 32 as Q8_0/Q4_0 have (`--blocks 32,64,128`: int4 at each block size too)
 
     python tests/benchmarks/llama_agreement.py WORK --llama-bin LLAMA/build/bin \
-        --convert LLAMA/convert_hf_to_gguf.py [--hidden 64] [--json]
+        --convert LLAMA/convert_hf_to_gguf.py [--hidden 64] [--chunks 16] [--blocks 32] [--json]
 
 llama.cpp is a peer, built here from the llama-cpp-python sdist (tests/benchmarks/RESULTS.md says how;
 the converter needs the dualbrain tokenizer's pre-tokenizer named `qwen35` and the perplexity tool's
@@ -102,17 +103,20 @@ def llama_same_top(work: Path, bins: Path, convert: Path, text: Path, chunks: in
     return out
 
 
-def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int) -> dict:
+def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int, blocks: list[int]) -> dict:
     from dualbrain.exporter.export import export_checkpoint
     from dualbrain.runtime.agreement import CONFIDENT, teacher_forced_log_probs
     from dualbrain.runtime.model import Model
 
+    # name -> (quant, block); "int8" and "int4" are blocks of 32, as Q8_0 and Q4_0
+    wanted = {"fp32": (None, None), "int8": ("int8", 32), "int4": ("int4", 32)}
+    wanted.update({f"int4/{b}": ("int4", b) for b in blocks if b != 32})
     exports = {}
-    for quant in (None, "int8", "int4"):
-        d = work / f"exp-{quant or 'fp32'}"
+    for name, (quant, block) in wanted.items():
+        d = work / f"exp-{name.replace('/', '-b')}"
         if not d.exists():
-            export_checkpoint(work / "large", d, quant=quant)
-        exports[quant or "fp32"] = d
+            export_checkpoint(work / "large", d, quant=quant, quant_block=block)
+        exports[name] = d
     truth = np.concatenate([ids[c * ctx + ctx // 2 + 1:(c + 1) * ctx] for c in range(chunks)])
     top, p_top = {}, {}
     for name, d in exports.items():
@@ -127,7 +131,7 @@ def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int) -> di
     out = {"fp32_ppl": fp32_ppl, "positions": int(truth.size), "confident_positions": int(sure.sum()),
            # how often fp32's top-1 is the text's next token (operands are random: only sums are knowable)
            "fp32_top1_is_text": float((top["fp32"] == truth).mean())}
-    for name in ("int8", "int4"):
+    for name in list(exports)[1:]:
         same = top[name] == top["fp32"]
         out[name] = {"agreement": float(same.mean()), "agreement_confident": float(same[sure].mean())}
     return out
@@ -141,6 +145,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--blocks", default="32", help="int4 block sizes to score (32 always)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +159,8 @@ def main() -> None:
     (a.work / "text.txt").write_text(text, encoding="utf-8")
     result = {"hidden": a.hidden, "chunks": a.chunks, "ctx": a.ctx,
               "llama.cpp": llama_same_top(a.work, a.llama_bin, a.convert, a.work / "text.txt", a.chunks, a.ctx),
-              "dualbrain": dualbrain_agreement(a.work, ids, a.chunks, a.ctx)}
+              "dualbrain": dualbrain_agreement(a.work, ids, a.chunks, a.ctx,
+                                               [int(b) for b in a.blocks.split(",")])}
     print(json.dumps(result, indent=1) if a.json else result)
 
 
