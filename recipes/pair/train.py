@@ -140,14 +140,15 @@ class MtpHead:
         return out
 
 
-def new_model(family: str, seed: int, hidden_size: int, layers: int):
+def new_model(family: str, seed: int, hidden_size: int, layers: int, **config):
     """A transformers model of the tiny preset's shape in the published (conditional) layout, with the
-    tiny checkpoints' initialisation except a quieter LM head (a trainable start: loss near ln V)."""
+    tiny checkpoints' initialisation except a quieter LM head (a trainable start: loss near ln V).
+    `config`: text-config entries that replace the preset's."""
     import torch
 
     from dualbrain.exporter.tiny import _build_model, _init_tiny_weights, text_config_dict
 
-    cfg = text_config_dict(family=family, num_layers=layers, hidden_size=hidden_size)
+    cfg = text_config_dict(family=family, num_layers=layers, hidden_size=hidden_size) | config
     torch.manual_seed(seed)
     model = _build_model(family, "conditional", cfg, False)
     _init_tiny_weights(model, seed, False)
