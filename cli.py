@@ -69,7 +69,9 @@ def main(ctx, debug):
                    "bfloat16). Norms, convs and the MTP head stay in --dtype.")
 @click.option("--block", "quant_block", type=click.Choice(["32", "64", "128"]), default=None,
               help="Quantization block size along the input features (default: 32 for int8/int4, 128 for "
-                   "int4-weight-only; smaller where a width needs it).")
+                   "int4-weight-only; smaller where a width needs it). Larger blocks are smaller and faster, "
+                   "and agree a little less with the float model: int4 at 64 is llama.cpp Q4_0's size "
+                   "(README, 'Quantized exports').")
 def export(checkpoint, out, dtype, max_context, window, quant, quant_block):
     """Export CHECKPOINT (a Qwen3.5/3.6 safetensors directory) block by block to ONNX.
 
