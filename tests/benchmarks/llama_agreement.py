@@ -89,7 +89,7 @@ def llama_same_top(work: Path, bins: Path, convert: Path, text: Path, chunks: in
             qlog = run([str(bins / "llama-quantize"), str(f32), str(gguf), kind])
             types = sorted(set(re.findall(r"converting to (\w+)", qlog)))
             print(f"{kind}: llama-quantize chose {types}", file=sys.stderr)
-        for _ in range(3):   # twice in ~12 runs its summary was missing from the output (cause not found)
+        for _ in range(3):   # once in ~12 runs its summary was missing from the output (rc 0, cause not found)
             log = run([*ppl, "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence"])
             m = re.search(r"Same top p:\s*([0-9.]+) ± ([0-9.]+) %", log)
             if m is not None:
