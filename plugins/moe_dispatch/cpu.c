@@ -102,8 +102,13 @@ static void expert_inputs(void *user, size_t item) {  /* act = silu(x fc1_gate^T
       p->act[(q + 1) * p->i + r] = silu_mul(g[1], v[1]);
     }
     if (q < q1) {
+      /* gate row, then up row: in address order. As two arguments of one call, GCC read them up first,
+       * and that backward step every 4 KB cost the stream prefetcher a third of this phase's rate
+       * (tests/benchmarks/RESULTS.md, seventh pass). */
       const float *x0 = p->x + (int64_t)p->tok[q] * p->h;
-      p->act[q * p->i + r] = silu_mul(dot1(gate, x0, p->h), dot1(up, x0, p->h));
+      float g0 = dot1(gate, x0, p->h);
+      float v0 = dot1(up, x0, p->h);
+      p->act[q * p->i + r] = silu_mul(g0, v0);
     }
   }
 }
