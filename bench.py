@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -360,7 +360,8 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
     steps = len(jobs) * cfg.rounds + bool(others)
     by_round: list[list[EngineResult]] = [[] for _ in jobs]
     bandwidths = []
-    order = run_order(len(names), len(others), len(jobs) - len(names) - len(others))
+    groups = job_groups(len(names), len(others), len(jobs) - len(names) - len(others))
+    order = run_order(len(names), len(others), len(groups.ggufs))
     for r in range(cfg.rounds):
         for j in (order if r % 2 == 0 else order[::-1]):
             label, run = jobs[j]
@@ -373,7 +374,7 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
         bandwidths.append(gemv_bandwidth())
     results = [merge_rounds(rs) for rs in by_round]
     ours = results[0].result.get("greedy_ids") if results[0].ok else None
-    for r in results[1:len(names)]:
+    for r in (results[j] for j in groups.peers):
         if r.ok and "greedy_ids" in r.result and ours is not None:
             r.tokens_match = r.result["greedy_ids"] == ours
             if not r.tokens_match:
@@ -389,7 +390,7 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
                      # per batch size: the bytes one step reads, and the tokens/s that bandwidth allows
                      "decode_bytes_per_step": step_bytes,
                      "roofline_decode_tok_s_by_batch": {b: b * bw / n for b, n in step_bytes.items()}})
-    for r, row in zip([results[0]] + results[len(names):len(names) + len(others)], rows):
+    for r, row in zip((results[j] for j in groups.exports), rows):
         r.result["size_bytes"] = row["model_bytes"]
     if others:
         from dualbrain.runtime.agreement import top1_agreement
@@ -410,10 +411,21 @@ def bench(export: str | Path, checkpoint: str | Path | None = None, *, cfg: Benc
         "engines": [{"name": r.name, "ok": r.ok, "note": r.note, "tokens_match": r.tokens_match, **r.result}
                     for r in results],
         **({"gemv_bytes_per_s_by_round": bandwidths} if cfg.rounds > 1 else {}),
-        # dualbrain's exports (EXPORT, then each --precision) against each GGUF
-        "versus_llama": versus_llama([by_round[0], *by_round[len(names):len(names) + len(others)]],
-                                     by_round[len(names) + len(others):]),
+        "versus_llama": versus_llama([by_round[j] for j in groups.exports], [by_round[j] for j in groups.ggufs]),
     }
+
+
+class JobGroups(NamedTuple):
+    """bench()'s jobs, laid out [dualbrain, peers..., precisions..., GGUFs...], by kind (job indices)."""
+    exports: list[int]     # dualbrain's exports: EXPORT, then each --precision
+    ggufs: list[int]       # llama.cpp's models
+    peers: list[int]       # transformers, onnxruntime-genai
+
+
+def job_groups(n_names: int, n_precisions: int, n_ggufs: int) -> JobGroups:
+    return JobGroups([0, *range(n_names, n_names + n_precisions)],
+                     list(range(n_names + n_precisions, n_names + n_precisions + n_ggufs)),
+                     list(range(1, n_names)))
 
 
 def run_order(n_names: int, n_precisions: int, n_ggufs: int) -> list[int]:
@@ -421,10 +433,9 @@ def run_order(n_names: int, n_precisions: int, n_ggufs: int) -> list[int]:
     dualbrain export beside the GGUF of the same position (EXPORT by the first, the i-th --precision by
     the next: f32, Q8_0, Q4_0 in the usual call), so the pairs compared are measured minutes apart at
     most; the peers last."""
-    ours = [0, *range(n_names, n_names + n_precisions)]
-    theirs = list(range(n_names + n_precisions, n_names + n_precisions + n_ggufs))
+    ours, theirs, peers = job_groups(n_names, n_precisions, n_ggufs)
     pairs = [j for k in range(max(len(ours), len(theirs))) for j in (ours[k:k + 1] + theirs[k:k + 1])]
-    return pairs + list(range(1, n_names))
+    return pairs + peers
 
 
 def _median_figures(results: list[dict]) -> dict:

@@ -150,9 +150,10 @@ def main() -> None:
         train_large(a.work / "large", a.hidden)
     from dualbrain.recipes.pair.task import PairTask
 
+    task = PairTask()
     ids = training_text(a.chunks, a.ctx)
-    text = PairTask().tokenizer.decode(ids, skip_special_tokens=False)
-    if PairTask().encode(text) != ids:
+    text = task.tokenizer.decode(ids, skip_special_tokens=False)
+    if task.encode(text) != ids:
         raise SystemExit("the training text does not tokenize back to its ids")
     (a.work / "text.txt").write_text(text, encoding="utf-8")
     result = {"hidden": a.hidden, "chunks": a.chunks, "ctx": a.ctx,
