@@ -331,6 +331,25 @@ def test_rewrite_uses_our_kernel_for_decode_and_onnxruntime_for_prefill(library,
     assert ours == (n <= KERNEL_MAX_TOKENS), ran
 
 
+def test_node_cost_benchmark_times_equal_graphs():
+    """tests/benchmarks/ort_node_costs.py sets a chain of plain nodes against the same chain behind the
+    runtime's decode/prefill If: both must compute the same thing, or the difference is not the If's."""
+    import importlib.util
+
+    path = Path(__file__).parent / "benchmarks" / "ort_node_costs.py"
+    spec = importlib.util.spec_from_file_location("ort_node_costs", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = {"x": np.random.default_rng(3).standard_normal((1, 1, 48)).astype(np.float32)}
+    plain, wrapped = (bench.chain(5, 48, behind_if) for behind_if in (False, True))
+    assert [n.op_type for n in wrapped.graph.node].count("If") == 5
+    assert not any(n.op_type == "If" for n in plain.graph.node)
+    out = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+           for m in (plain, wrapped)]
+    np.testing.assert_array_equal(out[0], np.maximum(x["x"], 0))
+    np.testing.assert_array_equal(out[1], out[0])     # the If took its Relu (decode) branch
+
+
 def test_rewrite_leaves_other_dtypes_and_quantized_experts_alone():
     rng = np.random.default_rng(0)
     fc1, fc2 = _weights(rng, 4, 8, 16)
