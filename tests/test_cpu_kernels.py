@@ -58,8 +58,8 @@ def _moe_model(fc1, fc2, *, top_k, normalize=None, domain=CPU_DOMAIN):
     return model
 
 
-def _session(model, library, profile: str | None = None):
-    opts = ort.SessionOptions()
+def _session(model, library, profile: str | None = None, opts=None):
+    opts = opts or ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.register_custom_ops_library(str(library))
     if profile:
@@ -329,6 +329,93 @@ def test_rewrite_uses_our_kernel_for_decode_and_onnxruntime_for_prefill(library,
     ran = _ran(sess.end_profiling())
     ours = any(name.endswith("cpu_kernel/moe") for name in ran)
     assert ours == (n <= KERNEL_MAX_TOKENS), ran
+
+
+def _qmoe_model(n_experts, inter, hidden, top_k, *, bits=4, block=32, seed=0):
+    """A com.microsoft.QMoE node as ort_quant.fuse_quantized writes it, over experts quantized from random
+    normal weights (unsigned, mid zero point), and those experts dequantized for the numpy reference."""
+    rng = np.random.default_rng(seed)
+    f32 = {"fc1": rng.standard_normal((n_experts, 2 * inter, hidden)) * 0.1,
+           "fc2": rng.standard_normal((n_experts, hidden, inter)) * 0.1}
+    inits, dense = [], {}
+    for name, w in f32.items():
+        q, scale = quantize_blockwise(w.astype(np.float32), 2, block, bits, np.float32)
+        dense[name] = dequantize_blockwise(q, scale, 2, block)
+        u = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+        if bits == 4:
+            u = u[..., 0::2] | (u[..., 1::2] << 4)
+        inits += [numpy_helper.from_array(u, name), numpy_helper.from_array(scale, f"{name}_scales")]
+    node = helper.make_node("QMoE", ["x", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales"], ["y"], name="qmoe",
+                            domain="com.microsoft", k=top_k, normalize_routing_weights=1, activation_type="swiglu",
+                            swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=bits,
+                            block_size=block, accuracy_level=4)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", hidden]),
+              helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_experts])]
+    graph = helper.make_graph([node], "qmoe", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden])], inits)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    return model, dense
+
+
+def test_int4_interleaved_layout_reads_back_the_same_weights():
+    rng = np.random.default_rng(4)
+    packed = rng.integers(0, 256, (3, 24, 48), dtype=np.uint8)        # 3 experts, 24 rows, K = 96
+    scales = rng.random((3, 24, 3)).astype(np.float32)
+    w, s = moe_ref.interleave_int4_rows(packed, scales)
+    assert w.shape == (3, 3, 3, 128) and s.shape == (3, 3, 3, 8)
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(3, 24, 96).astype(np.float32) - 8
+    np.testing.assert_array_equal(moe_ref.int4_rows(w, s), values * np.repeat(scales, 32, axis=-1))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        moe_ref.interleave_int4_rows(packed[:, :20], scales[:, :20])
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MoEDispatch is used only where the CPU has AVX-512 VNNI")
+@pytest.mark.parametrize("n,e,i,h,k", [
+    (1, 64, 256, 1024, 8),      # the mid-size MoE's decode step
+    (8, 64, 256, 1024, 8),      # batch 8: experts shared between tokens
+    (5, 7, 64, 96, 3),          # odd expert count and top-k
+    (3, 4, 32, 64, 4),          # every expert chosen; one block of the expert width
+    (70, 5, 32, 64, 1),         # a prefill: the kernel runs it too
+])
+@pytest.mark.parametrize("supplied", [False, True])
+def test_int4_moe_rewrite_matches_qmoe_and_the_reference(library, tmp_path, n, e, i, h, k, supplied):
+    model, dense = _qmoe_model(e, i, h, k, seed=n + e)
+    qmoe = _session(model, library)
+    arrays = {} if supplied else None
+    assert use_cpu_kernels(model, supplied=arrays) == 1
+    onnx.checker.check_model(model)
+    ops = {(nd.domain, nd.op_type) for nd in model.graph.node}
+    assert ops == {(CPU_DOMAIN, moe_ref.INT4_OP_TYPE)}
+    inits = {t.name for t in model.graph.initializer}
+    assert not inits & {"fc1", "fc1_scales", "fc2", "fc2_scales"}              # QMoE's layout is not loaded
+    opts = None
+    if supplied:     # placeholders in the graph, the arrays handed over as the backend does
+        assert len(arrays) == 4 and all(model.graph.initializer[j].dims == [1] for j in range(4))
+        values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        opts = ort.SessionOptions()
+        for name, value in values.items():
+            opts.add_initializer(name, value)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, h)).astype(np.float32)
+    logits = rng.standard_normal((n, e)).astype(np.float32)
+    y = _session(model, library, opts=opts).run(None, {"x": x, "logits": logits})[0]
+    # QMoE rounds the activations to int8 per block of 32 as the kernel does: the same sums
+    want = qmoe.run(None, {"x": x, "logits": logits})[0]
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    ref = moe_ref.moe_dispatch(x, logits, dense["fc1"], dense["fc2"], k)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=3e-2 * np.abs(ref).max())     # as test_quant_experts
+
+
+def test_int4_moe_rewrite_leaves_other_experts_alone():
+    assert use_cpu_kernels(_qmoe_model(4, 32, 64, 2, bits=8)[0]) == 0              # 8-bit experts
+    assert use_cpu_kernels(_qmoe_model(4, 64, 128, 2, block=64)[0]) == 0           # blocks of 64
+    model = _qmoe_model(4, 32, 64, 2)[0]
+    model.graph.node[0].attribute.append(helper.make_attribute("swiglu_limit", 7.0))
+    for a in model.graph.node[0].attribute:
+        if a.name == "activation_alpha":
+            a.f = 1.702                                                              # another SwiGLU
+    assert use_cpu_kernels(model) == 0
 
 
 def test_node_cost_benchmark_times_equal_graphs():

@@ -12,6 +12,14 @@
  * fc2[e] @ (silu(gate) * up) with fc1[e]'s rows interleaved (row 2i = gate i, row 2i+1 = up i).
  * x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I] -> y [N, H].
  *
+ * Int4MoEDispatch is the same op on the 4-bit experts of an int4 export, in the layout of
+ * reference.interleave_int4_rows (eight rows interleaved, blocks of 32) made at load, for calls of any
+ * size, in place of ONNX Runtime's QMoE, which dequantizes the chosen experts and multiplies them in
+ * float32. One row at a time, a 4-bit row is bound by the work per block, not by its bytes.
+ * Interleaved, each 32-bit lane is one row, so a block's scale, convert and FMA serve eight rows
+ * (tests/benchmarks/int4_row_layouts.c: 53 against 19 GB/s a core). The activations are int8 per
+ * block of 32, as in QMoE (accuracy level 4) and llama.cpp's Q4_0 x Q8_0.
+ *
  * Registered by ../ort_kernels.c; built by dualbrain.runtime.backends.ort_kernels.
  */
 #include <math.h>
@@ -20,6 +28,10 @@
 #include <string.h>
 
 #include "ort_kernel.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
 
 /* rows of fc1 (pairs of gate/up rows) and of fc2 per parallel work item: ~256-512 KB of weights */
 #define ACT_ROWS_PER_ITEM 32
@@ -69,10 +81,6 @@ static inline float dot1(const float *a, const float *b, int64_t n) {
 }
 
 static inline float silu_mul(float g, float v) { return g / (1.0f + expf(-g)) * v; }
-
-typedef struct {
-  int64_t top_k, normalize;
-} MoeKernel;
 
 /* One call's routing, grouped by expert: pairs start[u]..start[u+1]-1 go to expert used[u]. */
 typedef struct {
@@ -193,28 +201,187 @@ static void route(Plan *p, const float *logits, int64_t e_count, int64_t k, int 
 
 /* ---- ONNX Runtime glue ------------------------------------------------------------------------ */
 
-static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
-  const MoeKernel *kn = kernel;
-  int64_t xd[2], ld[2], f1[3], f2[3];
-  Plan p = {0};
+typedef struct {
+  int64_t top_k, normalize;
+} MoeKernel;
+
+/* The routed call both ops share: x, the router's logits, the output; then the routing into *mem
+ * (NULL with no tokens). p->h and p->i must be set. */
+static OrtStatus *route_call(const MoeKernel *kn, OrtKernelContext *ctx, Plan *p, int64_t e_count, void **mem) {
+  int64_t xd[2], ld[2];
   const float *logits;
   OrtStatus *st;
-  if ((st = dualbrain_input(ctx, 0, 2, &p.x, xd)) || (st = dualbrain_input(ctx, 1, 2, &logits, ld)) ||
-      (st = dualbrain_input(ctx, 2, 3, &p.fc1, f1)) || (st = dualbrain_input(ctx, 3, 3, &p.fc2, f2)))
-    return st;
-  p.n = xd[0], p.h = xd[1], p.i = f2[2];
-  int64_t e_count = ld[1];
-  if (ld[0] != p.n || f1[0] != e_count || f2[0] != e_count || f1[1] != 2 * p.i || f1[2] != p.h || f2[1] != p.h)
-    return dualbrain_error("MoEDispatch (cpu): shapes must be x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I]");
+  *mem = NULL;
+  if ((st = dualbrain_input(ctx, 0, 2, &p->x, xd)) || (st = dualbrain_input(ctx, 1, 2, &logits, ld))) return st;
+  if (xd[0] != ld[0] || xd[1] != p->h || ld[1] != e_count)
+    return dualbrain_error("MoEDispatch (cpu): x must be [N, H] and router_logits [N, E], as the experts");
   if (kn->top_k < 1 || kn->top_k > e_count) return dualbrain_error("MoEDispatch (cpu): top_k must be in 1..E");
-  if ((st = dualbrain_output(ctx, 0, xd, 2, &p.y))) return st;
-  if (p.n == 0) return NULL;
+  p->n = xd[0];
+  if ((st = dualbrain_output(ctx, 0, xd, 2, &p->y))) return st;
+  if (p->n == 0) return NULL;
+  route(p, logits, e_count, kn->top_k, (int)kn->normalize, mem);
+  return *mem ? NULL : dualbrain_error("MoEDispatch (cpu): out of memory");
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  int64_t f1[3], f2[3];
+  Plan p = {0};
   void *mem;
-  route(&p, logits, e_count, kn->top_k, (int)kn->normalize, &mem);
-  if (!mem) return dualbrain_error("MoEDispatch (cpu): out of memory");
+  OrtStatus *st;
+  if ((st = dualbrain_input(ctx, 2, 3, &p.fc1, f1)) || (st = dualbrain_input(ctx, 3, 3, &p.fc2, f2))) return st;
+  p.h = f2[1], p.i = f2[2];
+  if (f1[0] != f2[0] || f1[1] != 2 * p.i || f1[2] != p.h)
+    return dualbrain_error("MoEDispatch (cpu): shapes must be x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I]");
+  if ((st = route_call(kernel, ctx, &p, f1[0], &mem)) || !mem) return st;
   p.act_chunks = (p.i + ACT_ROWS_PER_ITEM - 1) / ACT_ROWS_PER_ITEM;
   st = dualbrain_parallel(ctx, expert_inputs, (size_t)(p.n_used * p.act_chunks), &p);
   if (!st) st = dualbrain_parallel(ctx, expert_outputs, (size_t)((p.h + OUT_ROWS_PER_ITEM - 1) / OUT_ROWS_PER_ITEM), &p);
+  free(mem);
+  return st;
+}
+
+/* ---- Int4MoEDispatch: 4-bit experts, eight rows interleaved ------------------------------------- */
+
+#define INT4_BLOCK 32
+#define IN_GROUPS_PER_ITEM 8      /* fc1: groups of eight rows (four gate/up pairs) per work item: 40 KB */
+#define OUT_GROUPS_PER_ITEM 32    /* fc2: per item, 256 output rows of every chosen expert (8 KB each) */
+
+typedef struct {
+  Plan *p;
+  const uint8_t *w1, *w2;         /* [E, 2I/8, H/32, 128], [E, H/8, I/32, 128] */
+  const float *s1, *s2;           /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8] */
+  const int8_t *xq, *aq;          /* the tokens [N, H] and the pairs' activations [pairs, I] as int8 */
+  const float *xs, *as;           /* their scale per block of 32 */
+  const int32_t *xc, *ac;         /* 8 x their sum per block (the mid zero point's share) */
+} Int4Plan;
+
+/* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and 8 x the sums */
+static void int8_blocks(const float *x, int64_t m, int64_t k, int8_t *q, float *s, int32_t *c) {
+  for (int64_t b = 0; b < m * k / INT4_BLOCK; b++) {
+    const float *r = x + b * INT4_BLOCK;
+    float mx = 0.0f;
+    for (int i = 0; i < INT4_BLOCK; i++) mx = fabsf(r[i]) > mx ? fabsf(r[i]) : mx;
+    float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
+    int32_t sum = 0;
+    for (int i = 0; i < INT4_BLOCK; i++) sum += q[b * INT4_BLOCK + i] = (int8_t)lrintf(r[i] * inv);
+    s[b] = sc, c[b] = 8 * sum;
+  }
+}
+
+/* out[r] = row r of one group of eight . x, over `blocks` blocks (layout: reference.interleave_int4_rows) */
+static inline void group_dot(const uint8_t *w, const float *s8, const int8_t *x, const float *xs, const int32_t *xc,
+                             int64_t blocks, float out[8]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  /* two sums: no FMA waits on the last */
+  for (int64_t b = 0; b < blocks; b++) {
+    const uint8_t *wb = w + 128 * b;
+    const int8_t *xb = x + INT4_BLOCK * b;
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {  /* lane r: row r's values 8c..8c+3 (low nibbles), 8c+4..8c+7 (high) */
+      __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+      int32_t x0, x1;
+      memcpy(&x0, xb + 8 * c, 4), memcpy(&x1, xb + 8 * c + 4, 4);
+      lo = _mm256_dpbusd_epi32(lo, _mm256_and_si256(v, low4), _mm256_set1_epi32(x0));
+      hi = _mm256_dpbusd_epi32(hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_set1_epi32(x1));
+    }
+    __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo, hi), _mm256_set1_epi32(xc[b]));
+    __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s8 + 8 * b), _mm256_set1_ps(xs[b])), _mm256_cvtepi32_ps(sum));
+    if (b & 1) odd = _mm256_add_ps(odd, f);
+    else even = _mm256_add_ps(even, f);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(even, odd));
+#else
+  for (int r = 0; r < 8; r++) out[r] = 0.0f;
+  for (int64_t b = 0; b < blocks; b++) {
+    int32_t sum[8] = {0};
+    for (int c = 0; c < 4; c++)
+      for (int r = 0; r < 8; r++)
+        for (int i = 0; i < 4; i++) {
+          uint8_t v = w[128 * b + 32 * c + 4 * r + i];
+          sum[r] += (v & 0x0F) * x[INT4_BLOCK * b + 8 * c + i] + (v >> 4) * x[INT4_BLOCK * b + 8 * c + 4 + i];
+        }
+    for (int r = 0; r < 8; r++) out[r] += s8[8 * b + r] * xs[b] * (float)(sum[r] - xc[b]);
+  }
+#endif
+}
+
+static void int4_expert_inputs(void *user, size_t item) {  /* act = silu(gate) * up, four units a group */
+  const Int4Plan *z = user;
+  const Plan *p = z->p;
+  int64_t groups = 2 * p->i / 8, blocks = p->h / INT4_BLOCK;
+  int64_t chunks = (groups + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
+  int64_t u = (int64_t)item / chunks, g0 = (int64_t)item % chunks * IN_GROUPS_PER_ITEM, e = p->used[u];
+  int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
+  float o[8];
+  for (int64_t g = g0; g < g1; g++) {
+    const uint8_t *w = z->w1 + (e * groups + g) * blocks * 128;
+    const float *s = z->s1 + (e * groups + g) * blocks * 8;
+    for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
+      int64_t t = p->tok[q];
+      group_dot(w, s, z->xq + t * p->h, z->xs + t * blocks, z->xc + t * blocks, blocks, o);
+      for (int j = 0; j < 4; j++) p->act[q * p->i + 4 * g + j] = silu_mul(o[2 * j], o[2 * j + 1]);
+    }
+  }
+}
+
+static void int4_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum over pairs of w * fc2 act */
+  const Int4Plan *z = user;
+  const Plan *p = z->p;
+  int64_t groups = p->h / 8, blocks = p->i / INT4_BLOCK;
+  int64_t g0 = (int64_t)item * OUT_GROUPS_PER_ITEM, g1 = g0 + OUT_GROUPS_PER_ITEM < groups ? g0 + OUT_GROUPS_PER_ITEM : groups;
+  float o[8];
+  for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
+  for (int64_t u = 0; u < p->n_used; u++) {
+    int64_t e = p->used[u];
+    for (int64_t g = g0; g < g1; g++) {
+      const uint8_t *w = z->w2 + (e * groups + g) * blocks * 128;
+      const float *s = z->s2 + (e * groups + g) * blocks * 8;
+      for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
+        group_dot(w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, blocks, o);
+        float *y = p->y + (int64_t)p->tok[q] * p->h + 8 * g;
+        for (int r = 0; r < 8; r++) y[r] += p->w[q] * o[r];
+      }
+    }
+  }
+}
+
+static OrtStatus *int4_compute(void *kernel, OrtKernelContext *ctx) {
+  int64_t f1[4], s1[4], f2[4], s2[4];
+  Plan p = {0};
+  Int4Plan z = {.p = &p};
+  void *mem;
+  OrtStatus *st;
+  if ((st = dualbrain_input_of(ctx, 2, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z.w1, f1)) ||
+      (st = dualbrain_input(ctx, 3, 4, &z.s1, s1)) ||
+      (st = dualbrain_input_of(ctx, 4, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z.w2, f2)) ||
+      (st = dualbrain_input(ctx, 5, 4, &z.s2, s2)))
+    return st;
+  p.h = f2[1] * 8, p.i = f1[1] * 4;
+  if (f1[0] != f2[0] || f1[2] * INT4_BLOCK != p.h || f2[2] * INT4_BLOCK != p.i || f1[3] != 128 || f2[3] != 128 ||
+      s1[0] != f1[0] || s1[1] != f1[1] || s1[2] != f1[2] || s1[3] != 8 ||
+      s2[0] != f2[0] || s2[1] != f2[1] || s2[2] != f2[2] || s2[3] != 8 || p.i % INT4_BLOCK)
+    return dualbrain_error("Int4MoEDispatch (cpu): shapes must be fc1 [E, 2I/8, H/32, 128], fc1_scales [E, 2I/8, H/32, 8], "
+                           "fc2 [E, H/8, I/32, 128], fc2_scales [E, H/8, I/32, 8] (interleave_int4_rows)");
+  if ((st = route_call(kernel, ctx, &p, f1[0], &mem)) || !mem) return st;
+  int64_t pairs = p.start[p.n_used], xb = p.n * p.h / INT4_BLOCK, ab = pairs * p.i / INT4_BLOCK;
+  char *buf = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)(xb + ab) + (size_t)(p.n * p.h + pairs * p.i));
+  if (!buf) {
+    free(mem);
+    return dualbrain_error("Int4MoEDispatch (cpu): out of memory");
+  }
+  float *xs = (float *)buf, *as = xs + xb;
+  int32_t *xc = (int32_t *)(as + ab), *ac = xc + xb;
+  int8_t *xq = (int8_t *)(ac + ab), *aq = xq + p.n * p.h;
+  z.xq = xq, z.aq = aq, z.xs = xs, z.as = as, z.xc = xc, z.ac = ac;
+  int8_blocks(p.x, p.n, p.h, xq, xs, xc);
+  int64_t in_chunks = (2 * p.i / 8 + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
+  st = dualbrain_parallel(ctx, int4_expert_inputs, (size_t)(p.n_used * in_chunks), &z);
+  if (!st) {
+    int8_blocks(p.act, pairs, p.i, aq, as, ac);
+    st = dualbrain_parallel(ctx, int4_expert_outputs, (size_t)((p.h / 8 + OUT_GROUPS_PER_ITEM - 1) / OUT_GROUPS_PER_ITEM), &z);
+  }
+  free(buf);
   free(mem);
   return st;
 }
@@ -231,4 +398,10 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKern
 
 static OrtStatus *infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) { (void)op; return dualbrain_same_shape(ctx, 0, 0); }
 
+static int int4_input_type(const OrtCustomOp *op, size_t index) {
+  (void)op;
+  return index == 2 || index == 4 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
+}
+
 DUALBRAIN_CPU_OP(dualbrain_moe_dispatch_op, "MoEDispatch", 4, 1, dualbrain_float, create, compute, free, infer);
+DUALBRAIN_CPU_OP(dualbrain_int4_moe_dispatch_op, "Int4MoEDispatch", 6, 1, int4_input_type, create, int4_compute, free, infer);

@@ -17,8 +17,13 @@ from dualbrain.plugins import OpIdentity
 # Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
 IDENTITY = OpIdentity("MoEDispatch")
 DOMAIN, OP_TYPE, VERSION = IDENTITY.domain, IDENTITY.op_type, IDENTITY.version
+# The same op on 4-bit experts, eight rows interleaved (`interleave_int4_rows`): the CPU kernel's op type
+# only. The export writes MoEDispatch over DequantizeLinear; the ONNX Runtime backend rewrites it at load.
+INT4_OP_TYPE = "Int4MoEDispatch"
+INT4_BLOCK = 32          # values per scale in that layout
 
-__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "route", "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up"]
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "INT4_OP_TYPE", "INT4_BLOCK", "route", "moe_dispatch",
+           "interleave_gate_up", "deinterleave_gate_up", "interleave_int4_rows", "int4_rows", "int4_moe_dispatch"]
 
 
 def interleave_gate_up(gate_up):
@@ -77,3 +82,43 @@ def moe_dispatch(x, router_logits, fc1, fc2, top_k: int, normalize: bool = True)
         out = (_silu(gate) * up) @ fc2f[e].T  # [n, H]
         np.add.at(y, tok, out * w[tok, slot][:, None])
     return y.astype(dtype)
+
+
+def interleave_int4_rows(packed, scales):
+    """QMoE's 4-bit experts -> eight rows interleaved, the layout of ``Int4MoEDispatch``.
+
+    In: packed [E, R, K/2] uint8 (value 2j in the low nibble of byte j, the mid zero point 8), scales
+    [E, R, K/32]. Out: [E, R/8, K/32, 128] uint8 and [E, R/8, K/32, 8] float32: for each group of eight
+    rows and each block of 32 values, four chunks of 32 bytes; byte 4r+i of chunk c holds row r's value
+    8c+i in its low nibble and 8c+4+i in its high one. One 32-byte load then gives each of eight 32-bit
+    lanes four values of its own row, so the kernel's per-block scale, convert and FMA serve eight rows
+    (llama.cpp repacks Q4_0 the same way)."""
+    packed = np.asarray(packed, np.uint8)
+    e, rows, half = packed.shape
+    k = 2 * half
+    if rows % 8 or k % INT4_BLOCK:
+        raise ValueError(f"rows ({rows}) must be a multiple of 8 and K ({k}) of {INT4_BLOCK}")
+    v = np.empty((e, rows, k), np.uint8)
+    v[..., 0::2], v[..., 1::2] = packed & 0x0F, packed >> 4
+    v = v.reshape(e, rows // 8, 8, k // INT4_BLOCK, 4, 8)          # expert, group, row, block, chunk, value
+    byte = v[..., :4] | (v[..., 4:] << 4)
+    w = np.ascontiguousarray(byte.transpose(0, 1, 3, 4, 2, 5)).reshape(e, rows // 8, k // INT4_BLOCK, 128)
+    s = np.asarray(scales, np.float32).reshape(e, rows // 8, 8, k // INT4_BLOCK).transpose(0, 1, 3, 2)
+    return w, np.ascontiguousarray(s)
+
+
+def int4_rows(w, s):
+    """The float32 rows [E, R, K] of `interleave_int4_rows`' layout, read back from it."""
+    w, s = np.asarray(w, np.uint8), np.asarray(s, np.float32)
+    e, groups, blocks, _ = w.shape
+    b = w.reshape(e, groups, blocks, 4, 8, 4)                       # expert, group, block, chunk, row, byte
+    v = np.concatenate([b & 0x0F, b >> 4], axis=-1)                 # ..., chunk, row, value 8c + 0..7
+    v = v.transpose(0, 1, 4, 2, 3, 5).reshape(e, groups * 8, blocks, INT4_BLOCK)
+    scale = s.transpose(0, 1, 3, 2).reshape(e, groups * 8, blocks, 1)
+    return ((v.astype(np.float32) - 8) * scale).reshape(e, groups * 8, blocks * INT4_BLOCK)
+
+
+def int4_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k: int, normalize: bool = True):
+    """``Int4MoEDispatch``: :func:`moe_dispatch` over the experts in `interleave_int4_rows`' layout (the
+    kernel rounds the activations to int8 per block of 32 first, which this reference does not)."""
+    return moe_dispatch(x, router_logits, int4_rows(fc1, fc1_scales), int4_rows(fc2, fc2_scales), top_k, normalize)

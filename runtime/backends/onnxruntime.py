@@ -190,17 +190,10 @@ class OrtBackend:
         self.manifest = manifest
         self._ort = ort
         self._lock = threading.Lock()
-        self._opts = {linked_session: self._options(threads, cpu_mem_arena, spinning=linked_session)
-                      for linked_session in (True, False)}
-        for opts in self._opts.values():
-            if profile:
-                opts.enable_profiling = True
-                opts.profile_file_prefix = profile
+        self._settings = (threads, cpu_mem_arena, profile)
         self._providers = providers or ["CPUExecutionProvider"]
         self.cpu_kernels = ort_kernels.library() if cpu_kernels and self._providers == ["CPUExecutionProvider"] else None
-        for opts in self._opts.values():
-            if self.cpu_kernels:
-                opts.register_custom_ops_library(str(self.cpu_kernels))
+        self._supplied: dict[str, dict] = {}     # per session: the OrtValues handed to it by add_initializer
         self.sessions: dict[str, object] = {}
         self.convert_bf16 = manifest.dtype == "bfloat16" and self._providers == ["CPUExecutionProvider"]
         self._files = {b.name: b.file for b in manifest.blocks}
@@ -220,8 +213,19 @@ class OrtBackend:
         if LINKED in self._files:
             self._session(LINKED)
 
-    def _options(self, threads: int | None, cpu_mem_arena: bool, *, spinning: bool):
+    def _options(self, linked_session: bool, initializers: dict | None = None):
+        """A session's options: the linked graph's or a block's (`linked_session`), with `initializers`
+        (name -> OrtValue, kept alive by the caller) read by the session in place."""
+        threads, cpu_mem_arena, profile = self._settings
+        spinning = linked_session
         opts = self._ort.SessionOptions()
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile
+        if self.cpu_kernels:
+            opts.register_custom_ops_library(str(self.cpu_kernels))
+        for name, value in (initializers or {}).items():
+            opts.add_initializer(name, value)
         opts.log_severity_level = 3
         # Sequence lengths grow every decode step; ORT's CPU arena keeps a block for each new size and
         # grows without bound over long generations (measured: ~9 KB/token). Plain malloc/free does not.
@@ -277,9 +281,13 @@ class OrtBackend:
             if self.convert_bf16:
                 onnx.load_external_data_for_model(model, str(self.model_dir))
                 bf16_to_fp32(model)
+            supplied: dict = {}
             if self.cpu_kernels:    # after the bf16 rewrite: its experts are float32 by then
-                rewritten += use_cpu_kernels(model, self.model_dir)
-            opts = self._opts[name.startswith(LINKED)]
+                rewritten += use_cpu_kernels(model, self.model_dir, supplied)
+            # the relaid weights reach the session as OrtValues over the arrays: no copy in the graph's bytes
+            values = {n: self._ort.OrtValue.ortvalue_from_numpy(a) for n, a in supplied.items()}
+            self._supplied[name] = values        # ONNX Runtime reads them in place: they live as the session does
+            opts = self._options(name.startswith(LINKED), values)
             if rewritten or self.convert_bf16:
                 return self._ort.InferenceSession(model.SerializeToString(), opts, providers=self._providers)
             return self._ort.InferenceSession(str(self._path(file)), opts, providers=self._providers)

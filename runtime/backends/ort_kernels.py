@@ -7,6 +7,12 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   rows once for every token routed to it. It is a GEMV kernel, so a call of more than
   `KERNEL_MAX_TOKENS` tokens (a prefill) keeps ONNX Runtime's GEMM-based `com.microsoft.MoE`: the
   rewrite puts both behind an ONNX `If` on the token count.
+* the same file's `Int4MoEDispatch`: the 4-bit experts of an int4 export (blocks of 32), decode and
+  prefill, in place of ONNX Runtime's QMoE (which dequantizes the chosen experts to float32). The
+  weights are laid out at load with eight rows interleaved
+  (`moe_dispatch.reference.interleave_int4_rows`), so that each block's scale and FMA serve eight rows,
+  and handed to the session without a copy; QMoE's layout is then not loaded. Used only where the CPU
+  has AVX-512 VNNI (elsewhere the kernel would be a scalar loop and QMoE stays).
 * `plugins/causal_conv/cpu.c`: the GDN layers' short depthwise convolution, which ONNX Runtime's `Conv`
   runs as one tiny convolution per channel (25 ms per batch-8 step on the mid-size MoE).
 * `plugins/gated_delta/cpu.c`: the GDN recurrence (and its window form, which keeps every position's
@@ -44,7 +50,7 @@ from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
-from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE
+from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, interleave_int4_rows
 from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -148,11 +154,29 @@ class _Rewrite(_Graph):
     """One pass over a main graph: ort_quant's view of it (initializers, producers, users, external
     bytes) plus what these rewrites read and add."""
 
-    def __init__(self, model, model_dir):
+    def __init__(self, model, model_dir, supplied: dict[str, np.ndarray] | None = None):
         super().__init__(model.graph, model_dir)
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.added: list = []                # initializers made by a rewrite
+        self.released: set[str] = set()      # initializers a rewrite stopped reading
+        self.supplied = supplied
+
+    def supply(self, name: str, array: np.ndarray) -> str:
+        """A new initializer `name` holding `array`: with a `supplied` dict, a one-element placeholder in the
+        graph and the array in the dict, for the session's options to hand over in place
+        (`SessionOptions.add_initializer`, which replaces the placeholder; ONNX Runtime checks a
+        placeholder's data against its dims, so it cannot be dims alone); else the array in the graph."""
+        if self.supplied is None:
+            self.added.append(numpy_helper.from_array(array, name))
+        else:
+            self.supplied[name] = array
+            self.added.append(numpy_helper.from_array(np.zeros(1, array.dtype), name))
+        return name
+
+    def release(self, *names: str) -> None:
+        """The node being rewritten no longer reads `names`: drop those it was the only reader of."""
+        self.released.update(n for n in names if self.users.get(n) == 1 and n not in self.outputs)
 
     def array(self, name: str) -> np.ndarray:
         """Initializer `name` as an array (its bytes read through `raw`, external data included)."""
@@ -194,6 +218,41 @@ def _moe_behind_if(node, r: _Rewrite) -> list | None:
     for n in (ours, theirs):
         n.attribute.extend(node.attribute)
     return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * hidden, y, p, ours, theirs)
+
+
+@functools.cache
+def _has_vnni() -> bool:
+    """The CPU has the AVX-512 VNNI and VL instructions Int4MoEDispatch is written for."""
+    flags = set(_cpu_id().split())
+    return {"avx512_vnni", "avx512vl"} <= flags
+
+
+# QMoE as ort_quant.fuse_quantized writes it: plain SwiGLU (silu(gate) * up) on interleaved gate/up rows
+_QMOE_SWIGLU = {"activation_type": b"swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+
+
+def _int4_moe(node, r: _Rewrite) -> list | None:
+    """QMoE (4-bit, blocks of 32, no biases) -> Int4MoEDispatch on the experts with eight rows interleaved,
+    made here from the export's bytes. It runs prefill too (faster than QMoE at 64 and 512 tokens on the
+    mid shapes), so QMoE's copy of the experts is not loaded at all."""
+    attrs = _attrs(node)
+    if len(node.input) != 7 or node.input[4] or any(attrs.get(a) != v for a, v in _QMOE_SWIGLU.items()) \
+            or attrs.get("expert_weight_bits") != 4 or attrs.get("block_size") != INT4_BLOCK or not _has_vnni():
+        return None
+    fc1, fc1_s, fc2, fc2_s = (r.inits.get(node.input[i]) for i in (2, 3, 5, 6))
+    if any(t is None for t in (fc1, fc1_s, fc2, fc2_s)) or fc1.data_type != TensorProto.UINT8 \
+            or fc2.data_type != TensorProto.UINT8 or not {fc1_s.name, fc2_s.name} <= r.floats \
+            or len(fc1.dims) != 3 or len(fc2.dims) != 3 or fc1.dims[1] % 8 or fc2.dims[1] % 8 \
+            or (2 * fc1.dims[2]) % INT4_BLOCK or (2 * fc2.dims[2]) % INT4_BLOCK:
+        return None
+    p = f"{node.name or node.output[0]}/cpu_kernel"
+    inputs = list(node.input[:2])
+    for which, (q, s) in (("fc1", (fc1, fc1_s)), ("fc2", (fc2, fc2_s))):
+        w, scales = interleave_int4_rows(r.array(q.name), r.array(s.name))
+        inputs += [r.supply(f"{p}/{which}", w), r.supply(f"{p}/{which}_scales", scales)]
+        r.release(q.name, s.name)
+    return [helper.make_node(INT4_OP_TYPE, inputs, list(node.output), name=f"{p}/int4_moe", domain=CPU_DOMAIN,
+                             top_k=attrs.get("k", 1), normalize=attrs.get("normalize_routing_weights", 0))]
 
 
 def _conv(node, r: _Rewrite) -> list | None:
@@ -245,6 +304,7 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
 # (domain, op type) -> the rewrite (None: the node stays as it is)
 REWRITES = {
     (MOE.domain, MOE.op_type): _moe_behind_if,
+    (MS_DOMAIN, "QMoE"): _int4_moe,
     (CONV.domain, CONV.op_type): _conv,
     (GDN.domain, GDN.op_type): _gated_delta,
     (GDN.domain, GDN.window_op_type): _gated_delta,
@@ -252,12 +312,14 @@ REWRITES = {
 }
 
 
-def use_cpu_kernels(model, model_dir=".") -> int:
-    """Hand the float32 nodes our kernels cover (`REWRITES`) in `model`'s main graph to them; returns how
-    many nodes were rewritten. `model_dir`: where the model's external data lies (the int8 linears'
-    weights are read to lay them out by rows). The session must have loaded `library()`."""
+def use_cpu_kernels(model, model_dir=".", supplied: dict[str, np.ndarray] | None = None) -> int:
+    """Hand the nodes our kernels cover (`REWRITES`) in `model`'s main graph to them; returns how many
+    nodes were rewritten. `model_dir`: where the model's external data lies (the int8 linears' and int4
+    experts' weights are read to lay them out for the kernels). `supplied`: where the int4 experts'
+    relaid weights go instead of into the graph (`_Rewrite.supply`); the session's options must then add
+    them (`SessionOptions.add_initializer`). The session must have loaded `library()`."""
     g = model.graph
-    r = _Rewrite(model, model_dir)
+    r = _Rewrite(model, model_dir, supplied)
     replaced = {}
     for index, node in enumerate(g.node):
         rewrite = REWRITES.get((node.domain, node.op_type))
@@ -269,6 +331,10 @@ def use_cpu_kernels(model, model_dir=".") -> int:
                  for n in replaced.get(i, [node])]
         del g.node[:]
         g.node.extend(nodes)
+        if r.released:
+            kept = [t for t in g.initializer if t.name not in r.released]
+            del g.initializer[:]
+            g.initializer.extend(kept)
         g.initializer.extend(r.added)
         if not any(o.domain == CPU_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(CPU_DOMAIN, 1))
