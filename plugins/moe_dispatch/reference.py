@@ -98,11 +98,13 @@ def interleave_int4_rows(packed, scales):
     k = 2 * half
     if rows % 8 or k % INT4_BLOCK:
         raise ValueError(f"rows ({rows}) must be a multiple of 8 and K ({k}) of {INT4_BLOCK}")
-    v = np.empty((e, rows, k), np.uint8)
-    v[..., 0::2], v[..., 1::2] = packed & 0x0F, packed >> 4
-    v = v.reshape(e, rows // 8, 8, k // INT4_BLOCK, 4, 8)          # expert, group, row, block, chunk, value
-    byte = v[..., :4] | (v[..., 4:] << 4)
-    w = np.ascontiguousarray(byte.transpose(0, 1, 3, 4, 2, 5)).reshape(e, rows // 8, k // INT4_BLOCK, 128)
+    # Four bytes of a row, read as one little-endian word, hold its values 8c..8c+7 as nibbles in order;
+    # the lane wants them as v0 v4 v1 v5 v2 v6 v3 v7. Two swaps do it (the middle bytes, then the middle
+    # nibbles of each half), then the words are moved from row-major to chunk-major order.
+    x = np.ascontiguousarray(packed).view("<u4").reshape(e, rows // 8, 8, k // INT4_BLOCK, 4)
+    x = (x & 0xFF0000FF) | ((x & 0x00FF0000) >> 8) | ((x & 0x0000FF00) << 8)
+    x = (x & 0xF00FF00F) | ((x & 0x0F000F00) >> 4) | ((x & 0x00F000F0) << 4)
+    w = np.ascontiguousarray(x.transpose(0, 1, 3, 4, 2)).view(np.uint8).reshape(e, rows // 8, k // INT4_BLOCK, 128)
     s = np.asarray(scales, np.float32).reshape(e, rows // 8, 8, k // INT4_BLOCK).transpose(0, 1, 3, 2)
     return w, np.ascontiguousarray(s)
 
