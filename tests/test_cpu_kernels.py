@@ -30,6 +30,7 @@ from dualbrain.plugins.gated_delta.function import onnx_functions as gdn_functio
 from dualbrain.plugins.moe_dispatch.reference import DOMAIN, OP_TYPE
 from dualbrain.runtime.backends import ort_kernels
 from dualbrain.runtime.backends.ort_kernels import CPU_DOMAIN, KERNEL_MAX_TOKENS, use_cpu_kernels
+from dualbrain.runtime.backends.ort_quant import QMOE_SWIGLU
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the kernels are off and ONNX Runtime's run instead")
@@ -58,14 +59,21 @@ def _moe_model(fc1, fc2, *, top_k, normalize=None, domain=CPU_DOMAIN):
     return model
 
 
-def _session(model, library, profile: str | None = None, opts=None):
-    opts = opts or ort.SessionOptions()
+def _session(model, library, profile: str | None = None, supplied: dict | None = None):
+    """A session over `model` with the kernels loaded; `supplied` (use_cpu_kernels' arrays) handed over as
+    the backend does, as OrtValues the session keeps alive."""
+    opts = ort.SessionOptions()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in (supplied or {}).items()}
+    for name, value in values.items():
+        opts.add_initializer(name, value)
     opts.intra_op_num_threads = 2
     opts.register_custom_ops_library(str(library))
     if profile:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess.supplied_values = values     # ONNX Runtime reads them in place: they live as the session does
+    return sess
 
 
 def _weights(rng, e, i, h):
@@ -279,15 +287,19 @@ def _linear_model(q, scale, block, tokens, *, zero_point=False):
 
 
 @pytest.mark.parametrize("tokens", [1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 9])
-def test_int8_linear_rewrite_runs_ours_for_decode_and_matmulnbits_for_prefill(library, tmp_path, tokens):
+@pytest.mark.parametrize("supplied", [False, True])
+def test_int8_linear_rewrite_runs_ours_for_decode_and_matmulnbits_for_prefill(library, tmp_path, tokens, supplied):
     rng = np.random.default_rng(tokens)
     k, n, block = 128, 48, 32
     q, scale = _int8_weight(rng, k, n, block)
     model = _linear_model(q, scale, block, tokens)
-    assert use_cpu_kernels(model, tmp_path) == 1
+    arrays = {} if supplied else None
+    assert use_cpu_kernels(model, tmp_path, arrays) == 1
     assert not any(nd.op_type == "DequantizeLinear" for nd in model.graph.node)     # moved into the prefill branch
+    assert {t.name for t in model.graph.initializer}.isdisjoint({"q", "scale"})       # the export's copy is dropped
+    assert arrays is None or len(arrays) == 2
     x = rng.standard_normal((1, tokens, k)).astype(np.float32)
-    sess = _session(model, library, profile=str(tmp_path / "p"))
+    sess = _session(model, library, profile=str(tmp_path / "p"), supplied=arrays)
     y = sess.run(None, {"x": x})[0]
     exact = x @ dequantize_blockwise(q, scale, 0, block)
     ours = tokens <= KERNEL_MAX_TOKENS
@@ -346,9 +358,8 @@ def _qmoe_model(n_experts, inter, hidden, top_k, *, bits=4, block=32, seed=0):
             u = u[..., 0::2] | (u[..., 1::2] << 4)
         inits += [numpy_helper.from_array(u, name), numpy_helper.from_array(scale, f"{name}_scales")]
     node = helper.make_node("QMoE", ["x", "logits", "fc1", "fc1_scales", "", "fc2", "fc2_scales"], ["y"], name="qmoe",
-                            domain="com.microsoft", k=top_k, normalize_routing_weights=1, activation_type="swiglu",
-                            swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=bits,
-                            block_size=block, accuracy_level=4)
+                            domain="com.microsoft", k=top_k, normalize_routing_weights=1, **QMOE_SWIGLU,
+                            expert_weight_bits=bits, block_size=block, accuracy_level=4)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", hidden]),
               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_experts])]
     graph = helper.make_graph([node], "qmoe", inputs,
@@ -389,17 +400,12 @@ def test_int4_moe_rewrite_matches_qmoe_and_the_reference(library, tmp_path, n, e
     assert ops == {(CPU_DOMAIN, moe_ref.INT4_OP_TYPE)}
     inits = {t.name for t in model.graph.initializer}
     assert not inits & {"fc1", "fc1_scales", "fc2", "fc2_scales"}              # QMoE's layout is not loaded
-    opts = None
     if supplied:     # placeholders in the graph, the arrays handed over as the backend does
         assert len(arrays) == 4 and all(model.graph.initializer[j].dims == [1] for j in range(4))
-        values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
-        opts = ort.SessionOptions()
-        for name, value in values.items():
-            opts.add_initializer(name, value)
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, h)).astype(np.float32)
     logits = rng.standard_normal((n, e)).astype(np.float32)
-    y = _session(model, library, opts=opts).run(None, {"x": x, "logits": logits})[0]
+    y = _session(model, library, supplied=arrays).run(None, {"x": x, "logits": logits})[0]
     # QMoE rounds the activations to int8 per block of 32 as the kernel does: the same sums
     want = qmoe.run(None, {"x": x, "logits": logits})[0]
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

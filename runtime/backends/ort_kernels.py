@@ -51,7 +51,7 @@ from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, interleave_int4_rows
-from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, _attrs, _Graph
+from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
 # Calls of at most this many tokens run our MoE and int8 kernels (GEMV-style); longer ones ONNX Runtime's
@@ -158,8 +158,6 @@ class _Rewrite(_Graph):
         super().__init__(model.graph, model_dir)
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
-        self.added: list = []                # initializers made by a rewrite
-        self.released: set[str] = set()      # initializers a rewrite stopped reading
         self.supplied = supplied
 
     def supply(self, name: str, array: np.ndarray) -> str:
@@ -168,15 +166,15 @@ class _Rewrite(_Graph):
         (`SessionOptions.add_initializer`, which replaces the placeholder; ONNX Runtime checks a
         placeholder's data against its dims, so it cannot be dims alone); else the array in the graph."""
         if self.supplied is None:
-            self.added.append(numpy_helper.from_array(array, name))
+            self.add_inits.append(numpy_helper.from_array(array, name))
         else:
             self.supplied[name] = array
-            self.added.append(numpy_helper.from_array(np.zeros(1, array.dtype), name))
+            self.add_inits.append(numpy_helper.from_array(np.zeros(1, array.dtype), name))
         return name
 
     def release(self, *names: str) -> None:
         """The node being rewritten no longer reads `names`: drop those it was the only reader of."""
-        self.released.update(n for n in names if self.users.get(n) == 1 and n not in self.outputs)
+        self.drop_inits.update(n for n in names if self.users.get(n) == 1 and n not in self.outputs)
 
     def array(self, name: str) -> np.ndarray:
         """Initializer `name` as an array (its bytes read through `raw`, external data included)."""
@@ -227,8 +225,8 @@ def _has_vnni() -> bool:
     return {"avx512_vnni", "avx512vl"} <= flags
 
 
-# QMoE as ort_quant.fuse_quantized writes it: plain SwiGLU (silu(gate) * up) on interleaved gate/up rows
-_QMOE_SWIGLU = {"activation_type": b"swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+# ort_quant's QMoE activation attributes as `_attrs` reads them back (strings come back as bytes)
+_QMOE_SWIGLU_READ = {a: v.encode() if isinstance(v, str) else v for a, v in QMOE_SWIGLU.items()}
 
 
 def _int4_moe(node, r: _Rewrite) -> list | None:
@@ -236,7 +234,7 @@ def _int4_moe(node, r: _Rewrite) -> list | None:
     made here from the export's bytes. It runs prefill too (faster than QMoE at 64 and 512 tokens on the
     mid shapes), so QMoE's copy of the experts is not loaded at all."""
     attrs = _attrs(node)
-    if len(node.input) != 7 or node.input[4] or any(attrs.get(a) != v for a, v in _QMOE_SWIGLU.items()) \
+    if len(node.input) != 7 or node.input[4] or any(attrs.get(a) != v for a, v in _QMOE_SWIGLU_READ.items()) \
             or attrs.get("expert_weight_bits") != 4 or attrs.get("block_size") != INT4_BLOCK or not _has_vnni():
         return None
     fc1, fc1_s, fc2, fc2_s = (r.inits.get(node.input[i]) for i in (2, 3, 5, 6))
@@ -291,11 +289,11 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     (k, n), y = q.dims, node.output[0]
     p = f"{node.name or y}/cpu_kernel"
     b, scales = to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block)
-    r.added += [numpy_helper.from_array(b, f"{p}/b"), numpy_helper.from_array(scales, f"{p}/scales")]
+    weights = [r.supply(f"{p}/b", b), r.supply(f"{p}/scales", scales)]
     r.dropped.add(w)
-    ours = helper.make_node(INT8_OP, [x, f"{p}/b", f"{p}/scales"], [f"{p}/y"], name=f"{p}/int8",
-                            domain=CPU_DOMAIN, block_size=block)
-    theirs = helper.make_node("MatMulNBits", [x, f"{p}/b", f"{p}/scales"], [f"{p}/y_ort"], name=f"{p}/nbits",
+    r.release(*dq.input)
+    ours = helper.make_node(INT8_OP, [x, *weights], [f"{p}/y"], name=f"{p}/int8", domain=CPU_DOMAIN, block_size=block)
+    theirs = helper.make_node("MatMulNBits", [x, *weights], [f"{p}/y_ort"], name=f"{p}/nbits",
                               domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block,
                               accuracy_level=ACCURACY_LEVEL)
     return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs)
@@ -315,8 +313,8 @@ REWRITES = {
 def use_cpu_kernels(model, model_dir=".", supplied: dict[str, np.ndarray] | None = None) -> int:
     """Hand the nodes our kernels cover (`REWRITES`) in `model`'s main graph to them; returns how many
     nodes were rewritten. `model_dir`: where the model's external data lies (the int8 linears' and int4
-    experts' weights are read to lay them out for the kernels). `supplied`: where the int4 experts'
-    relaid weights go instead of into the graph (`_Rewrite.supply`); the session's options must then add
+    experts' weights are read to lay them out for the kernels). `supplied`: where the relaid weights
+    (int8 linears, int4 experts) go instead of into the graph (`_Rewrite.supply`); the session's options must then add
     them (`SessionOptions.add_initializer`). The session must have loaded `library()`."""
     g = model.graph
     r = _Rewrite(model, model_dir, supplied)
@@ -331,11 +329,9 @@ def use_cpu_kernels(model, model_dir=".", supplied: dict[str, np.ndarray] | None
                  for n in replaced.get(i, [node])]
         del g.node[:]
         g.node.extend(nodes)
-        if r.released:
-            kept = [t for t in g.initializer if t.name not in r.released]
-            del g.initializer[:]
-            g.initializer.extend(kept)
-        g.initializer.extend(r.added)
+        kept = [t for t in g.initializer if t.name not in r.drop_inits] + r.add_inits
+        del g.initializer[:]
+        g.initializer.extend(kept)
         if not any(o.domain == CPU_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(CPU_DOMAIN, 1))
     return len(replaced)

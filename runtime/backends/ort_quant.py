@@ -25,6 +25,8 @@ from dualbrain.plugins.moe_dispatch.reference import DOMAIN as MOE_DOMAIN, OP_TY
 
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 4          # int8 activations in the int4/int8 GEMMs (llama.cpp's Q4_0/Q8_0 do the same)
+# QMoE's activation for our experts: plain SwiGLU, silu(gate) * up, on interleaved gate/up rows
+QMOE_SWIGLU = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
 _UNSIGNED_BITS = {TensorProto.UINT4: 4, TensorProto.UINT8: 8}
 
 
@@ -139,8 +141,7 @@ def fuse_quantized(model, model_dir) -> int:
                 "QMoE", [node.input[0], node.input[1], g.as_uint8(fc1[1], bits), fc1[2], "",
                          g.as_uint8(fc2[1], bits), fc2[2]], list(node.output), name=f"{node.name}/qmoe",
                 domain=MS_DOMAIN, k=int(a["top_k"]), normalize_routing_weights=int(a.get("normalize", 1)),
-                activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                expert_weight_bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
+                **QMOE_SWIGLU, expert_weight_bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
             g.drop_dq(fc1[0])
             g.drop_dq(fc2[0])
             replace[id(node)] = qmoe

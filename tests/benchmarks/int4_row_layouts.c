@@ -5,18 +5,25 @@
  *   int16 rows   one row at a time, int16 activations (vpmaddwd): the eighth pass's QuantMoEDispatch
  *   int8 rows    one row at a time, int8 activations per block (VNNI vpdpbusd): llama.cpp's Q4_0 x Q8_0
  *   int8 x8      eight rows interleaved, int8 activations (vpdpbusd): each i32 lane is one row, so the
- *                per-block scale, convert and FMA serve eight rows at once (llama.cpp's Q4_0x8 repack)
+ *                per-block scale, convert and FMA serve eight rows at once (llama.cpp's Q4_0x8 repack).
+ *                This is Int4MoEDispatch's own row loop (group_dot, included from its cpu.c).
  *
  * Each variant reads the same bytes per row (K/2 of nibbles, K/32 float scales) from a few rows kept in
  * L1, so the figure is the compute rate, not the memory's. Needs AVX-512 VNNI with VL (Zen 4, Ice Lake+).
  *
- *   cc -O3 -march=native tests/benchmarks/int4_row_layouts.c -o /tmp/int4_rows && /tmp/int4_rows
+ *   cc -O3 -std=gnu11 -march=native -Iplugins -DDUALBRAIN_CPU_DOMAIN='"bench"' \
+ *      tests/benchmarks/int4_row_layouts.c plugins/ort_kernels.c plugins/causal_conv/cpu.c \
+ *      plugins/int8_matmul/cpu.c plugins/gated_delta/cpu.c -o /tmp/int4_rows -lm && /tmp/int4_rows
  */
+#include "../../plugins/moe_dispatch/cpu.c"
+
 #include <immintrin.h>
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <time.h>
+
+#if !defined(__AVX512VNNI__) || !defined(__AVX512VL__)
+#error "needs AVX-512 VNNI with VL (build with -march=native on such a CPU)"
+#endif
 
 enum { K = 1024, BLOCKS = K / 32, ROWS = 8, CALLS = 2000000 };
 
@@ -26,7 +33,7 @@ static double now(void) {
   return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-static float hsum(__m256 v) {
+static float hsum256(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
@@ -44,7 +51,7 @@ static float row_int16(const uint8_t *q, const float *s, const int16_t *x) {
     __m256 f = _mm256_mul_ps(_mm256_set1_ps(s[b]), _mm256_cvtepi32_ps(sum));
     if (b & 1) odd = _mm256_add_ps(odd, f); else even = _mm256_add_ps(even, f);
   }
-  return hsum(_mm256_add_ps(even, odd));
+  return hsum256(_mm256_add_ps(even, odd));
 }
 
 /* row q as above; int8 x (evens|odds per 32), xs a scale per block, xc = 8 * sum(x) per block */
@@ -59,29 +66,7 @@ static float row_int8(const uint8_t *q, const float *s, const int8_t *x, const f
     __m256 f = _mm256_mul_ps(_mm256_set1_ps(s[b] * xs[b]), _mm256_cvtepi32_ps(sum));
     if (b & 1) odd = _mm256_add_ps(odd, f); else even = _mm256_add_ps(even, f);
   }
-  return hsum(_mm256_add_ps(even, odd));
-}
-
-/* eight rows interleaved: per block 4 chunks of 32 bytes, lane r of chunk c = row r's values 8c..8c+3
- * (low nibbles) and 8c+4..8c+7 (high nibbles); s8 [BLOCKS][8]; x int8 in order */
-static void rows_x8(const uint8_t *w, const float *s8, const int8_t *x, const float *xs, const int32_t *xc, float *out) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-  for (int b = 0; b < BLOCKS; b++) {
-    const uint8_t *wb = w + 128 * b;
-    const int8_t *xb = x + 32 * b;
-    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-    for (int c = 0; c < 4; c++) {
-      __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-      lo = _mm256_dpbusd_epi32(lo, _mm256_and_si256(v, m4), _mm256_set1_epi32(*(const int32_t *)(xb + 8 * c)));
-      hi = _mm256_dpbusd_epi32(hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                               _mm256_set1_epi32(*(const int32_t *)(xb + 8 * c + 4)));
-    }
-    __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo, hi), _mm256_set1_epi32(xc[b]));
-    __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s8 + 8 * b), _mm256_set1_ps(xs[b])), _mm256_cvtepi32_ps(sum));
-    if (b & 1) odd = _mm256_add_ps(odd, f); else even = _mm256_add_ps(even, f);
-  }
-  _mm256_storeu_ps(out, _mm256_add_ps(even, odd));
+  return hsum256(_mm256_add_ps(even, odd));
 }
 
 int main(void) {
@@ -107,7 +92,7 @@ int main(void) {
     double b = now() - t;
     float out[8];
     t = now();
-    for (int i = 0; i < CALLS / 8; i++) rows_x8(q, s, x8, xs, xc, out), sink += out[i % 8];
+    for (int i = 0; i < CALLS / 8; i++) group_dot(q, s, x8, xs, xc, BLOCKS, out), sink += out[i % 8];
     double c = now() - t;
     printf("int16 rows %5.1f   int8 rows %5.1f   int8 x8 %5.1f\n", bytes / a / 1e9, bytes / b / 1e9, bytes / c / 1e9);
   }
