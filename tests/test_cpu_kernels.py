@@ -19,7 +19,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dualbrain.exporter.quantize import dequantize_blockwise, quantize_blockwise
+from dualbrain.exporter.quantize import dequantize_blockwise, pack_int4, quantize_blockwise
+from dualbrain.plugins.int4_matmul import reference as int4_ref
 from dualbrain.plugins.int8_matmul import reference as int8_ref
 from dualbrain.plugins.moe_dispatch import reference as moe_ref
 from dualbrain.plugins.moe_dispatch.function import add_functions_to_model
@@ -273,12 +274,15 @@ def test_int8_matmul_kernel_matches_the_reference(library, x_shape, n, block):
     assert (np.abs(y - ref) <= bound + 1e-6).all()
 
 
-def _linear_model(q, scale, block, tokens, *, zero_point=False):
+def _linear_model(q, scale, block, tokens, *, zero_point=False, bits=8):
+    """MatMul(x [1, tokens, K], DequantizeLinear(q, scale)) as the exporter writes a quantized linear."""
     k, n = q.shape
     dq_in = ["q", "scale"] + (["zp"] if zero_point else [])
     nodes = [helper.make_node("DequantizeLinear", dq_in, ["w"], name="lin.dequantize", axis=0, block_size=block),
              helper.make_node("MatMul", ["x", "w"], ["y"], name="lin")]
-    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "scale")]
+    stored = numpy_helper.from_array(q, "q") if bits == 8 else \
+        helper.make_tensor("q", TensorProto.INT4, q.shape, pack_int4(q), raw=True)
+    inits = [stored, numpy_helper.from_array(scale, "scale")]
     if zero_point:
         inits.append(numpy_helper.from_array(np.zeros_like(q[:k // block]), "zp"))
     graph = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])],
@@ -317,6 +321,77 @@ def test_int8_linear_rewrite_leaves_other_weights_alone(tmp_path):
     model = _linear_model(q, scale, 32, 1)
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(q.astype(np.float32), "q"))  # not int8
     assert use_cpu_kernels(model, tmp_path) == 0
+
+
+def _int4_activation_bound(x, w):
+    """How far int8 activations per block of 32 (scale max |x| / 127: within half a step) can move x @ w."""
+    step = np.abs(x.reshape(*x.shape[:-1], -1, 32)).max(-1, keepdims=True) / 127 / 2
+    return np.broadcast_to(step, (*x.shape[:-1], x.shape[-1] // 32, 32)).reshape(x.shape) @ np.abs(w)
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
+@pytest.mark.parametrize("x_shape,n", [
+    ((1, 1024), 2048),          # a mid-size decode step's linear
+    ((2, 1, 64), 40),           # batch 2 decode step (rank 3)
+    ((3, 5, 96), 24),           # 15 tokens: passes of four plus a remainder of three
+    ((1, 70, 64), 16),          # a prefill longer than a tile of 64 tokens
+    ((133, 256), 264),          # tiles, remainders and a work item of fewer groups
+])
+def test_int4_matmul_kernel_matches_the_reference(library, x_shape, n):
+    rng = np.random.default_rng(n)
+    k = x_shape[-1]
+    q, scale = quantize_blockwise((rng.standard_normal((k, n)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
+    w, scales = int4_ref.interleave_linear(pack_int4(q), scale)
+    dense = dequantize_blockwise(q, scale, 0, 32)
+    np.testing.assert_array_equal(int4_ref.int4_matmul(np.eye(k, dtype=np.float32), w, scales), dense)  # round trip
+    node = helper.make_node(int4_ref.OP_TYPE, ["x", "w", "s"], ["y"], domain=CPU_DOMAIN)
+    graph = helper.make_graph([node], "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    y = _session(model, library).run(None, {"x": x})[0]
+    assert y.shape == x_shape[:-1] + (n,)
+    ref = int4_ref.int4_matmul(x, w, scales)
+    assert (np.abs(y - ref) <= _int4_activation_bound(x, dense) * 1.001 + 1e-5).all()
+
+
+def test_int4_linear_layout_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        int4_ref.interleave_linear(bytes(32 * 12 // 2), np.ones((1, 12), np.float32))
+    with pytest.raises(ValueError, match="do not hold"):
+        int4_ref.interleave_linear(bytes(10), np.ones((1, 16), np.float32))
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
+@pytest.mark.parametrize("tokens", [1, 9, 70])
+@pytest.mark.parametrize("supplied", [False, True])
+def test_int4_linear_rewrite_matches_matmulnbits_and_the_reference(library, tmp_path, tokens, supplied):
+    rng = np.random.default_rng(tokens)
+    k, n = 192, 56
+    q, scale = quantize_blockwise((rng.standard_normal((k, n)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
+    model = _linear_model(q, scale, 32, tokens, bits=4)
+    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    nbits = _session(model, library, profile=str(tmp_path / "nbits")).run(None, {"x": x})[0]
+    arrays = {} if supplied else None
+    assert use_cpu_kernels(model, tmp_path, arrays) == 1
+    onnx.checker.check_model(model)
+    assert [(nd.domain, nd.op_type) for nd in model.graph.node] == [(CPU_DOMAIN, int4_ref.OP_TYPE)]
+    assert {t.name for t in model.graph.initializer}.isdisjoint({"q", "scale"})       # the export's copy is dropped
+    assert arrays is None or len(arrays) == 2
+    y = _session(model, library, supplied=arrays).run(None, {"x": x})[0]
+    # ONNX Runtime fuses the original into MatMulNBits with int8 activations per block: the same sums
+    np.testing.assert_allclose(y, nbits, rtol=1e-4, atol=1e-5 * np.abs(nbits).max())
+    dense = dequantize_blockwise(q, scale, 0, 32)
+    assert (np.abs(y - x @ dense) <= _int4_activation_bound(x, dense) * 1.001 + 1e-5).all()
+
+
+def test_int4_linear_rewrite_leaves_other_weights_alone(tmp_path):
+    rng = np.random.default_rng(3)
+    q, scale = quantize_blockwise((rng.standard_normal((64, 16)) * 0.05).astype(np.float32), 0, 64, 4, np.float32)
+    assert use_cpu_kernels(_linear_model(q, scale, 64, 1, bits=4), tmp_path) == 0      # blocks of 64
+    q, scale = quantize_blockwise((rng.standard_normal((64, 12)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
+    assert use_cpu_kernels(_linear_model(q, scale, 32, 1, bits=4), tmp_path) == 0      # N not a multiple of 8
 
 
 def _ran(profile_file: str) -> set[str]:
@@ -450,6 +525,20 @@ def test_rewrite_leaves_other_dtypes_and_quantized_experts_alone():
     model = _moe_model(fc1, fc2, top_k=2, domain=DOMAIN)
     model.graph.node[0].input[2] = "fc1_dq"       # experts computed by another node (e.g. DequantizeLinear)
     assert use_cpu_kernels(model) == 0
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """An installed (not editable) dualbrain must carry each C file the library is built from, or the
+    kernels turn off with a warning on users' machines while every test here passes."""
+    import fnmatch
+    import tomllib
+
+    root = Path(ort_kernels.__file__).parents[2]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for source in ort_kernels.SOURCES + ort_kernels.HEADERS:
+        package = ".".join(["dualbrain", *source.parent.relative_to(root).parts])
+        assert package in setup["packages"], package
+        assert any(fnmatch.fnmatch(source.name, pat) for pat in setup["package-data"].get(package, [])), source
 
 
 def test_library_is_cached_and_switchable(library, monkeypatch):

@@ -13,12 +13,9 @@
  * x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I] -> y [N, H].
  *
  * Int4MoEDispatch is the same op on the 4-bit experts of an int4 export, in the layout of
- * reference.interleave_int4_rows (eight rows interleaved, blocks of 32) made at load, for calls of any
- * size, in place of ONNX Runtime's QMoE, which dequantizes the chosen experts and multiplies them in
- * float32. One row at a time, a 4-bit row is bound by the work per block, not by its bytes.
- * Interleaved, each 32-bit lane is one row, so a block's scale, convert and FMA serve eight rows
- * (tests/benchmarks/int4_row_layouts.c: 53 against 19 GB/s a core). The activations are int8 per
- * block of 32, as in QMoE (accuracy level 4) and llama.cpp's Q4_0 x Q8_0.
+ * reference.interleave_int4_rows (eight rows interleaved, blocks of 32; why: ../int4_blocks.h) made at
+ * load, for calls of any size, in place of ONNX Runtime's QMoE, which dequantizes the chosen experts and
+ * multiplies them in float32. The activations are int8 per block of 32, as in QMoE (accuracy level 4).
  *
  * Registered by ../ort_kernels.c; built by dualbrain.runtime.backends.ort_kernels.
  */
@@ -27,11 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "int4_blocks.h"
 #include "ort_kernel.h"
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#endif
 
 /* rows of fc1 (pairs of gate/up rows) and of fc2 per parallel work item: ~256-512 KB of weights */
 #define ACT_ROWS_PER_ITEM 32
@@ -242,7 +236,6 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 
 /* ---- Int4MoEDispatch: 4-bit experts, eight rows interleaved ------------------------------------- */
 
-#define INT4_BLOCK 32
 #define IN_GROUPS_PER_ITEM 8      /* fc1: groups of eight rows (four gate/up pairs) per work item: 40 KB */
 #define OUT_GROUPS_PER_ITEM 32    /* fc2: per item, 256 output rows of every chosen expert (8 KB each) */
 
@@ -254,57 +247,6 @@ typedef struct {
   const float *xs, *as;           /* their scale per block of 32 */
   const int32_t *xc, *ac;         /* 8 x their sum per block (the mid zero point's share) */
 } Int4Plan;
-
-/* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and 8 x the sums */
-static void int8_blocks(const float *x, int64_t m, int64_t k, int8_t *q, float *s, int32_t *c) {
-  for (int64_t b = 0; b < m * k / INT4_BLOCK; b++) {
-    const float *r = x + b * INT4_BLOCK;
-    float mx = 0.0f;
-    for (int i = 0; i < INT4_BLOCK; i++) mx = fabsf(r[i]) > mx ? fabsf(r[i]) : mx;
-    float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
-    int32_t sum = 0;
-    for (int i = 0; i < INT4_BLOCK; i++) sum += q[b * INT4_BLOCK + i] = (int8_t)lrintf(r[i] * inv);
-    s[b] = sc, c[b] = 8 * sum;
-  }
-}
-
-/* out[r] = row r of one group of eight . x, over `blocks` blocks (layout: reference.interleave_int4_rows) */
-static inline void group_dot(const uint8_t *w, const float *s8, const int8_t *x, const float *xs, const int32_t *xc,
-                             int64_t blocks, float out[8]) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  /* two sums: no FMA waits on the last */
-  for (int64_t b = 0; b < blocks; b++) {
-    const uint8_t *wb = w + 128 * b;
-    const int8_t *xb = x + INT4_BLOCK * b;
-    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-    for (int c = 0; c < 4; c++) {  /* lane r: row r's values 8c..8c+3 (low nibbles), 8c+4..8c+7 (high) */
-      __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-      int32_t x0, x1;
-      memcpy(&x0, xb + 8 * c, 4), memcpy(&x1, xb + 8 * c + 4, 4);
-      lo = _mm256_dpbusd_epi32(lo, _mm256_and_si256(v, low4), _mm256_set1_epi32(x0));
-      hi = _mm256_dpbusd_epi32(hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_set1_epi32(x1));
-    }
-    __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo, hi), _mm256_set1_epi32(xc[b]));
-    __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s8 + 8 * b), _mm256_set1_ps(xs[b])), _mm256_cvtepi32_ps(sum));
-    if (b & 1) odd = _mm256_add_ps(odd, f);
-    else even = _mm256_add_ps(even, f);
-  }
-  _mm256_storeu_ps(out, _mm256_add_ps(even, odd));
-#else
-  for (int r = 0; r < 8; r++) out[r] = 0.0f;
-  for (int64_t b = 0; b < blocks; b++) {
-    int32_t sum[8] = {0};
-    for (int c = 0; c < 4; c++)
-      for (int r = 0; r < 8; r++)
-        for (int i = 0; i < 4; i++) {
-          uint8_t v = w[128 * b + 32 * c + 4 * r + i];
-          sum[r] += (v & 0x0F) * x[INT4_BLOCK * b + 8 * c + i] + (v >> 4) * x[INT4_BLOCK * b + 8 * c + 4 + i];
-        }
-    for (int r = 0; r < 8; r++) out[r] += s8[8 * b + r] * xs[b] * (float)(sum[r] - xc[b]);
-  }
-#endif
-}
 
 static void int4_expert_inputs(void *user, size_t item) {  /* act = silu(gate) * up, four units a group */
   const Int4Plan *z = user;

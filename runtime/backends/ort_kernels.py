@@ -21,6 +21,11 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
 * `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
   Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
   laid out in MatMulNBits' layout at load; behind the same `If` as the MoE, prefill keeps MatMulNBits.
+* `plugins/int4_matmul/cpu.c`: the linears of an `--quant int4` export (blocks of 32; the LM head
+  included), decode and prefill, in place of MatMulNBits, on the weight laid out at load as
+  Int4MoEDispatch's experts are (`int4_matmul.reference.interleave_linear`) and handed over the same
+  way, so MatMulNBits' copy is never made. AVX-512 VNNI only, as Int4MoEDispatch. Both int4 kernels
+  share their block dot product, `plugins/int4_blocks.h`.
 
 `plugins/ort_kernels.c` registers them under `CPU_DOMAIN`. The library talks to ONNX Runtime through
 its C ABI only (`plugins/ort_abi.h`), so it needs no headers and builds with nothing but `cc`.
@@ -49,6 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
+from dualbrain.plugins.int4_matmul.reference import OP_TYPE as INT4_LINEAR_OP, interleave_linear
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, interleave_int4_rows
 from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
@@ -61,9 +67,9 @@ KERNEL_MAX_TOKENS = 32
 ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
 
 _PLUGINS = Path(plugins.__file__).parent
-SOURCES = (_PLUGINS / "ort_kernels.c",
-           *(_PLUGINS / op / "cpu.c" for op in ("moe_dispatch", "causal_conv", "int8_matmul", "gated_delta")))
-HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h")
+SOURCES = (_PLUGINS / "ort_kernels.c", *(_PLUGINS / op / "cpu.c" for op in (
+    "moe_dispatch", "causal_conv", "int8_matmul", "int4_matmul", "gated_delta")))
+HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "int4_blocks.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
          f'-DDUALBRAIN_CPU_DOMAIN="{CPU_DOMAIN}"')
 ARCH_FLAGS = (("-march=native",), ())   # tried in order: this CPU's vector units, then the compiler's default
@@ -269,10 +275,10 @@ def _gated_delta(node, r: _Rewrite) -> list | None:
     return [node]
 
 
-def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
-    """MatMul(x, DequantizeLinear(int8 [K, N], scale, axis 0)) -> If(tokens <= KERNEL_MAX_TOKENS,
-    Int8MatMul (int16 activations), com.microsoft.MatMulNBits (int8 activations, for prefill)), both
-    reading one copy of the weight in MatMulNBits' layout, made here from the export's bytes."""
+def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
+    """(x, the weight's value, its DequantizeLinear, q, scale) when `node` is MatMul(x, DequantizeLinear(q,
+    scale)) on the export's signed blockwise `data_type` weight [K, N] (axis 0, no zero point, the block
+    size one `blocks` accepts), the DequantizeLinear read by nothing else; else None."""
     if len(node.input) != 2:
         return None
     x, w = node.input
@@ -283,9 +289,21 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     q, scale = (r.inits.get(i) for i in dq.input)
     attrs = _attrs(dq)
     block = attrs.get("block_size", 0)
-    if q is None or scale is None or q.data_type != TensorProto.INT8 or scale.data_type != TensorProto.FLOAT \
-            or len(q.dims) != 2 or attrs.get("axis") != 0 or block < 16 or block & (block - 1) or q.dims[0] % block:
+    if q is None or scale is None or q.data_type != data_type or scale.data_type != TensorProto.FLOAT \
+            or len(q.dims) != 2 or attrs.get("axis") != 0 or not blocks(block) or q.dims[0] % block:
         return None
+    return x, w, dq, q, scale
+
+
+def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
+    """MatMul(x, DequantizeLinear(int8 [K, N], scale, axis 0)) -> If(tokens <= KERNEL_MAX_TOKENS,
+    Int8MatMul (int16 activations), com.microsoft.MatMulNBits (int8 activations, for prefill)), both
+    reading one copy of the weight in MatMulNBits' layout, made here from the export's bytes."""
+    match = _signed_linear(node, r, TensorProto.INT8, lambda block: block >= 16 and not block & (block - 1))
+    if match is None:
+        return None
+    x, w, dq, q, _ = match
+    block = _attrs(dq)["block_size"]
     (k, n), y = q.dims, node.output[0]
     p = f"{node.name or y}/cpu_kernel"
     b, scales = to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block)
@@ -299,6 +317,27 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs)
 
 
+def _int4_linear(node, r: _Rewrite) -> list | None:
+    """MatMul(x, DequantizeLinear(int4 [K, N], scale, axis 0, blocks of 32)) -> Int4MatMul on the weight with
+    eight rows interleaved, made here from the export's bytes, for calls of any size; so MatMulNBits' copy
+    (which ONNX Runtime would fuse from the same nodes) is never made."""
+    match = _has_vnni() and _signed_linear(node, r, TensorProto.INT4, lambda block: block == INT4_BLOCK)
+    if not match or match[3].dims[1] % 8:
+        return None
+    x, w, dq, q, scale = match
+    p = f"{node.name or node.output[0]}/cpu_kernel"
+    b, scales = interleave_linear(r.raw(q), r.array(scale.name))
+    weights = [r.supply(f"{p}/w", b), r.supply(f"{p}/scales", scales)]
+    r.dropped.add(w)
+    r.release(*dq.input)
+    return [helper.make_node(INT4_LINEAR_OP, [x, *weights], list(node.output), name=f"{p}/int4", domain=CPU_DOMAIN)]
+
+
+def _quantized_linear(node, r: _Rewrite) -> list | None:
+    """A MatMul on a quantized weight: the int8 or the int4 rewrite, whichever matches."""
+    return _int8_linear_behind_if(node, r) or _int4_linear(node, r)
+
+
 # (domain, op type) -> the rewrite (None: the node stays as it is)
 REWRITES = {
     (MOE.domain, MOE.op_type): _moe_behind_if,
@@ -306,7 +345,7 @@ REWRITES = {
     (CONV.domain, CONV.op_type): _conv,
     (GDN.domain, GDN.op_type): _gated_delta,
     (GDN.domain, GDN.window_op_type): _gated_delta,
-    ("", "MatMul"): _int8_linear_behind_if,
+    ("", "MatMul"): _quantized_linear,
 }
 
 

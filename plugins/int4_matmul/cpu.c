@@ -1,0 +1,106 @@
+/* dualbrain.cpu::Int4MatMul: the int4 linears of `export --quant int4` (LM head included), decode and
+ * prefill, in place of ONNX Runtime's MatMulNBits.
+ *
+ * Why: MatMulNBits reads a 4-bit row at a time, which on these cores is bound by the work per block
+ * (scale, convert, FMA), not by the bytes: the int4 LM head streamed 23 GB/s under the profiler, the
+ * linears took ~2 ms of an ~8 ms int4 decode step (tests/benchmarks/RESULTS.md, eighth pass). Here the
+ * weight is laid out at load with eight rows interleaved (int4_blocks.h, the layout Int4MoEDispatch
+ * reads), so a block's scale and FMA serve eight rows; in prefill a block's nibbles are unpacked once
+ * for four tokens.
+ *
+ * x [..., K] float32, w [N/8, K/32, 128] uint8, scales [N/8, K/32, 8] float32 -> y [..., N]: as
+ * reference.py, with x rounded to int8 per block of 32 (MatMulNBits at accuracy level 4 does the same).
+ * Registered by ../ort_kernels.c; built by dualbrain.runtime.backends.ort_kernels.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "int4_blocks.h"
+#include "ort_kernel.h"
+
+#define GROUPS_PER_ITEM 8   /* eight rows a group: 64 output rows a work item (32 KB of weights at K 1024) */
+#define TOKENS_PER_TILE 64  /* prefill: the tokens one item's weights are reused for while in cache */
+
+typedef struct {
+  const uint8_t *w;
+  const float *s;
+  const int8_t *xq;    /* the activations as int8 per block of 32, their scales and 8 x their sums */
+  const float *xs;
+  const int32_t *xc;
+  float *y;
+  int64_t m, k, n, groups_per_item;
+} Linear;
+
+static inline __attribute__((always_inline)) void tokens(const Linear *p, int64_t g, int64_t t, int count) {
+  int64_t blocks = p->k / INT4_BLOCK;
+  float o[32];
+  group_dot_tokens(p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k, p->xs + t * blocks,
+                   p->xc + t * blocks, p->k, blocks, count, o);
+  for (int j = 0; j < count; j++) memcpy(p->y + (t + j) * p->n + 8 * g, o + 8 * j, 8 * sizeof(float));
+}
+
+static void rows(void *user, size_t item) {
+  const Linear *p = user;
+  int64_t groups = p->n / 8, g0 = (int64_t)item * p->groups_per_item;
+  int64_t g1 = g0 + p->groups_per_item < groups ? g0 + p->groups_per_item : groups;
+  for (int64_t t0 = 0; t0 < p->m; t0 += TOKENS_PER_TILE) {
+    int64_t t1 = t0 + TOKENS_PER_TILE < p->m ? t0 + TOKENS_PER_TILE : p->m;
+    for (int64_t g = g0; g < g1; g++) {
+      int64_t t = t0;
+      for (; t + 4 <= t1; t += 4) tokens(p, g, t, 4);
+      switch (t1 - t) {
+        case 3: tokens(p, g, t, 3); break;
+        case 2: tokens(p, g, t, 2); break;
+        case 1: tokens(p, g, t, 1); break;
+        default: break;
+      }
+    }
+  }
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  (void)kernel;
+  int64_t xd[8], wd[3], sd[3];
+  size_t rank;
+  Linear p = {0};
+  const float *x;
+  OrtStatus *st;
+  if ((st = dualbrain_input_of(ctx, 0, ORT_TENSOR_FLOAT, 8, &rank, (const void **)&x, xd)) ||
+      (st = dualbrain_input_of(ctx, 1, ORT_TENSOR_UINT8, 3, NULL, (const void **)&p.w, wd)) ||
+      (st = dualbrain_input(ctx, 2, 3, &p.s, sd)))
+    return st;
+  p.n = wd[0] * 8, p.k = wd[1] * INT4_BLOCK;
+  if (rank < 1 || xd[rank - 1] != p.k || wd[2] != 128 || sd[0] != wd[0] || sd[1] != wd[1] || sd[2] != 8)
+    return dualbrain_error("Int4MatMul (cpu): shapes must be x [..., K], w [N/8, K/32, 128], scales [N/8, K/32, 8] "
+                           "(int4_matmul.reference.interleave_linear)");
+  p.m = 1;
+  for (size_t i = 0; i + 1 < rank; i++) p.m *= xd[i];
+  xd[rank - 1] = p.n;
+  if ((st = dualbrain_output(ctx, 0, xd, rank, &p.y))) return st;
+  if (p.m == 0 || p.n == 0) return NULL;
+  int64_t xb = p.m * p.k / INT4_BLOCK;
+  char *mem = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)xb + (size_t)(p.m * p.k));
+  if (!mem) return dualbrain_error("Int4MatMul (cpu): out of memory");
+  p.xs = (float *)mem, p.xc = (int32_t *)(p.xs + xb), p.xq = (int8_t *)(p.xc + xb);
+  int8_blocks(x, p.m, p.k, (int8_t *)p.xq, (float *)p.xs, (int32_t *)p.xc);
+  /* decode: small items so both cores share even a 2048-row linear; prefill: bigger ones, fewer passes */
+  p.groups_per_item = p.m > 4 ? 4 * GROUPS_PER_ITEM : GROUPS_PER_ITEM;
+  st = dualbrain_parallel(ctx, rows, (size_t)((p.n / 8 + p.groups_per_item - 1) / p.groups_per_item), &p);
+  free(mem);
+  return st;
+}
+
+static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+  (void)op, (void)api, (void)info;
+  *out = NULL;
+  return NULL;
+}
+
+static void destroy(void *kernel) { (void)kernel; }
+
+static int input_type(const OrtCustomOp *op, size_t index) {
+  (void)op;
+  return index == 1 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
+}
+
+DUALBRAIN_CPU_OP(dualbrain_int4_matmul_op, "Int4MatMul", 3, 1, input_type, create, compute, destroy, NULL);
