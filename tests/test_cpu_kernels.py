@@ -274,19 +274,23 @@ def test_int8_matmul_kernel_matches_the_reference(library, x_shape, n, block):
     assert (np.abs(y - ref) <= bound + 1e-6).all()
 
 
-def _linear_model(q, scale, block, tokens, *, zero_point=False, bits=8):
-    """MatMul(x [1, tokens, K], DequantizeLinear(q, scale)) as the exporter writes a quantized linear."""
+def _linear_model(q, scale, block, tokens, *, zero_point=False, bits=8, gemm=None):
+    """MatMul(x [1, tokens, K], DequantizeLinear(q, scale)) as the exporter writes a quantized linear; with
+    `gemm` (its attributes), Gemm(x [tokens, K], ...) as it writes the MoE router and shared expert."""
     k, n = q.shape
     dq_in = ["q", "scale"] + (["zp"] if zero_point else [])
+    linear = helper.make_node("MatMul", ["x", "w"], ["y"], name="lin") if gemm is None else \
+        helper.make_node("Gemm", ["x", "w"], ["y"], name="lin", **gemm)
     nodes = [helper.make_node("DequantizeLinear", dq_in, ["w"], name="lin.dequantize", axis=0, block_size=block),
-             helper.make_node("MatMul", ["x", "w"], ["y"], name="lin")]
+             linear]
     stored = numpy_helper.from_array(q, "q") if bits == 8 else \
         helper.make_tensor("q", TensorProto.INT4, q.shape, pack_int4(q), raw=True)
     inits = [stored, numpy_helper.from_array(scale, "scale")]
     if zero_point:
         inits.append(numpy_helper.from_array(np.zeros_like(q[:k // block]), "zp"))
-    graph = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, n])], inits)
+    lead = [1, tokens] if gemm is None else [tokens]
+    graph = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, n])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -321,6 +325,7 @@ def test_int8_linear_rewrite_leaves_other_weights_alone(tmp_path):
     model = _linear_model(q, scale, 32, 1)
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(q.astype(np.float32), "q"))  # not int8
     assert use_cpu_kernels(model, tmp_path) == 0
+    assert use_cpu_kernels(_linear_model(q, scale, 32, 1, gemm={}), tmp_path) == 0        # a Gemm: left to ONNX Runtime
 
 
 def _int4_activation_bound(x, w):
@@ -365,13 +370,14 @@ def test_int4_linear_layout_refuses_bad_shapes():
 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
 @pytest.mark.parametrize("tokens", [1, 9, 70])
-@pytest.mark.parametrize("supplied", [False, True])
-def test_int4_linear_rewrite_matches_matmulnbits_and_the_reference(library, tmp_path, tokens, supplied):
+@pytest.mark.parametrize("supplied,gemm", [(False, None), (True, None),
+                                           (True, {"alpha": 1.0, "beta": 1.0, "transB": 0})])
+def test_int4_linear_rewrite_matches_matmulnbits_and_the_reference(library, tmp_path, tokens, supplied, gemm):
     rng = np.random.default_rng(tokens)
     k, n = 192, 56
     q, scale = quantize_blockwise((rng.standard_normal((k, n)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
-    model = _linear_model(q, scale, 32, tokens, bits=4)
-    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    model = _linear_model(q, scale, 32, tokens, bits=4, gemm=gemm)
+    x = rng.standard_normal((1, tokens, k) if gemm is None else (tokens, k)).astype(np.float32)
     nbits = _session(model, library, profile=str(tmp_path / "nbits")).run(None, {"x": x})[0]
     arrays = {} if supplied else None
     assert use_cpu_kernels(model, tmp_path, arrays) == 1
@@ -392,6 +398,9 @@ def test_int4_linear_rewrite_leaves_other_weights_alone(tmp_path):
     assert use_cpu_kernels(_linear_model(q, scale, 64, 1, bits=4), tmp_path) == 0      # blocks of 64
     q, scale = quantize_blockwise((rng.standard_normal((64, 12)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
     assert use_cpu_kernels(_linear_model(q, scale, 32, 1, bits=4), tmp_path) == 0      # N not a multiple of 8
+    q, scale = quantize_blockwise((rng.standard_normal((64, 16)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
+    for gemm in ({"alpha": 0.5}, {"transA": 1}):                                        # not a plain MatMul
+        assert use_cpu_kernels(_linear_model(q, scale, 32, 1, bits=4, gemm=gemm), tmp_path) == 0
 
 
 def _ran(profile_file: str) -> set[str]:

@@ -278,8 +278,10 @@ def _gated_delta(node, r: _Rewrite) -> list | None:
 def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
     """(x, the weight's value, its DequantizeLinear, q, scale) when `node` is MatMul(x, DequantizeLinear(q,
     scale)) on the export's signed blockwise `data_type` weight [K, N] (axis 0, no zero point, the block
-    size one `blocks` accepts), the DequantizeLinear read by nothing else; else None."""
-    if len(node.input) != 2:
+    size one `blocks` accepts), the DequantizeLinear read by nothing else; else None. A Gemm without bias,
+    scaling or transposes (the exporter's MoE router and shared expert) is the same MatMul."""
+    plain = {"alpha": 1.0, "transA": 0, "transB": 0}        # a Gemm's defaults: absent means plain
+    if len(node.input) != 2 or node.op_type == "Gemm" and any(_attrs(node).get(a, v) != v for a, v in plain.items()):
         return None
     x, w = node.input
     dq = r.producer.get(w)
@@ -346,6 +348,7 @@ REWRITES = {
     (GDN.domain, GDN.op_type): _gated_delta,
     (GDN.domain, GDN.window_op_type): _gated_delta,
     ("", "MatMul"): _quantized_linear,
+    ("", "Gemm"): _int4_linear,        # int8's If costs more than its kernel saves on these small linears
 }
 
 
