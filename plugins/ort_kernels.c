@@ -8,12 +8,13 @@
 #error "build through dualbrain.runtime.backends.ort_kernels, which defines DUALBRAIN_CPU_DOMAIN"
 #endif
 
-extern const OrtCustomOp dualbrain_moe_dispatch_op, dualbrain_int4_moe_dispatch_op, dualbrain_causal_conv_op,
-    dualbrain_int8_matmul_op, dualbrain_int4_matmul_op, dualbrain_gated_delta_op, dualbrain_gated_delta_window_op;
+extern const OrtCustomOp dualbrain_moe_dispatch_op, dualbrain_int4_moe_dispatch_op, dualbrain_int8_moe_dispatch_op,
+    dualbrain_causal_conv_op, dualbrain_int8_matmul_op, dualbrain_int4_matmul_op, dualbrain_gated_delta_op,
+    dualbrain_gated_delta_window_op;
 static const OrtCustomOp *const OPS[] = {&dualbrain_moe_dispatch_op, &dualbrain_int4_moe_dispatch_op,
-                                         &dualbrain_causal_conv_op,  &dualbrain_int8_matmul_op,
-                                         &dualbrain_int4_matmul_op,  &dualbrain_gated_delta_op,
-                                         &dualbrain_gated_delta_window_op};
+                                         &dualbrain_int8_moe_dispatch_op, &dualbrain_causal_conv_op,
+                                         &dualbrain_int8_matmul_op,  &dualbrain_int4_matmul_op,
+                                         &dualbrain_gated_delta_op,  &dualbrain_gated_delta_window_op};
 
 const OrtApi *dualbrain_api;
 

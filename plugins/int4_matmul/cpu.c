@@ -4,7 +4,7 @@
  * Why: MatMulNBits reads a 4-bit row at a time, which on these cores is bound by the work per block
  * (scale, convert, FMA), not by the bytes: the int4 LM head streamed 23 GB/s under the profiler, the
  * linears took ~2 ms of an ~8 ms int4 decode step (tests/benchmarks/RESULTS.md, eighth pass). Here the
- * weight is laid out at load with eight rows interleaved (int4_blocks.h, the layout Int4MoEDispatch
+ * weight is laid out at load with eight rows interleaved (quant_blocks.h, the layout Int4MoEDispatch
  * reads), so a block's scale and FMA serve eight rows; in prefill a block's nibbles are unpacked once
  * for four tokens.
  *
@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "int4_blocks.h"
+#include "quant_blocks.h"
 #include "ort_kernel.h"
 
 #define GROUPS_PER_ITEM 8   /* eight rows a group: 64 output rows a work item (32 KB of weights at K 1024) */
@@ -82,7 +82,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   char *mem = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)xb + (size_t)(p.m * p.k));
   if (!mem) return dualbrain_error("Int4MatMul (cpu): out of memory");
   p.xs = (float *)mem, p.xc = (int32_t *)(p.xs + xb), p.xq = (int8_t *)(p.xc + xb);
-  int8_blocks(x, p.m, p.k, (int8_t *)p.xq, (float *)p.xs, (int32_t *)p.xc);
+  int8_blocks(x, p.m, p.k, 8, (int8_t *)p.xq, (float *)p.xs, (int32_t *)p.xc);
   /* decode: small items so both cores share even a 2048-row linear; prefill: bigger ones, fewer passes */
   p.groups_per_item = p.m > 4 ? 4 * GROUPS_PER_ITEM : GROUPS_PER_ITEM;
   st = dualbrain_parallel(ctx, rows, (size_t)((p.n / 8 + p.groups_per_item - 1) / p.groups_per_item), &p);

@@ -12,10 +12,11 @@
  * fc2[e] @ (silu(gate) * up) with fc1[e]'s rows interleaved (row 2i = gate i, row 2i+1 = up i).
  * x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I] -> y [N, H].
  *
- * Int4MoEDispatch is the same op on the 4-bit experts of an int4 export, in the layout of
- * reference.interleave_int4_rows (eight rows interleaved, blocks of 32; why: ../int4_blocks.h) made at
- * load, for calls of any size, in place of ONNX Runtime's QMoE, which dequantizes the chosen experts and
- * multiplies them in float32. The activations are int8 per block of 32, as in QMoE (accuracy level 4).
+ * Int4MoEDispatch and Int8MoEDispatch are the same op on the 4- and 8-bit experts of an int4 / int8
+ * export (blocks of 32), in the layouts of reference.interleave_int4_rows / interleave_int8_rows (eight
+ * rows interleaved; why: ../quant_blocks.h) made at load, for calls of any size, in place of ONNX
+ * Runtime's QMoE, which dequantizes the chosen experts and multiplies them in float32. The activations
+ * are int8 per block of 32, as in QMoE (accuracy level 4).
  *
  * Registered by ../ort_kernels.c; built by dualbrain.runtime.backends.ort_kernels.
  */
@@ -24,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "int4_blocks.h"
+#include "quant_blocks.h"
 #include "ort_kernel.h"
 
 /* rows of fc1 (pairs of gate/up rows) and of fc2 per parallel work item: ~256-512 KB of weights */
@@ -234,22 +235,23 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   return st;
 }
 
-/* ---- Int4MoEDispatch: 4-bit experts, eight rows interleaved ------------------------------------- */
+/* ---- Int4MoEDispatch / Int8MoEDispatch: 4- or 8-bit experts, eight rows interleaved ------------- */
 
 #define IN_GROUPS_PER_ITEM 8      /* fc1: groups of eight rows (four gate/up pairs) per work item: 40 KB */
 #define OUT_GROUPS_PER_ITEM 32    /* fc2: per item, 256 output rows of every chosen expert (8 KB each) */
 
 typedef struct {
   Plan *p;
-  const uint8_t *w1, *w2;         /* [E, 2I/8, H/32, 128], [E, H/8, I/32, 128] */
+  int bits;                       /* 4 or 8: 32 x bits bytes a block of eight rows */
+  const uint8_t *w1, *w2;         /* [E, 2I/8, H/32, 32 bits], [E, H/8, I/32, 32 bits] */
   const float *s1, *s2;           /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8] */
   const int8_t *xq, *aq;          /* the tokens [N, H] and the pairs' activations [pairs, I] as int8 */
   const float *xs, *as;           /* their scale per block of 32 */
-  const int32_t *xc, *ac;         /* 8 x their sum per block (the mid zero point's share) */
-} Int4Plan;
+  const int32_t *xc, *ac;         /* the mid zero point x their sum per block (its share of the dot) */
+} QuantPlan;
 
-static void int4_expert_inputs(void *user, size_t item) {  /* act = silu(gate) * up, four units a group */
-  const Int4Plan *z = user;
+static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) * up, four units a group */
+  const QuantPlan *z = user;
   const Plan *p = z->p;
   int64_t groups = 2 * p->i / 8, blocks = p->h / INT4_BLOCK;
   int64_t chunks = (groups + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
@@ -257,18 +259,18 @@ static void int4_expert_inputs(void *user, size_t item) {  /* act = silu(gate) *
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
   float o[8];
   for (int64_t g = g0; g < g1; g++) {
-    const uint8_t *w = z->w1 + (e * groups + g) * blocks * 128;
+    const uint8_t *w = z->w1 + (e * groups + g) * blocks * 32 * z->bits;
     const float *s = z->s1 + (e * groups + g) * blocks * 8;
     for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
       int64_t t = p->tok[q];
-      group_dot(w, s, z->xq + t * p->h, z->xs + t * blocks, z->xc + t * blocks, blocks, o);
+      group_dot_bits(z->bits, w, s, z->xq + t * p->h, z->xs + t * blocks, z->xc + t * blocks, blocks, o);
       for (int j = 0; j < 4; j++) p->act[q * p->i + 4 * g + j] = silu_mul(o[2 * j], o[2 * j + 1]);
     }
   }
 }
 
-static void int4_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum over pairs of w * fc2 act */
-  const Int4Plan *z = user;
+static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum over pairs of w * fc2 act */
+  const QuantPlan *z = user;
   const Plan *p = z->p;
   int64_t groups = p->h / 8, blocks = p->i / INT4_BLOCK;
   int64_t g0 = (int64_t)item * OUT_GROUPS_PER_ITEM, g1 = g0 + OUT_GROUPS_PER_ITEM < groups ? g0 + OUT_GROUPS_PER_ITEM : groups;
@@ -277,10 +279,10 @@ static void int4_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum 
   for (int64_t u = 0; u < p->n_used; u++) {
     int64_t e = p->used[u];
     for (int64_t g = g0; g < g1; g++) {
-      const uint8_t *w = z->w2 + (e * groups + g) * blocks * 128;
+      const uint8_t *w = z->w2 + (e * groups + g) * blocks * 32 * z->bits;
       const float *s = z->s2 + (e * groups + g) * blocks * 8;
       for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
-        group_dot(w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, blocks, o);
+        group_dot_bits(z->bits, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, blocks, o);
         float *y = p->y + (int64_t)p->tok[q] * p->h + 8 * g;
         for (int r = 0; r < 8; r++) y[r] += p->w[q] * o[r];
       }
@@ -288,10 +290,11 @@ static void int4_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum 
   }
 }
 
-static OrtStatus *int4_compute(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits) {
   int64_t f1[4], s1[4], f2[4], s2[4];
   Plan p = {0};
-  Int4Plan z = {.p = &p};
+  QuantPlan z = {.p = &p, .bits = bits};
+  int32_t zero_point = 1 << (bits - 1);
   void *mem;
   OrtStatus *st;
   if ((st = dualbrain_input_of(ctx, 2, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z.w1, f1)) ||
@@ -300,33 +303,40 @@ static OrtStatus *int4_compute(void *kernel, OrtKernelContext *ctx) {
       (st = dualbrain_input(ctx, 5, 4, &z.s2, s2)))
     return st;
   p.h = f2[1] * 8, p.i = f1[1] * 4;
-  if (f1[0] != f2[0] || f1[2] * INT4_BLOCK != p.h || f2[2] * INT4_BLOCK != p.i || f1[3] != 128 || f2[3] != 128 ||
+  if (f1[0] != f2[0] || f1[2] * INT4_BLOCK != p.h || f2[2] * INT4_BLOCK != p.i || f1[3] != 32 * bits || f2[3] != 32 * bits ||
       s1[0] != f1[0] || s1[1] != f1[1] || s1[2] != f1[2] || s1[3] != 8 ||
       s2[0] != f2[0] || s2[1] != f2[1] || s2[2] != f2[2] || s2[3] != 8)
-    return dualbrain_error("Int4MoEDispatch (cpu): shapes must be fc1 [E, 2I/8, H/32, 128], fc1_scales [E, 2I/8, H/32, 8], "
-                           "fc2 [E, H/8, I/32, 128], fc2_scales [E, H/8, I/32, 8] (interleave_int4_rows)");
+    return dualbrain_error(bits == 4 ? "Int4MoEDispatch (cpu): shapes must be fc1 [E, 2I/8, H/32, 128], fc1_scales "
+                                       "[E, 2I/8, H/32, 8], fc2 [E, H/8, I/32, 128], fc2_scales [E, H/8, I/32, 8] "
+                                       "(interleave_int4_rows)"
+                                     : "Int8MoEDispatch (cpu): shapes must be fc1 [E, 2I/8, H/32, 256], fc1_scales "
+                                       "[E, 2I/8, H/32, 8], fc2 [E, H/8, I/32, 256], fc2_scales [E, H/8, I/32, 8] "
+                                       "(interleave_int8_rows)");
   if ((st = route_call(kernel, ctx, &p, f1[0], &mem)) || !mem) return st;
   int64_t pairs = p.start[p.n_used], xb = p.n * p.h / INT4_BLOCK, ab = pairs * p.i / INT4_BLOCK;
   char *buf = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)(xb + ab) + (size_t)(p.n * p.h + pairs * p.i));
   if (!buf) {
     free(mem);
-    return dualbrain_error("Int4MoEDispatch (cpu): out of memory");
+    return dualbrain_error("Int4MoEDispatch / Int8MoEDispatch (cpu): out of memory");
   }
   float *xs = (float *)buf, *as = xs + xb;
   int32_t *xc = (int32_t *)(as + ab), *ac = xc + xb;
   int8_t *xq = (int8_t *)(ac + ab), *aq = xq + p.n * p.h;
   z.xq = xq, z.aq = aq, z.xs = xs, z.as = as, z.xc = xc, z.ac = ac;
-  int8_blocks(p.x, p.n, p.h, xq, xs, xc);
+  int8_blocks(p.x, p.n, p.h, zero_point, xq, xs, xc);
   int64_t in_chunks = (2 * p.i / 8 + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
-  st = dualbrain_parallel(ctx, int4_expert_inputs, (size_t)(p.n_used * in_chunks), &z);
+  st = dualbrain_parallel(ctx, quant_expert_inputs, (size_t)(p.n_used * in_chunks), &z);
   if (!st) {
-    int8_blocks(p.act, pairs, p.i, aq, as, ac);
-    st = dualbrain_parallel(ctx, int4_expert_outputs, (size_t)((p.h / 8 + OUT_GROUPS_PER_ITEM - 1) / OUT_GROUPS_PER_ITEM), &z);
+    int8_blocks(p.act, pairs, p.i, zero_point, aq, as, ac);
+    st = dualbrain_parallel(ctx, quant_expert_outputs, (size_t)((p.h / 8 + OUT_GROUPS_PER_ITEM - 1) / OUT_GROUPS_PER_ITEM), &z);
   }
   free(buf);
   free(mem);
   return st;
 }
+
+static OrtStatus *int4_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 4); }
+static OrtStatus *int8_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 8); }
 
 static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op, (void)api;
@@ -340,10 +350,13 @@ static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKern
 
 static OrtStatus *infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) { (void)op; return dualbrain_same_shape(ctx, 0, 0); }
 
-static int int4_input_type(const OrtCustomOp *op, size_t index) {
+static int quant_input_type(const OrtCustomOp *op, size_t index) {
   (void)op;
   return index == 2 || index == 4 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
 }
 
 DUALBRAIN_CPU_OP(dualbrain_moe_dispatch_op, "MoEDispatch", 4, 1, dualbrain_float, create, compute, free, infer);
-DUALBRAIN_CPU_OP(dualbrain_int4_moe_dispatch_op, "Int4MoEDispatch", 6, 1, int4_input_type, create, int4_compute, free, infer);
+DUALBRAIN_CPU_OP(dualbrain_int4_moe_dispatch_op, "Int4MoEDispatch", 6, 1, quant_input_type, create, int4_compute, free,
+                 infer);
+DUALBRAIN_CPU_OP(dualbrain_int8_moe_dispatch_op, "Int8MoEDispatch", 6, 1, quant_input_type, create, int8_compute, free,
+                 infer);

@@ -17,13 +17,16 @@ from dualbrain.plugins import OpIdentity
 # Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
 IDENTITY = OpIdentity("MoEDispatch")
 DOMAIN, OP_TYPE, VERSION = IDENTITY.domain, IDENTITY.op_type, IDENTITY.version
-# The same op on 4-bit experts, eight rows interleaved (`interleave_int4_rows`): the CPU kernel's op type
-# only. The export writes MoEDispatch over DequantizeLinear; the ONNX Runtime backend rewrites it at load.
+# The same op on 4- and 8-bit experts, eight rows interleaved (`interleave_int4_rows`, `interleave_int8_rows`):
+# the CPU kernels' op types only. The export writes MoEDispatch over DequantizeLinear; the ONNX Runtime
+# backend rewrites it at load.
 INT4_OP_TYPE = "Int4MoEDispatch"
-INT4_BLOCK = 32          # values per scale in that layout
+INT8_OP_TYPE = "Int8MoEDispatch"
+INT4_BLOCK = 32          # values per scale in those layouts
 
-__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "INT4_OP_TYPE", "INT4_BLOCK", "route", "moe_dispatch",
-           "interleave_gate_up", "deinterleave_gate_up", "interleave_int4_rows", "int4_rows", "int4_moe_dispatch"]
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "INT4_OP_TYPE", "INT8_OP_TYPE", "INT4_BLOCK", "route",
+           "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up", "interleave_int4_rows", "int4_rows",
+           "interleave_int8_rows", "int8_rows", "quant_moe_dispatch"]
 
 
 def interleave_gate_up(gate_up):
@@ -120,7 +123,36 @@ def int4_rows(w, s):
     return ((v.astype(np.float32) - 8) * scale).reshape(e, groups * 8, blocks * INT4_BLOCK)
 
 
-def int4_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k: int, normalize: bool = True):
-    """``Int4MoEDispatch``: :func:`moe_dispatch` over the experts in `interleave_int4_rows`' layout (the
-    kernel rounds the activations to int8 per block of 32 first, which this reference does not)."""
-    return moe_dispatch(x, router_logits, int4_rows(fc1, fc1_scales), int4_rows(fc2, fc2_scales), top_k, normalize)
+def interleave_int8_rows(q, scales):
+    """QMoE's 8-bit experts -> eight rows interleaved, the layout of ``Int8MoEDispatch``.
+
+    In: q [E, R, K] uint8 (the mid zero point 128), scales [E, R, K/32]. Out: [E, R/8, K/32, 256] uint8 and
+    [E, R/8, K/32, 8] float32: for each group of eight rows and each block of 32 values, eight chunks of 32
+    bytes; byte 4r+i of chunk c holds row r's value 4c+i, so one 32-byte load gives each 32-bit lane four
+    values of its own row (as :func:`interleave_int4_rows`, without the nibbles)."""
+    q = np.asarray(q, np.uint8)
+    e, rows, k = q.shape
+    if rows % 8 or k % INT4_BLOCK:
+        raise ValueError(f"rows ({rows}) must be a multiple of 8 and K ({k}) of {INT4_BLOCK}")
+    # four bytes of a row (values 4c..4c+3) stay together: move them as one 32-bit word
+    words = np.ascontiguousarray(q).view("<u4").reshape(e, rows // 8, 8, k // INT4_BLOCK, 8)
+    w = np.ascontiguousarray(words.transpose(0, 1, 3, 4, 2))               # e, group, block, chunk, row
+    s = np.asarray(scales, np.float32).reshape(e, rows // 8, 8, k // INT4_BLOCK).transpose(0, 1, 3, 2)
+    return w.view(np.uint8).reshape(e, rows // 8, k // INT4_BLOCK, 256), np.ascontiguousarray(s)
+
+
+def int8_rows(w, s):
+    """The float32 rows [E, R, K] of `interleave_int8_rows`' layout, read back from it."""
+    w, s = np.asarray(w, np.uint8), np.asarray(s, np.float32)
+    e, groups, blocks, _ = w.shape
+    v = w.reshape(e, groups, blocks, 8, 8, 4).transpose(0, 1, 4, 2, 3, 5).reshape(e, groups * 8, blocks, INT4_BLOCK)
+    scale = s.transpose(0, 1, 3, 2).reshape(e, groups * 8, blocks, 1)
+    return ((v.astype(np.float32) - 128) * scale).reshape(e, groups * 8, blocks * INT4_BLOCK)
+
+
+def quant_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k: int, normalize: bool = True):
+    """``Int4MoEDispatch`` / ``Int8MoEDispatch`` (told apart by the layout's bytes a block, 128 or 256):
+    :func:`moe_dispatch` over the experts read back from their interleaved layout (the kernels round the
+    activations to int8 per block of 32 first, which this reference does not)."""
+    rows = int4_rows if np.shape(fc1)[-1] == 128 else int8_rows
+    return moe_dispatch(x, router_logits, rows(fc1, fc1_scales), rows(fc2, fc2_scales), top_k, normalize)

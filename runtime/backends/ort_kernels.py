@@ -7,12 +7,12 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   rows once for every token routed to it. It is a GEMV kernel, so a call of more than
   `KERNEL_MAX_TOKENS` tokens (a prefill) keeps ONNX Runtime's GEMM-based `com.microsoft.MoE`: the
   rewrite puts both behind an ONNX `If` on the token count.
-* the same file's `Int4MoEDispatch`: the 4-bit experts of an int4 export (blocks of 32), decode and
-  prefill, in place of ONNX Runtime's QMoE (which dequantizes the chosen experts to float32). The
-  weights are laid out at load with eight rows interleaved
-  (`moe_dispatch.reference.interleave_int4_rows`), so that each block's scale and FMA serve eight rows,
-  and handed to the session without a copy; QMoE's layout is then not loaded. Used only where the CPU
-  has AVX-512 VNNI (elsewhere the kernel would be a scalar loop and QMoE stays).
+* the same file's `Int4MoEDispatch` / `Int8MoEDispatch`: the 4- / 8-bit experts of an int4 / int8 export
+  (blocks of 32), decode and prefill, in place of ONNX Runtime's QMoE (which dequantizes the chosen
+  experts to float32). The weights are laid out at load with eight rows interleaved
+  (`moe_dispatch.reference.interleave_int4_rows` / `interleave_int8_rows`), so that each block's scale
+  and FMA serve eight rows, and handed to the session without a copy; QMoE's layout is then not loaded.
+  Used only where the CPU has AVX-512 VNNI (elsewhere the kernels would be a scalar loop and QMoE stays).
 * `plugins/causal_conv/cpu.c`: the GDN layers' short depthwise convolution, which ONNX Runtime's `Conv`
   runs as one tiny convolution per channel (25 ms per batch-8 step on the mid-size MoE).
 * `plugins/gated_delta/cpu.c`: the GDN recurrence (and its window form, which keeps every position's
@@ -24,8 +24,8 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
 * `plugins/int4_matmul/cpu.c`: the linears of an `--quant int4` export (blocks of 32; the LM head
   included), decode and prefill, in place of MatMulNBits, on the weight laid out at load as
   Int4MoEDispatch's experts are (`int4_matmul.reference.interleave_linear`) and handed over the same
-  way, so MatMulNBits' copy is never made. AVX-512 VNNI only, as Int4MoEDispatch. Both int4 kernels
-  share their block dot product, `plugins/int4_blocks.h`.
+  way, so MatMulNBits' copy is never made. AVX-512 VNNI only, as Int4MoEDispatch. The three share their
+  block dot products, `plugins/quant_blocks.h`.
 
 `plugins/ort_kernels.c` registers them under `CPU_DOMAIN`. The library talks to ONNX Runtime through
 its C ABI only (`plugins/ort_abi.h`), so it needs no headers and builds with nothing but `cc`.
@@ -56,7 +56,8 @@ from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
 from dualbrain.plugins.int4_matmul.reference import OP_TYPE as INT4_LINEAR_OP, interleave_linear
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
-from dualbrain.plugins.moe_dispatch.reference import IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, interleave_int4_rows
+from dualbrain.plugins.moe_dispatch.reference import (IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, INT8_OP_TYPE,
+                                                      interleave_int4_rows, interleave_int8_rows)
 from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -69,7 +70,7 @@ ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
 _PLUGINS = Path(plugins.__file__).parent
 SOURCES = (_PLUGINS / "ort_kernels.c", *(_PLUGINS / op / "cpu.c" for op in (
     "moe_dispatch", "causal_conv", "int8_matmul", "int4_matmul", "gated_delta")))
-HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "int4_blocks.h")
+HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "quant_blocks.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
          f'-DDUALBRAIN_CPU_DOMAIN="{CPU_DOMAIN}"')
 ARCH_FLAGS = (("-march=native",), ())   # tried in order: this CPU's vector units, then the compiler's default
@@ -226,7 +227,7 @@ def _moe_behind_if(node, r: _Rewrite) -> list | None:
 
 @functools.cache
 def _has_vnni() -> bool:
-    """The CPU has the AVX-512 VNNI and VL instructions Int4MoEDispatch is written for."""
+    """The CPU has the AVX-512 VNNI and VL instructions the int4 / int8 kernels are written for."""
     flags = set(_cpu_id().split())
     return {"avx512_vnni", "avx512vl"} <= flags
 
@@ -235,27 +236,34 @@ def _has_vnni() -> bool:
 _QMOE_SWIGLU_READ = {a: v.encode() if isinstance(v, str) else v for a, v in QMOE_SWIGLU.items()}
 
 
-def _int4_moe(node, r: _Rewrite) -> list | None:
-    """QMoE (4-bit, blocks of 32, no biases) -> Int4MoEDispatch on the experts with eight rows interleaved,
-    made here from the export's bytes. It runs prefill too (faster than QMoE at 64 and 512 tokens on the
-    mid shapes), so QMoE's copy of the experts is not loaded at all."""
+# bits -> (our op type, the layout it reads, made from QMoE's [E, R, K * bits / 8] uint8 and [E, R, K/32] scales)
+_QUANT_MOE = {4: (INT4_OP_TYPE, interleave_int4_rows), 8: (INT8_OP_TYPE, interleave_int8_rows)}
+
+
+def _quant_moe(node, r: _Rewrite) -> list | None:
+    """QMoE (4- or 8-bit, blocks of 32, no biases) -> Int4MoEDispatch / Int8MoEDispatch on the experts with
+    eight rows interleaved, made here from the export's bytes. They run prefill too (faster than QMoE at 64
+    and 512 tokens on the mid shapes), so QMoE's copy of the experts is not loaded at all."""
     attrs = _attrs(node)
+    bits = attrs.get("expert_weight_bits")
     if len(node.input) != 7 or node.input[4] or any(attrs.get(a) != v for a, v in _QMOE_SWIGLU_READ.items()) \
-            or attrs.get("expert_weight_bits") != 4 or attrs.get("block_size") != INT4_BLOCK or not _has_vnni():
+            or bits not in _QUANT_MOE or attrs.get("block_size") != INT4_BLOCK or not _has_vnni():
         return None
     fc1, fc1_s, fc2, fc2_s = (r.inits.get(node.input[i]) for i in (2, 3, 5, 6))
+    per_byte = 8 // bits                                 # values a byte holds
     if any(t is None for t in (fc1, fc1_s, fc2, fc2_s)) or fc1.data_type != TensorProto.UINT8 \
             or fc2.data_type != TensorProto.UINT8 or not {fc1_s.name, fc2_s.name} <= r.floats \
             or len(fc1.dims) != 3 or len(fc2.dims) != 3 or fc1.dims[1] % 8 or fc2.dims[1] % 8 \
-            or (2 * fc1.dims[2]) % INT4_BLOCK or (2 * fc2.dims[2]) % INT4_BLOCK:
+            or (per_byte * fc1.dims[2]) % INT4_BLOCK or (per_byte * fc2.dims[2]) % INT4_BLOCK:
         return None
+    op_type, interleave = _QUANT_MOE[bits]
     p = f"{node.name or node.output[0]}/cpu_kernel"
     inputs = list(node.input[:2])
     for which, (q, s) in (("fc1", (fc1, fc1_s)), ("fc2", (fc2, fc2_s))):
-        w, scales = interleave_int4_rows(r.array(q.name), r.array(s.name))
+        w, scales = interleave(r.array(q.name), r.array(s.name))
         inputs += [r.supply(f"{p}/{which}", w), r.supply(f"{p}/{which}_scales", scales)]
         r.release(q.name, s.name)
-    return [helper.make_node(INT4_OP_TYPE, inputs, list(node.output), name=f"{p}/int4_moe", domain=CPU_DOMAIN,
+    return [helper.make_node(op_type, inputs, list(node.output), name=f"{p}/quant_moe", domain=CPU_DOMAIN,
                              top_k=attrs.get("k", 1), normalize=attrs.get("normalize_routing_weights", 0))]
 
 
@@ -343,7 +351,7 @@ def _quantized_linear(node, r: _Rewrite) -> list | None:
 # (domain, op type) -> the rewrite (None: the node stays as it is)
 REWRITES = {
     (MOE.domain, MOE.op_type): _moe_behind_if,
-    (MS_DOMAIN, "QMoE"): _int4_moe,
+    (MS_DOMAIN, "QMoE"): _quant_moe,
     (CONV.domain, CONV.op_type): _conv,
     (GDN.domain, GDN.op_type): _gated_delta,
     (GDN.domain, GDN.window_op_type): _gated_delta,

@@ -35,8 +35,8 @@ def _leave_out(what: str) -> dict:
     if what.startswith("ablate:"):
         op, rewrite = what.split(":", 1)[1], ort_kernels.use_cpu_kernels
 
-        def ablated(model, model_dir="."):
-            n = rewrite(model, model_dir)
+        def ablated(model, model_dir=".", supplied=None):
+            n = rewrite(model, model_dir, supplied)
             for node in model.graph.node:
                 if node.op_type == op:
                     node.CopyFrom(helper.make_node("Identity", node.input[:1], node.output[:1], name=node.name))

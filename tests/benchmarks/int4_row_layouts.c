@@ -6,14 +6,14 @@
  *   int8 rows    one row at a time, int8 activations per block (VNNI vpdpbusd): llama.cpp's Q4_0 x Q8_0
  *   int8 x8      eight rows interleaved, int8 activations (vpdpbusd): each i32 lane is one row, so the
  *                per-block scale, convert and FMA serve eight rows at once (llama.cpp's Q4_0x8 repack).
- *                This is the int4 kernels' own row loop (group_dot, from plugins/int4_blocks.h).
+ *                This is the int4 kernels' own row loop (group_dot, from plugins/quant_blocks.h).
  *
  * Each variant reads the same bytes per row (K/2 of nibbles, K/32 float scales) from a few rows kept in
  * L1, so the figure is the compute rate, not the memory's. Needs AVX-512 VNNI with VL (Zen 4, Ice Lake+).
  *
  *   cc -O3 -std=gnu11 -march=native tests/benchmarks/int4_row_layouts.c -o /tmp/int4_rows -lm && /tmp/int4_rows
  */
-#include "../../plugins/int4_blocks.h"
+#include "../../plugins/quant_blocks.h"
 
 #include <immintrin.h>
 #include <stdio.h>

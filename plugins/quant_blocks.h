@@ -1,14 +1,15 @@
-/* The int4 x int8 block dot product that dualbrain's int4 CPU kernels share (Int4MoEDispatch in
- * moe_dispatch/cpu.c, Int4MatMul in int4_matmul/cpu.c), on weights in the layout of
- * moe_dispatch.reference.interleave_int4_rows: eight rows interleaved, blocks of 32, the mid zero point 8.
+/* The block dot products that dualbrain's quantized CPU kernels share (Int4MoEDispatch and
+ * Int8MoEDispatch in moe_dispatch/cpu.c, Int4MatMul in int4_matmul/cpu.c), on weights with eight rows
+ * interleaved in blocks of 32 and the mid zero point (8 / 128): the layouts of
+ * moe_dispatch.reference.interleave_int4_rows and interleave_int8_rows.
  *
  * Why interleaved: one row at a time, a 4-bit row is bound by the work per block (scale, convert, FMA),
  * not by its bytes. With each 32-bit lane one row, a block's scale, convert and FMA serve eight rows
  * (tests/benchmarks/int4_row_layouts.c: 53 against 19 GB/s a core). The activations are int8 per block
  * of 32, as in ONNX Runtime's QMoE / MatMulNBits at accuracy level 4 and llama.cpp's Q4_0 x Q8_0.
  */
-#ifndef DUALBRAIN_INT4_BLOCKS_H
-#define DUALBRAIN_INT4_BLOCKS_H
+#ifndef DUALBRAIN_QUANT_BLOCKS_H
+#define DUALBRAIN_QUANT_BLOCKS_H
 
 #include <math.h>
 #include <stdint.h>
@@ -20,8 +21,9 @@
 
 #define INT4_BLOCK 32
 
-/* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and 8 x the sums */
-static inline void int8_blocks(const float *x, int64_t m, int64_t k, int8_t *q, float *s, int32_t *c) {
+/* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and zero_point x the sums (the weights' mid
+ * zero point's share of each block's dot product: 8 for 4-bit weights, 128 for 8-bit) */
+static inline void int8_blocks(const float *x, int64_t m, int64_t k, int32_t zero_point, int8_t *q, float *s, int32_t *c) {
   for (int64_t b = 0; b < m * k / INT4_BLOCK; b++) {
     const float *r = x + b * INT4_BLOCK;
     float mx = 0.0f;
@@ -29,7 +31,7 @@ static inline void int8_blocks(const float *x, int64_t m, int64_t k, int8_t *q, 
     float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
     int32_t sum = 0;
     for (int i = 0; i < INT4_BLOCK; i++) sum += q[b * INT4_BLOCK + i] = (int8_t)lrintf(r[i] * inv);
-    s[b] = sc, c[b] = 8 * sum;
+    s[b] = sc, c[b] = zero_point * sum;
   }
 }
 
@@ -89,10 +91,67 @@ static inline __attribute__((always_inline)) void group_dot_tokens(const uint8_t
 #endif
 }
 
+/* group_dot_tokens for 8-bit weights (256 bytes a block of eight rows: byte 32c + 4r + i holds row r's
+ * value 4c + i): no unpacking, one vpdpbusd per 32 bytes and token. */
+static inline __attribute__((always_inline)) void group_dot8_tokens(const uint8_t *w, const float *s8, const int8_t *x,
+                                                                    const float *xs, const int32_t *xc, int64_t k,
+                                                                    int64_t blocks, int count, float *out) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  __m256 even[4], odd[4];
+  for (int t = 0; t < count; t++) even[t] = odd[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; b++) {
+    const uint8_t *wb = w + 256 * b;
+    __m256i lo[4], hi[4];  /* two sums a token: chunks 0-3 and 4-7 */
+    for (int t = 0; t < count; t++) lo[t] = hi[t] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+      __m256i v0 = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+      __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + 32 * (c + 4)));
+      for (int t = 0; t < count; t++) {
+        const int8_t *xb = x + t * k + INT4_BLOCK * b;
+        int32_t x0, x1;
+        memcpy(&x0, xb + 4 * c, 4), memcpy(&x1, xb + 4 * (c + 4), 4);
+        lo[t] = _mm256_dpbusd_epi32(lo[t], v0, _mm256_set1_epi32(x0));
+        hi[t] = _mm256_dpbusd_epi32(hi[t], v1, _mm256_set1_epi32(x1));
+      }
+    }
+    __m256 sc = _mm256_loadu_ps(s8 + 8 * b);
+    for (int t = 0; t < count; t++) {
+      int64_t tb = t * (k / INT4_BLOCK) + b;
+      __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo[t], hi[t]), _mm256_set1_epi32(xc[tb]));
+      __m256 f = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(xs[tb])), _mm256_cvtepi32_ps(sum));
+      if (b & 1) odd[t] = _mm256_add_ps(odd[t], f);
+      else even[t] = _mm256_add_ps(even[t], f);
+    }
+  }
+  for (int t = 0; t < count; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(even[t], odd[t]));
+#else
+  for (int t = 0; t < count; t++) {
+    const int8_t *xt = x + t * k;
+    float *o = out + 8 * t;
+    for (int r = 0; r < 8; r++) o[r] = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+      int64_t tb = t * (k / INT4_BLOCK) + b;
+      int32_t sum[8] = {0};
+      for (int c = 0; c < 8; c++)
+        for (int r = 0; r < 8; r++)
+          for (int i = 0; i < 4; i++) sum[r] += w[256 * b + 32 * c + 4 * r + i] * xt[INT4_BLOCK * b + 4 * c + i];
+      for (int r = 0; r < 8; r++) o[r] += s8[8 * b + r] * xs[tb] * (float)(sum[r] - xc[tb]);
+    }
+  }
+#endif
+}
+
 /* out[r] = row r of one group of eight . x, over `blocks` blocks (one token) */
 static inline void group_dot(const uint8_t *w, const float *s8, const int8_t *x, const float *xs, const int32_t *xc,
                              int64_t blocks, float out[8]) {
   group_dot_tokens(w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
+}
+
+/* group_dot for `bits`-bit weights (4 or 8; 32 x bits bytes a block of eight rows) */
+static inline void group_dot_bits(int bits, const uint8_t *w, const float *s8, const int8_t *x, const float *xs,
+                                  const int32_t *xc, int64_t blocks, float out[8]) {
+  if (bits == 8) group_dot8_tokens(w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
+  else group_dot_tokens(w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
 }
 
 #endif
