@@ -35,83 +35,51 @@ static inline void int8_blocks(const float *x, int64_t m, int64_t k, int32_t zer
   }
 }
 
+/* Weight j (0..31) of row r in block b of a group, as stored (zero point included): 4-bit, byte 32c + 4r + i
+ * of the block's 128 holds values 8c + i (low nibble) and 8c + 4 + i (high); 8-bit, byte 32c + 4r + i of
+ * its 256 holds value 4c + i. */
+static inline int32_t stored_weight(int bits, const uint8_t *w, int64_t b, int r, int j) {
+  if (bits == 8) return w[256 * b + 32 * (j / 4) + 4 * r + j % 4];
+  uint8_t v = w[128 * b + 32 * (j / 8) + 4 * r + j % 4];
+  return j % 8 < 4 ? v & 0x0F : v >> 4;
+}
+
 /* out[8 t + r] = row r of one group of eight . token t (t < count, count 1..4; token t's values at x + t k,
- * its scales and sums at xs / xc + t k / 32), over `blocks` blocks of the group's weights w (128 bytes a
- * block) and scales s8 (8 a block). Always inlined with a constant `count`: a block's nibbles are
- * unpacked once for all `count` tokens, which is what makes prefill compute-bound rather than unpack-bound. */
-static inline __attribute__((always_inline)) void group_dot_tokens(const uint8_t *w, const float *s8, const int8_t *x,
-                                                                   const float *xs, const int32_t *xc, int64_t k,
-                                                                   int64_t blocks, int count, float *out) {
+ * its scales and sums at xs / xc + t k / 32), over `blocks` blocks of the group's `bits`-bit weights w
+ * (32 x bits bytes a block) and scales s8 (8 a block). Always inlined with constant `bits` and `count`: a
+ * block's weights are loaded (and unpacked) once for all `count` tokens, which is what makes prefill
+ * compute-bound rather than unpack-bound. */
+static inline __attribute__((always_inline)) void group_dot_tokens(int bits, const uint8_t *w, const float *s8,
+                                                                   const int8_t *x, const float *xs,
+                                                                   const int32_t *xc, int64_t k, int64_t blocks,
+                                                                   int count, float *out) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 even[4], odd[4];  /* two sums a token: no add waits on the last */
   for (int t = 0; t < count; t++) even[t] = odd[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; b++) {
-    const uint8_t *wb = w + 128 * b;
+    const uint8_t *wb = w + 32 * bits * b;
     __m256i lo[4], hi[4];
     for (int t = 0; t < count; t++) lo[t] = hi[t] = _mm256_setzero_si256();
-    for (int c = 0; c < 4; c++) {  /* lane r: row r's values 8c..8c+3 (low nibbles), 8c+4..8c+7 (high) */
-      __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-      __m256i vl = _mm256_and_si256(v, low4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      for (int t = 0; t < count; t++) {
-        const int8_t *xb = x + t * k + INT4_BLOCK * b + 8 * c;
-        int32_t x0, x1;
-        memcpy(&x0, xb, 4), memcpy(&x1, xb + 4, 4);
-        lo[t] = _mm256_dpbusd_epi32(lo[t], vl, _mm256_set1_epi32(x0));
-        hi[t] = _mm256_dpbusd_epi32(hi[t], vh, _mm256_set1_epi32(x1));
-      }
-    }
-    __m256 sc = _mm256_loadu_ps(s8 + 8 * b);
-    for (int t = 0; t < count; t++) {
-      int64_t tb = t * (k / INT4_BLOCK) + b;
-      __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo[t], hi[t]), _mm256_set1_epi32(xc[tb]));
-      __m256 f = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(xs[tb])), _mm256_cvtepi32_ps(sum));
-      if (b & 1) odd[t] = _mm256_add_ps(odd[t], f);
-      else even[t] = _mm256_add_ps(even[t], f);
-    }
-  }
-  for (int t = 0; t < count; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(even[t], odd[t]));
-#else
-  for (int t = 0; t < count; t++) {
-    const int8_t *xt = x + t * k;
-    float *o = out + 8 * t;
-    for (int r = 0; r < 8; r++) o[r] = 0.0f;
-    for (int64_t b = 0; b < blocks; b++) {
-      int64_t tb = t * (k / INT4_BLOCK) + b;
-      int32_t sum[8] = {0};
-      for (int c = 0; c < 4; c++)
-        for (int r = 0; r < 8; r++)
-          for (int i = 0; i < 4; i++) {
-            uint8_t v = w[128 * b + 32 * c + 4 * r + i];
-            sum[r] += (v & 0x0F) * xt[INT4_BLOCK * b + 8 * c + i] + (v >> 4) * xt[INT4_BLOCK * b + 8 * c + 4 + i];
-          }
-      for (int r = 0; r < 8; r++) o[r] += s8[8 * b + r] * xs[tb] * (float)(sum[r] - xc[tb]);
-    }
-  }
-#endif
-}
-
-/* group_dot_tokens for 8-bit weights (256 bytes a block of eight rows: byte 32c + 4r + i holds row r's
- * value 4c + i): no unpacking, one vpdpbusd per 32 bytes and token. */
-static inline __attribute__((always_inline)) void group_dot8_tokens(const uint8_t *w, const float *s8, const int8_t *x,
-                                                                    const float *xs, const int32_t *xc, int64_t k,
-                                                                    int64_t blocks, int count, float *out) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  __m256 even[4], odd[4];
-  for (int t = 0; t < count; t++) even[t] = odd[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; b++) {
-    const uint8_t *wb = w + 256 * b;
-    __m256i lo[4], hi[4];  /* two sums a token: chunks 0-3 and 4-7 */
-    for (int t = 0; t < count; t++) lo[t] = hi[t] = _mm256_setzero_si256();
     for (int c = 0; c < 4; c++) {
-      __m256i v0 = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-      __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + 32 * (c + 4)));
+      /* two sets of four values a lane (row): where they are, and where their activations start */
+      __m256i va, vb;
+      int xa, xb;
+      if (bits == 4) {  /* one load: values 8c..8c+3 in the low nibbles, 8c+4..8c+7 in the high */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+        va = _mm256_and_si256(v, low4), vb = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        xa = 8 * c, xb = 8 * c + 4;
+      } else {          /* two loads: values 4c..4c+3 and 4c+16..4c+19 */
+        va = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+        vb = _mm256_loadu_si256((const __m256i *)(wb + 32 * (c + 4)));
+        xa = 4 * c, xb = 4 * c + 16;
+      }
       for (int t = 0; t < count; t++) {
-        const int8_t *xb = x + t * k + INT4_BLOCK * b;
+        const int8_t *xt = x + t * k + INT4_BLOCK * b;
         int32_t x0, x1;
-        memcpy(&x0, xb + 4 * c, 4), memcpy(&x1, xb + 4 * (c + 4), 4);
-        lo[t] = _mm256_dpbusd_epi32(lo[t], v0, _mm256_set1_epi32(x0));
-        hi[t] = _mm256_dpbusd_epi32(hi[t], v1, _mm256_set1_epi32(x1));
+        memcpy(&x0, xt + xa, 4), memcpy(&x1, xt + xb, 4);
+        lo[t] = _mm256_dpbusd_epi32(lo[t], va, _mm256_set1_epi32(x0));
+        hi[t] = _mm256_dpbusd_epi32(hi[t], vb, _mm256_set1_epi32(x1));
       }
     }
     __m256 sc = _mm256_loadu_ps(s8 + 8 * b);
@@ -131,27 +99,27 @@ static inline __attribute__((always_inline)) void group_dot8_tokens(const uint8_
     for (int r = 0; r < 8; r++) o[r] = 0.0f;
     for (int64_t b = 0; b < blocks; b++) {
       int64_t tb = t * (k / INT4_BLOCK) + b;
-      int32_t sum[8] = {0};
-      for (int c = 0; c < 8; c++)
-        for (int r = 0; r < 8; r++)
-          for (int i = 0; i < 4; i++) sum[r] += w[256 * b + 32 * c + 4 * r + i] * xt[INT4_BLOCK * b + 4 * c + i];
-      for (int r = 0; r < 8; r++) o[r] += s8[8 * b + r] * xs[tb] * (float)(sum[r] - xc[tb]);
+      for (int r = 0; r < 8; r++) {
+        int32_t sum = 0;
+        for (int j = 0; j < INT4_BLOCK; j++) sum += stored_weight(bits, w, b, r, j) * xt[INT4_BLOCK * b + j];
+        o[r] += s8[8 * b + r] * xs[tb] * (float)(sum - xc[tb]);
+      }
     }
   }
 #endif
 }
 
-/* out[r] = row r of one group of eight . x, over `blocks` blocks (one token) */
+/* out[r] = row r of one group of eight 4-bit rows . x, over `blocks` blocks (one token) */
 static inline void group_dot(const uint8_t *w, const float *s8, const int8_t *x, const float *xs, const int32_t *xc,
                              int64_t blocks, float out[8]) {
-  group_dot_tokens(w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
+  group_dot_tokens(4, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
 }
 
-/* group_dot for `bits`-bit weights (4 or 8; 32 x bits bytes a block of eight rows) */
+/* group_dot for `bits`-bit weights (4 or 8) */
 static inline void group_dot_bits(int bits, const uint8_t *w, const float *s8, const int8_t *x, const float *xs,
                                   const int32_t *xc, int64_t blocks, float out[8]) {
-  if (bits == 8) group_dot8_tokens(w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
-  else group_dot_tokens(w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
+  if (bits == 8) group_dot_tokens(8, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
+  else group_dot_tokens(4, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
 }
 
 #endif

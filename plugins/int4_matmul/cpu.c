@@ -34,7 +34,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void tokens(const Linear *p, int64_t g, int64_t t, int count) {
   int64_t blocks = p->k / INT4_BLOCK;
   float o[32];
-  group_dot_tokens(p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k, p->xs + t * blocks,
+  group_dot_tokens(4, p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k, p->xs + t * blocks,
                    p->xc + t * blocks, p->k, blocks, count, o);
   for (int j = 0; j < count; j++) memcpy(p->y + (t + j) * p->n + 8 * g, o + 8 * j, 8 * sizeof(float));
 }
