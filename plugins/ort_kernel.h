@@ -29,6 +29,9 @@ int dualbrain_default_memory(const OrtCustomOp *op, size_t index);
 int dualbrain_one(const OrtCustomOp *op);
 int dualbrain_first_version(const OrtCustomOp *op);
 int dualbrain_last_version(const OrtCustomOp *op);
+/* create / destroy for an op with no per-node settings (everything it needs is read from its tensors) */
+OrtStatus *dualbrain_no_settings(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out);
+void dualbrain_no_kernel(void *kernel);
 
 /* const OrtCustomOp `var`: op `name` with n_in inputs typed by `input_type` (e.g. dualbrain_float) and
  * n_out float32 outputs, its kernel made by `create` (CreateKernelV2), run by `compute`

@@ -81,6 +81,14 @@ int dualbrain_one(const OrtCustomOp *op) { (void)op; return 1; }
 int dualbrain_first_version(const OrtCustomOp *op) { (void)op; return 1; }
 int dualbrain_last_version(const OrtCustomOp *op) { (void)op; return 0x7fffffff; }
 
+OrtStatus *dualbrain_no_settings(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+  (void)op, (void)api, (void)info;
+  *out = NULL;
+  return NULL;
+}
+
+void dualbrain_no_kernel(void *kernel) { (void)kernel; }
+
 /* ONNX Runtime's entry point for SessionOptions.register_custom_ops_library */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtCustomOpDomain *domain;

@@ -241,6 +241,15 @@ def test_gated_delta_rewrite_runs_ours_for_both_forms_and_leaves_other_dtypes(li
     assert use_cpu_kernels(_gdn_model(2, 4, 8, 8, domain=gdn_ref.DOMAIN, dtype=TensorProto.FLOAT16)) == 0
 
 
+def _linear_op_model(op_type, x_shape, weight, scales, **attrs):
+    """One node of our linear kernel `op_type`: y = op(x, weight, scales)."""
+    node = helper.make_node(op_type, ["x", "w", "s"], ["y"], domain=CPU_DOMAIN, **attrs)
+    graph = helper.make_graph([node], "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scales, "s")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+
+
 def _int8_weight(rng, k, n, block):
     w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
     q, scale = quantize_blockwise(w, 0, block, 8, np.float32)
@@ -260,11 +269,7 @@ def test_int8_matmul_kernel_matches_the_reference(library, x_shape, n, block):
     b, scales = int8_ref.to_rows(q, scale, block)
     np.testing.assert_array_equal(int8_ref.int8_matmul(np.eye(k, dtype=np.float32), b, scales),
                                   dequantize_blockwise(q, scale, 0, block))      # the layout round-trips
-    node = helper.make_node(int8_ref.OP_TYPE, ["x", "b", "s"], ["y"], domain=CPU_DOMAIN, block_size=block)
-    graph = helper.make_graph([node], "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+    model = _linear_op_model(int8_ref.OP_TYPE, x_shape, b, scales, block_size=block)
     x = rng.standard_normal(x_shape).astype(np.float32)
     y = _session(model, library).run(None, {"x": x})[0]
     ref = int8_ref.int8_matmul(x, b, scales)
@@ -349,11 +354,7 @@ def test_int4_matmul_kernel_matches_the_reference(library, x_shape, n):
     w, scales = int4_ref.interleave_linear(pack_int4(q), scale)
     dense = dequantize_blockwise(q, scale, 0, 32)
     np.testing.assert_array_equal(int4_ref.int4_matmul(np.eye(k, dtype=np.float32), w, scales), dense)  # round trip
-    node = helper.make_node(int4_ref.OP_TYPE, ["x", "w", "s"], ["y"], domain=CPU_DOMAIN)
-    graph = helper.make_graph([node], "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scales, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+    model = _linear_op_model(int4_ref.OP_TYPE, x_shape, w, scales)
     x = rng.standard_normal(x_shape).astype(np.float32)
     y = _session(model, library).run(None, {"x": x})[0]
     assert y.shape == x_shape[:-1] + (n,)
@@ -453,28 +454,24 @@ def _qmoe_model(n_experts, inter, hidden, top_k, *, bits=4, block=32, seed=0):
     return model, dense
 
 
-def test_int4_interleaved_layout_reads_back_the_same_weights():
-    rng = np.random.default_rng(4)
-    packed = rng.integers(0, 256, (3, 24, 48), dtype=np.uint8)        # 3 experts, 24 rows, K = 96
-    scales = rng.random((3, 24, 3)).astype(np.float32)
-    w, s = moe_ref.interleave_int4_rows(packed, scales)
-    assert w.shape == (3, 3, 3, 128) and s.shape == (3, 3, 3, 8)
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(3, 24, 96).astype(np.float32) - 8
-    np.testing.assert_array_equal(moe_ref.int4_rows(w, s), values * np.repeat(scales, 32, axis=-1))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_interleaved_layouts_read_back_the_same_weights(bits):
+    rng = np.random.default_rng(bits)
+    k = 96
+    stored = rng.integers(0, 256, (3, 24, k * bits // 8), dtype=np.uint8)   # 3 experts, 24 rows
+    scales = rng.random((3, 24, k // 32)).astype(np.float32)
+    interleave, rows = (moe_ref.interleave_int4_rows, moe_ref.int4_rows) if bits == 4 else \
+        (moe_ref.interleave_int8_rows, moe_ref.int8_rows)
+    w, s = interleave(stored, scales)
+    assert w.shape == (3, 3, 3, 32 * bits) and s.shape == (3, 3, 3, 8)
+    if bits == 4:      # value 2j in byte j's low nibble, 2j + 1 in its high one
+        values = np.stack([stored & 0x0F, stored >> 4], axis=-1).reshape(3, 24, k).astype(np.float32) - 8
+    else:
+        values = stored.astype(np.float32) - 128
+        assert w[0, 1, 1, 32 * 3 + 4 * 5 + 2] == stored[0, 8 + 5, 32 + 4 * 3 + 2]   # chunk 3, row 5, byte 2
+    np.testing.assert_array_equal(rows(w, s), values * np.repeat(scales, 32, axis=-1))
     with pytest.raises(ValueError, match="multiple of 8"):
-        moe_ref.interleave_int4_rows(packed[:, :20], scales[:, :20])
-
-
-def test_int8_interleaved_layout_reads_back_the_same_weights():
-    rng = np.random.default_rng(5)
-    q = rng.integers(0, 256, (2, 16, 64), dtype=np.uint8)              # 2 experts, 16 rows, K = 64
-    scales = rng.random((2, 16, 2)).astype(np.float32)
-    w, s = moe_ref.interleave_int8_rows(q, scales)
-    assert w.shape == (2, 2, 2, 256) and s.shape == (2, 2, 2, 8)
-    assert w[0, 1, 1, 32 * 3 + 4 * 5 + 2] == q[0, 8 + 5, 32 + 4 * 3 + 2]           # chunk 3, row 5, byte 2
-    np.testing.assert_array_equal(moe_ref.int8_rows(w, s), (q.astype(np.float32) - 128) * np.repeat(scales, 32, -1))
-    with pytest.raises(ValueError, match="multiple of 8"):
-        moe_ref.interleave_int8_rows(q[:, :12], scales[:, :12])
+        interleave(stored[:, :20], scales[:, :20])
 
 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MoEDispatch is used only where the CPU has AVX-512 VNNI")

@@ -81,18 +81,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   return st;
 }
 
-static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
-  (void)op, (void)api, (void)info;
-  *out = NULL;  /* no per-node settings: `channels` is C, read from the tensors */
-  return NULL;
-}
-
-static void destroy(void *kernel) { (void)kernel; }
-
 static OrtStatus *infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) {
   (void)op;
   OrtStatus *st = dualbrain_same_shape(ctx, 0, 0);
   return st ? st : dualbrain_same_shape(ctx, 2, 1);
 }
 
-DUALBRAIN_CPU_OP(dualbrain_causal_conv_op, "CausalConv1d", 3, 2, dualbrain_float, create, compute, destroy, infer);
+DUALBRAIN_CPU_OP(dualbrain_causal_conv_op, "CausalConv1d", 3, 2, dualbrain_float, dualbrain_no_settings, compute,
+                 dualbrain_no_kernel, infer);  /* `channels` is C, read from the tensors */

@@ -90,17 +90,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   return st;
 }
 
-static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
-  (void)op, (void)api, (void)info;
-  *out = NULL;
-  return NULL;
-}
-
-static void destroy(void *kernel) { (void)kernel; }
-
 static int input_type(const OrtCustomOp *op, size_t index) {
   (void)op;
   return index == 1 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
 }
 
-DUALBRAIN_CPU_OP(dualbrain_int4_matmul_op, "Int4MatMul", 3, 1, input_type, create, compute, destroy, NULL);
+DUALBRAIN_CPU_OP(dualbrain_int4_matmul_op, "Int4MatMul", 3, 1, input_type, dualbrain_no_settings, compute,
+                 dualbrain_no_kernel, NULL);
