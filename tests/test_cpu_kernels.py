@@ -474,6 +474,30 @@ def test_interleaved_layouts_read_back_the_same_weights(bits):
         interleave(stored[:, :20], scales[:, :20])
 
 
+@pytest.mark.parametrize("e,rows,k", [(3, 24, 96), (1, 8, 32), (2, 40, 1024)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_library_lays_out_the_experts_as_the_reference(library, bits, e, rows, k):
+    rng = np.random.default_rng(e + rows + bits)
+    stored = rng.integers(0, 256, (e, rows, k * bits // 8), dtype=np.uint8)
+    scales = rng.random((e, rows, k // 32)).astype(np.float32)
+    want = (moe_ref.interleave_int4_rows if bits == 4 else moe_ref.interleave_int8_rows)(stored, scales)
+    assert ort_kernels._layouts() is not None                   # the library's, not the reference again
+    got = ort_kernels.interleave_experts(bits, stored, scales)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="do not fit"):
+        ort_kernels.interleave_experts(bits, stored[:, :rows - 4], scales[:, :rows - 4])
+
+
+@pytest.mark.parametrize("k,n", [(32, 8), (96, 40), (1024, 2048)])
+def test_library_lays_out_an_int4_linear_as_the_reference(library, k, n):
+    rng = np.random.default_rng(k + n)
+    packed = rng.integers(0, 256, k * n // 2, dtype=np.uint8).tobytes()
+    scale = rng.random((k // 32, n)).astype(np.float32)
+    for g, w in zip(ort_kernels.interleave_int4_linear(packed, scale), int4_ref.interleave_linear(packed, scale)):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MoEDispatch is used only where the CPU has AVX-512 VNNI")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,e,i,h,k", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dualbrain.plugins.moe_dispatch.reference import INT4_BLOCK, int4_rows
+from dualbrain.plugins.moe_dispatch.reference import INT4_BLOCK, int4_rows, interleave_scales
 
 OP_TYPE = "Int4MatMul"
 
@@ -35,8 +35,7 @@ def interleave_linear(packed: bytes | np.ndarray, scale: np.ndarray) -> tuple[np
     v[:, 1::2] = (b >> 4).reshape(k, n // 2)
     v = v.reshape(blocks, 4, 2, 4, n // 8, 8)            # block, chunk, half, i, group, row
     w = (v[:, :, 0] | (v[:, :, 1] << 4)).transpose(3, 0, 1, 4, 2)   # group, block, chunk, row, i
-    s = scale.reshape(blocks, n // 8, 8).transpose(1, 0, 2)
-    return np.ascontiguousarray(w).reshape(n // 8, blocks, 128), np.ascontiguousarray(s)
+    return np.ascontiguousarray(w).reshape(n // 8, blocks, 128), interleave_scales(scale.T[None])[0]
 
 
 def int4_matmul(x: np.ndarray, w: np.ndarray, scales: np.ndarray) -> np.ndarray:

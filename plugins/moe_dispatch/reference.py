@@ -26,7 +26,7 @@ INT4_BLOCK = 32          # values per scale in those layouts
 
 __all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "INT4_OP_TYPE", "INT8_OP_TYPE", "INT4_BLOCK", "route",
            "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up", "interleave_int4_rows", "int4_rows",
-           "interleave_int8_rows", "int8_rows", "quant_moe_dispatch"]
+           "interleave_int8_rows", "int8_rows", "interleave_scales", "quant_moe_dispatch"]
 
 
 def interleave_gate_up(gate_up):
@@ -108,8 +108,15 @@ def interleave_int4_rows(packed, scales):
     x = (x & 0xFF0000FF) | ((x & 0x00FF0000) >> 8) | ((x & 0x0000FF00) << 8)
     x = (x & 0xF00FF00F) | ((x & 0x0F000F00) >> 4) | ((x & 0x00F000F0) << 4)
     w = np.ascontiguousarray(x.transpose(0, 1, 3, 4, 2)).view(np.uint8).reshape(e, rows // 8, k // INT4_BLOCK, 128)
-    s = np.asarray(scales, np.float32).reshape(e, rows // 8, 8, k // INT4_BLOCK).transpose(0, 1, 3, 2)
-    return w, np.ascontiguousarray(s)
+    return w, interleave_scales(scales)
+
+
+def interleave_scales(scales):
+    """Per-block scales [E, R, K/32] -> [E, R/8, K/32, 8], the eight rows of a group side by side (the
+    scales of every interleaved layout)."""
+    e, rows, blocks = np.shape(scales)
+    s = np.asarray(scales, np.float32).reshape(e, rows // 8, 8, blocks).transpose(0, 1, 3, 2)
+    return np.ascontiguousarray(s)
 
 
 def int4_rows(w, s):
@@ -137,8 +144,7 @@ def interleave_int8_rows(q, scales):
     # four bytes of a row (values 4c..4c+3) stay together: move them as one 32-bit word
     words = np.ascontiguousarray(q).view("<u4").reshape(e, rows // 8, 8, k // INT4_BLOCK, 8)
     w = np.ascontiguousarray(words.transpose(0, 1, 3, 4, 2))               # e, group, block, chunk, row
-    s = np.asarray(scales, np.float32).reshape(e, rows // 8, 8, k // INT4_BLOCK).transpose(0, 1, 3, 2)
-    return w.view(np.uint8).reshape(e, rows // 8, k // INT4_BLOCK, 256), np.ascontiguousarray(s)
+    return w.view(np.uint8).reshape(e, rows // 8, k // INT4_BLOCK, 256), interleave_scales(scales)
 
 
 def int8_rows(w, s):

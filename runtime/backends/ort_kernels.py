@@ -37,6 +37,7 @@ Windows turn them off with one warning.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -57,7 +58,7 @@ from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
 from dualbrain.plugins.int4_matmul.reference import OP_TYPE as INT4_LINEAR_OP, interleave_linear
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import (IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, INT8_OP_TYPE,
-                                                      interleave_int4_rows, interleave_int8_rows)
+                                                      interleave_int4_rows, interleave_int8_rows, interleave_scales)
 from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -68,7 +69,7 @@ KERNEL_MAX_TOKENS = 32
 ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
 
 _PLUGINS = Path(plugins.__file__).parent
-SOURCES = (_PLUGINS / "ort_kernels.c", *(_PLUGINS / op / "cpu.c" for op in (
+SOURCES = (_PLUGINS / "ort_kernels.c", _PLUGINS / "quant_layouts.c", *(_PLUGINS / op / "cpu.c" for op in (
     "moe_dispatch", "causal_conv", "int8_matmul", "int4_matmul", "gated_delta")))
 HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "quant_blocks.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
@@ -157,6 +158,49 @@ def _unavailable(why: str) -> None:
     return None
 
 
+@functools.cache
+def _layouts():
+    """The library's relayout functions (plugins/quant_layouts.c) through ctypes; None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    c = ctypes.CDLL(str(lib))
+    for name in ("dualbrain_interleave_int4_rows", "dualbrain_interleave_int8_rows", "dualbrain_interleave_linear"):
+        fn = getattr(c, name)
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64], None
+    return c
+
+
+def interleave_experts(bits: int, stored: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`moe_dispatch.reference.interleave_int{bits}_rows`, the bytes laid out by the library in one pass
+    (numpy's shuffles ran at ~0.4 GB/s); the reference itself where the library is not built."""
+    c = _layouts()
+    if c is None:
+        return (interleave_int4_rows if bits == 4 else interleave_int8_rows)(stored, scales)
+    stored = np.ascontiguousarray(stored, np.uint8)
+    e, rows, width = stored.shape
+    blocks = width * 8 // bits // INT4_BLOCK
+    if rows % 8 or width * 8 // bits != blocks * INT4_BLOCK or np.shape(scales) != (e, rows, blocks):
+        raise ValueError(f"experts {stored.shape} / scales {np.shape(scales)} do not fit the {bits}-bit layout")
+    out = np.empty((e, rows // 8, blocks, 32 * bits), np.uint8)
+    getattr(c, f"dualbrain_interleave_int{bits}_rows")(stored.ctypes.data, out.ctypes.data, e * rows // 8, blocks)
+    return out, interleave_scales(scales)
+
+
+def interleave_int4_linear(packed: bytes, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`int4_matmul.reference.interleave_linear`, the bytes laid out by the library (the reference without it)."""
+    c = _layouts()
+    scale = np.asarray(scale, np.float32)
+    blocks, n = scale.shape
+    k = blocks * INT4_BLOCK
+    if c is None or n % 8 or len(packed) != k * n // 2:
+        return interleave_linear(packed, scale)          # the reference: its checks say what is wrong
+    src = np.frombuffer(packed, np.uint8)
+    out = np.empty((n // 8, blocks, 128), np.uint8)
+    c.dualbrain_interleave_linear(src.ctypes.data, out.ctypes.data, k, n)
+    return out, interleave_scales(scale.T[None])[0]
+
+
 class _Rewrite(_Graph):
     """One pass over a main graph: ort_quant's view of it (initializers, producers, users, external
     bytes) plus what these rewrites read and add."""
@@ -236,8 +280,7 @@ def _has_vnni() -> bool:
 _QMOE_SWIGLU_READ = {a: v.encode() if isinstance(v, str) else v for a, v in QMOE_SWIGLU.items()}
 
 
-# bits -> (our op type, the layout it reads, made from QMoE's [E, R, K * bits / 8] uint8 and [E, R, K/32] scales)
-_QUANT_MOE = {4: (INT4_OP_TYPE, interleave_int4_rows), 8: (INT8_OP_TYPE, interleave_int8_rows)}
+_QUANT_MOE = {4: INT4_OP_TYPE, 8: INT8_OP_TYPE}           # expert bits -> our op type
 
 
 def _quant_moe(node, r: _Rewrite) -> list | None:
@@ -256,14 +299,13 @@ def _quant_moe(node, r: _Rewrite) -> list | None:
             or len(fc1.dims) != 3 or len(fc2.dims) != 3 or fc1.dims[1] % 8 or fc2.dims[1] % 8 \
             or (per_byte * fc1.dims[2]) % INT4_BLOCK or (per_byte * fc2.dims[2]) % INT4_BLOCK:
         return None
-    op_type, interleave = _QUANT_MOE[bits]
     p = f"{node.name or node.output[0]}/cpu_kernel"
     inputs = list(node.input[:2])
     for which, (q, s) in (("fc1", (fc1, fc1_s)), ("fc2", (fc2, fc2_s))):
-        w, scales = interleave(r.array(q.name), r.array(s.name))
+        w, scales = interleave_experts(bits, r.array(q.name), r.array(s.name))
         inputs += [r.supply(f"{p}/{which}", w), r.supply(f"{p}/{which}_scales", scales)]
         r.release(q.name, s.name)
-    return [helper.make_node(op_type, inputs, list(node.output), name=f"{p}/quant_moe", domain=CPU_DOMAIN,
+    return [helper.make_node(_QUANT_MOE[bits], inputs, list(node.output), name=f"{p}/quant_moe", domain=CPU_DOMAIN,
                              top_k=attrs.get("k", 1), normalize=attrs.get("normalize_routing_weights", 0))]
 
 
@@ -336,7 +378,7 @@ def _int4_linear(node, r: _Rewrite) -> list | None:
         return None
     x, w, dq, q, scale = match
     p = f"{node.name or node.output[0]}/cpu_kernel"
-    b, scales = interleave_linear(r.raw(q), r.array(scale.name))
+    b, scales = interleave_int4_linear(r.raw(q), r.array(scale.name))
     weights = [r.supply(f"{p}/w", b), r.supply(f"{p}/scales", scales)]
     r.dropped.add(w)
     r.release(*dq.input)
