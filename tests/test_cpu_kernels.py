@@ -393,10 +393,25 @@ def test_int4_linear_rewrite_matches_matmulnbits_and_the_reference(library, tmp_
     assert (np.abs(y - x @ dense) <= _int4_activation_bound(x, dense) * 1.001 + 1e-5).all()
 
 
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
+@pytest.mark.parametrize("block,tokens", [(64, 1), (128, 70)])
+def test_int4_linear_rewrite_takes_larger_blocks(library, tmp_path, block, tokens):
+    rng = np.random.default_rng(block + tokens)
+    k, n = 256, 48
+    q, scale = quantize_blockwise((rng.standard_normal((k, n)) * 0.05).astype(np.float32), 0, block, 4, np.float32)
+    model = _linear_model(q, scale, block, tokens, bits=4)
+    assert use_cpu_kernels(model, tmp_path) == 1
+    assert [nd.op_type for nd in model.graph.node] == [int4_ref.OP_TYPE]
+    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    y = _session(model, library).run(None, {"x": x})[0]
+    dense = dequantize_blockwise(q, scale, 0, block)
+    assert (np.abs(y - x @ dense) <= _int4_activation_bound(x, dense) * 1.001 + 1e-5).all()
+
+
 def test_int4_linear_rewrite_leaves_other_weights_alone(tmp_path):
     rng = np.random.default_rng(3)
-    q, scale = quantize_blockwise((rng.standard_normal((64, 16)) * 0.05).astype(np.float32), 0, 64, 4, np.float32)
-    assert use_cpu_kernels(_linear_model(q, scale, 64, 1, bits=4), tmp_path) == 0      # blocks of 64
+    q, scale = quantize_blockwise((rng.standard_normal((64, 16)) * 0.05).astype(np.float32), 0, 16, 4, np.float32)
+    assert use_cpu_kernels(_linear_model(q, scale, 16, 1, bits=4), tmp_path) == 0      # blocks of 16
     q, scale = quantize_blockwise((rng.standard_normal((64, 12)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
     assert use_cpu_kernels(_linear_model(q, scale, 32, 1, bits=4), tmp_path) == 0      # N not a multiple of 8
     q, scale = quantize_blockwise((rng.standard_normal((64, 16)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
@@ -534,8 +549,31 @@ def test_quant_moe_rewrite_matches_qmoe_and_the_reference(library, tmp_path, n, 
     np.testing.assert_allclose(y, ref, rtol=0, atol=3e-2 * np.abs(ref).max())     # as test_quant_experts
 
 
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("block,n", [(64, 1), (128, 9), (64, 70)])
+def test_int4_moe_rewrite_takes_larger_blocks(library, block, n):
+    """int4 experts exported in blocks of 64 or 128: the kernel reads their scales repeated per 32 values."""
+    e, i, h, k = 6, 128, 256, 2
+    model, dense = _qmoe_model(e, i, h, k, bits=4, block=block, seed=block + n)
+    qmoe = _session(model, library)
+    assert use_cpu_kernels(model) == 1
+    assert {nd.op_type for nd in model.graph.node} == {moe_ref.INT4_OP_TYPE}
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, h)).astype(np.float32)
+    logits = rng.standard_normal((n, e)).astype(np.float32)
+    y = _session(model, library).run(None, {"x": x, "logits": logits})[0]
+    # QMoE rounds the activations its own way (per its block, or not at all), so the outputs differ by
+    # rounding; ours must be as close to the float reference as QMoE's (measured: 1.2-2 % of the largest
+    # output for both)
+    want = qmoe.run(None, {"x": x, "logits": logits})[0]
+    ref = moe_ref.moe_dispatch(x, logits, dense["fc1"], dense["fc2"], k)
+    error = lambda out: np.abs(out - ref).max() / np.abs(ref).max()               # noqa: E731
+    assert error(y) <= max(1.25 * error(want), 1e-3) and error(y) <= 3e-2
+
+
 def test_quant_moe_rewrite_leaves_other_experts_alone():
-    assert use_cpu_kernels(_qmoe_model(4, 64, 128, 2, block=64)[0]) == 0           # blocks of 64
+    assert use_cpu_kernels(_qmoe_model(4, 64, 128, 2, block=16)[0]) == 0           # blocks of 16
+    assert use_cpu_kernels(_qmoe_model(4, 64, 128, 2, bits=8, block=16)[0]) == 0   # 8-bit, blocks of 16
     assert use_cpu_kernels(_qmoe_model(4, 128, 128, 2, bits=8, block=128)[0]) == 0  # 8-bit, blocks of 128
     model = _qmoe_model(4, 32, 64, 2)[0]
     model.graph.node[0].attribute.append(helper.make_attribute("swiglu_limit", 7.0))

@@ -8,7 +8,7 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   `KERNEL_MAX_TOKENS` tokens (a prefill) keeps ONNX Runtime's GEMM-based `com.microsoft.MoE`: the
   rewrite puts both behind an ONNX `If` on the token count.
 * the same file's `Int4MoEDispatch` / `Int8MoEDispatch`: the 4- / 8-bit experts of an int4 / int8 export
-  (blocks of 32), decode and prefill, in place of ONNX Runtime's QMoE (which dequantizes the chosen
+  (`KERNEL_BLOCKS`), decode and prefill, in place of ONNX Runtime's QMoE (which dequantizes the chosen
   experts to float32). The weights are laid out at load with eight rows interleaved
   (`moe_dispatch.reference.interleave_int4_rows` / `interleave_int8_rows`), so that each block's scale
   and FMA serve eight rows, and handed to the session without a copy; QMoE's layout is then not loaded.
@@ -21,7 +21,7 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
 * `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
   Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
   laid out in MatMulNBits' layout at load; behind the same `If` as the MoE, prefill keeps MatMulNBits.
-* `plugins/int4_matmul/cpu.c`: the linears of an `--quant int4` export (blocks of 32; the LM head
+* `plugins/int4_matmul/cpu.c`: the linears of an `--quant int4` export (`KERNEL_BLOCKS`; the LM head
   included), decode and prefill, in place of MatMulNBits, on the weight laid out at load as
   Int4MoEDispatch's experts are (`int4_matmul.reference.interleave_linear`) and handed over the same
   way, so MatMulNBits' copy is never made. AVX-512 VNNI only, as Int4MoEDispatch. The three share their
@@ -281,28 +281,38 @@ _QMOE_SWIGLU_READ = {a: v.encode() if isinstance(v, str) else v for a, v in QMOE
 
 
 _QUANT_MOE = {4: INT4_OP_TYPE, 8: INT8_OP_TYPE}           # expert bits -> our op type
+# Weight bits -> the export's block sizes the interleaved kernels take. Their layouts hold a scale per 32
+# values, so a larger block's scales are repeated at load (`_per_32`). For 4 bits that still beat QMoE (int4
+# blocks of 64: 1.03x at batch 1, 1.12x at batch 8, peak RSS 551 against 571 MiB); for 8 bits it did not
+# (blocks of 128: 1.00x, 0.98x, and 55 MiB more), so 8-bit experts in larger blocks stay with QMoE.
+KERNEL_BLOCKS = {4: (32, 64, 128), 8: (32,)}
+
+
+def _per_32(scales: np.ndarray, block: int, axis: int) -> np.ndarray:
+    """Scales of blocks of `block` values along `axis` -> one per 32 values (each repeated)."""
+    return scales if block == INT4_BLOCK else np.repeat(scales, block // INT4_BLOCK, axis=axis)
 
 
 def _quant_moe(node, r: _Rewrite) -> list | None:
-    """QMoE (4- or 8-bit, blocks of 32, no biases) -> Int4MoEDispatch / Int8MoEDispatch on the experts with
+    """QMoE (4- or 8-bit in `KERNEL_BLOCKS`, no biases) -> Int4MoEDispatch / Int8MoEDispatch on the experts with
     eight rows interleaved, made here from the export's bytes. They run prefill too (faster than QMoE at 64
     and 512 tokens on the mid shapes), so QMoE's copy of the experts is not loaded at all."""
     attrs = _attrs(node)
     bits = attrs.get("expert_weight_bits")
     if len(node.input) != 7 or node.input[4] or any(attrs.get(a) != v for a, v in _QMOE_SWIGLU_READ.items()) \
-            or bits not in _QUANT_MOE or attrs.get("block_size") != INT4_BLOCK or not _has_vnni():
+            or attrs.get("block_size") not in KERNEL_BLOCKS.get(bits, ()) or not _has_vnni():
         return None
     fc1, fc1_s, fc2, fc2_s = (r.inits.get(node.input[i]) for i in (2, 3, 5, 6))
     per_byte = 8 // bits                                 # values a byte holds
     if any(t is None for t in (fc1, fc1_s, fc2, fc2_s)) or fc1.data_type != TensorProto.UINT8 \
             or fc2.data_type != TensorProto.UINT8 or not {fc1_s.name, fc2_s.name} <= r.floats \
             or len(fc1.dims) != 3 or len(fc2.dims) != 3 or fc1.dims[1] % 8 or fc2.dims[1] % 8 \
-            or (per_byte * fc1.dims[2]) % INT4_BLOCK or (per_byte * fc2.dims[2]) % INT4_BLOCK:
+            or (per_byte * fc1.dims[2]) % attrs["block_size"] or (per_byte * fc2.dims[2]) % attrs["block_size"]:
         return None
     p = f"{node.name or node.output[0]}/cpu_kernel"
     inputs = list(node.input[:2])
     for which, (q, s) in (("fc1", (fc1, fc1_s)), ("fc2", (fc2, fc2_s))):
-        w, scales = interleave_experts(bits, r.array(q.name), r.array(s.name))
+        w, scales = interleave_experts(bits, r.array(q.name), _per_32(r.array(s.name), attrs["block_size"], -1))
         inputs += [r.supply(f"{p}/{which}", w), r.supply(f"{p}/{which}_scales", scales)]
         r.release(q.name, s.name)
     return [helper.make_node(_QUANT_MOE[bits], inputs, list(node.output), name=f"{p}/quant_moe", domain=CPU_DOMAIN,
@@ -370,15 +380,15 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
 
 
 def _int4_linear(node, r: _Rewrite) -> list | None:
-    """MatMul(x, DequantizeLinear(int4 [K, N], scale, axis 0, blocks of 32)) -> Int4MatMul on the weight with
+    """MatMul(x, DequantizeLinear(int4 [K, N], scale, axis 0, `KERNEL_BLOCKS[4]`)) -> Int4MatMul on the weight with
     eight rows interleaved, made here from the export's bytes, for calls of any size; so MatMulNBits' copy
     (which ONNX Runtime would fuse from the same nodes) is never made."""
-    match = _has_vnni() and _signed_linear(node, r, TensorProto.INT4, lambda block: block == INT4_BLOCK)
+    match = _has_vnni() and _signed_linear(node, r, TensorProto.INT4, lambda block: block in KERNEL_BLOCKS[4])
     if not match or match[3].dims[1] % 8:
         return None
     x, w, dq, q, scale = match
     p = f"{node.name or node.output[0]}/cpu_kernel"
-    b, scales = interleave_int4_linear(r.raw(q), r.array(scale.name))
+    b, scales = interleave_int4_linear(r.raw(q), _per_32(r.array(scale.name), _attrs(dq)["block_size"], 0))
     weights = [r.supply(f"{p}/w", b), r.supply(f"{p}/scales", scales)]
     r.dropped.add(w)
     r.release(*dq.input)
