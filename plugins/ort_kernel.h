@@ -15,6 +15,10 @@ OrtStatus *dualbrain_input(OrtKernelContext *ctx, size_t index, size_t rank, con
 OrtStatus *dualbrain_input_of(OrtKernelContext *ctx, size_t index, int type, size_t rank, size_t *rank_out,
                               const void **data, int64_t *dims);
 OrtStatus *dualbrain_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank, float **data);
+/* a linear's output 0: x's dims `xd` (rank `rank`, changed in place) with the last one `n`; *rows = the
+ * product of the others */
+OrtStatus *dualbrain_linear_output(OrtKernelContext *ctx, int64_t *xd, size_t rank, int64_t n, int64_t *rows,
+                                   float **y);
 int64_t dualbrain_attr_int(const OrtKernelInfo *info, const char *name, int64_t fallback);
 /* fn(user, i) for i < total over ONNX Runtime's intra-op threads */
 OrtStatus *dualbrain_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t total, void *user);

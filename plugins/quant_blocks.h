@@ -109,13 +109,7 @@ static inline __attribute__((always_inline)) void group_dot_tokens(int bits, con
 #endif
 }
 
-/* out[r] = row r of one group of eight 4-bit rows . x, over `blocks` blocks (one token) */
-static inline void group_dot(const uint8_t *w, const float *s8, const int8_t *x, const float *xs, const int32_t *xc,
-                             int64_t blocks, float out[8]) {
-  group_dot_tokens(4, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
-}
-
-/* group_dot for `bits`-bit weights (4 or 8) */
+/* out[r] = row r of one group of eight `bits`-bit rows (4 or 8) . x, over `blocks` blocks (one token) */
 static inline void group_dot_bits(int bits, const uint8_t *w, const float *s8, const int8_t *x, const float *xs,
                                   const int32_t *xc, int64_t blocks, float out[8]) {
   if (bits == 8) group_dot_tokens(8, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);

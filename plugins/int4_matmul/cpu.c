@@ -73,10 +73,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (rank < 1 || xd[rank - 1] != p.k || wd[2] != 128 || sd[0] != wd[0] || sd[1] != wd[1] || sd[2] != 8)
     return dualbrain_error("Int4MatMul (cpu): shapes must be x [..., K], w [N/8, K/32, 128], scales [N/8, K/32, 8] "
                            "(int4_matmul.reference.interleave_linear)");
-  p.m = 1;
-  for (size_t i = 0; i + 1 < rank; i++) p.m *= xd[i];
-  xd[rank - 1] = p.n;
-  if ((st = dualbrain_output(ctx, 0, xd, rank, &p.y))) return st;
+  if ((st = dualbrain_linear_output(ctx, xd, rank, p.n, &p.m, &p.y))) return st;
   if (p.m == 0 || p.n == 0) return NULL;
   int64_t xb = p.m * p.k / INT4_BLOCK;
   char *mem = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)xb + (size_t)(p.m * p.k));

@@ -121,10 +121,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (rank < 1 || xd[rank - 1] != p.k || p.block != kn->block || p.block < 16 || p.block % 16 || sd[0] != p.n * bd[1])
     return dualbrain_error("Int8MatMul (cpu): shapes must be x [..., K], b [N, K / block, block], scales [N * K / block], "
                            "block a multiple of 16");
-  p.m = 1;
-  for (size_t i = 0; i + 1 < rank; i++) p.m *= xd[i];
-  xd[rank - 1] = p.n;
-  if ((st = dualbrain_output(ctx, 0, xd, rank, &p.y))) return st;
+  if ((st = dualbrain_linear_output(ctx, xd, rank, p.n, &p.m, &p.y))) return st;
   if (p.m == 0 || p.n == 0) return NULL;
   void *mem = malloc((sizeof(int16_t) * (size_t)p.k + sizeof(float)) * (size_t)p.m);
   if (!mem) return dualbrain_error("Int8MatMul (cpu): out of memory");

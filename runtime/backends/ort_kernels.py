@@ -336,7 +336,7 @@ def _gated_delta(node, r: _Rewrite) -> list | None:
 
 
 def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
-    """(x, the weight's value, its DequantizeLinear, q, scale) when `node` is MatMul(x, DequantizeLinear(q,
+    """(x, the weight's value, its DequantizeLinear, q, scale, block) when `node` is MatMul(x, DequantizeLinear(q,
     scale)) on the export's signed blockwise `data_type` weight [K, N] (axis 0, no zero point, the block
     size one `blocks` accepts), the DequantizeLinear read by nothing else; else None. A Gemm without bias,
     scaling or transposes (the exporter's MoE router and shared expert) is the same MatMul."""
@@ -354,7 +354,7 @@ def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
     if q is None or scale is None or q.data_type != data_type or scale.data_type != TensorProto.FLOAT \
             or len(q.dims) != 2 or attrs.get("axis") != 0 or not blocks(block) or q.dims[0] % block:
         return None
-    return x, w, dq, q, scale
+    return x, w, dq, q, scale, block
 
 
 def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
@@ -364,8 +364,7 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     match = _signed_linear(node, r, TensorProto.INT8, lambda block: block >= 16 and not block & (block - 1))
     if match is None:
         return None
-    x, w, dq, q, _ = match
-    block = _attrs(dq)["block_size"]
+    x, w, dq, q, _, block = match
     (k, n), y = q.dims, node.output[0]
     p = f"{node.name or y}/cpu_kernel"
     b, scales = to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block)
@@ -386,9 +385,9 @@ def _int4_linear(node, r: _Rewrite) -> list | None:
     match = _has_vnni() and _signed_linear(node, r, TensorProto.INT4, lambda block: block in KERNEL_BLOCKS[4])
     if not match or match[3].dims[1] % 8:
         return None
-    x, w, dq, q, scale = match
+    x, w, dq, q, scale, block = match
     p = f"{node.name or node.output[0]}/cpu_kernel"
-    b, scales = interleave_int4_linear(r.raw(q), _per_32(r.array(scale.name), _attrs(dq)["block_size"], 0))
+    b, scales = interleave_int4_linear(r.raw(q), _per_32(r.array(scale.name), block, 0))
     weights = [r.supply(f"{p}/w", b), r.supply(f"{p}/scales", scales)]
     r.dropped.add(w)
     r.release(*dq.input)
