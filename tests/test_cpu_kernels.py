@@ -583,6 +583,94 @@ def test_quant_moe_rewrite_leaves_other_experts_alone():
     assert use_cpu_kernels(model) == 0
 
 
+def _with_shared_expert(model, inter, *, bits=None, block=32, seed=0):
+    """`model` (one MoE node giving "y" from "x") with the exporter's shared expert beside it, as
+    exporter.blocks.layers writes it: y = moe + sigmoid(x . g) * down(silu(gate(x)) * up(x)). Float32: Gemms on
+    [out, in] weights (transB); `bits`: the export's signed blockwise DequantizeLinears [K, N] read by plain Gemms.
+    Returns the model and the weights as the reference takes them (gate, up, down, g; dequantized)."""
+    rng = np.random.default_rng(seed)
+    g = model.graph
+    hidden = next(d.dim_value for d in g.input[0].type.tensor_type.shape.dim[1:])
+    g.node[0].output[0] = "moe"
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter), "g": (1, hidden)}
+    dense, nodes = {}, []
+    for name, shape in shapes.items():
+        w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if bits is None:
+            dense[name] = w
+            g.initializer.append(numpy_helper.from_array(w, f"shared.{name}"))
+            continue
+        q, scale = quantize_blockwise(np.ascontiguousarray(w.T), 0, block, bits, np.float32)     # [K, N]
+        dense[name] = np.ascontiguousarray(dequantize_blockwise(q, scale, 0, block).T)
+        data = pack_int4(q) if bits == 4 else q.tobytes()
+        data_type = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        g.initializer.extend([helper.make_tensor(f"shared.{name}.q", data_type, q.shape, data, raw=True),
+                              numpy_helper.from_array(scale, f"shared.{name}.scale")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"shared.{name}.q", f"shared.{name}.scale"],
+                                      [f"shared.{name}"], name=f"dq_{name}", axis=0, block_size=block))
+    trans = {"transB": 1} if bits is None else {}
+
+    def linear(x, name):
+        return helper.make_node("Gemm", [x, f"shared.{name}"], [f"{name}_out"], name=name, **trans)
+
+    nodes += [linear("x", "g"), helper.make_node("Sigmoid", ["g_out"], ["weight"]),
+              linear("x", "gate"), helper.make_node("Sigmoid", ["gate_out"], ["gate_sig"]),
+              helper.make_node("Mul", ["gate_out", "gate_sig"], ["silu"]), linear("x", "up"),
+              helper.make_node("Mul", ["silu", "up_out"], ["act"]), linear("act", "down"),
+              helper.make_node("Mul", ["weight", "down_out"], ["shared"]),
+              helper.make_node("Add", ["moe", "shared"], ["y"])]
+    g.node.extend(nodes)
+    return model, dense
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("n", [1, 8, 70])
+def test_shared_expert_joins_the_int4_moe_kernel(library, block, n):
+    """4-bit QMoE plus the export's int4 shared expert -> one Int4SharedMoEDispatch, which reads the shared expert
+    as one more expert: the reference's sum, as close to it as the unfused graph run by ONNX Runtime."""
+    e, i, h, k = 6, 128, 128, 2
+    model, dense = _qmoe_model(e, i, h, k, seed=n + block)
+    model, shared = _with_shared_expert(model, i, bits=4, block=block, seed=n)
+    unfused = _session(model, library)
+    arrays = {}
+    assert use_cpu_kernels(model, supplied=arrays) == 1
+    onnx.checker.check_model(model)
+    assert [nd.op_type for nd in model.graph.node] == [moe_ref.INT4_SHARED_OP_TYPE]
+    assert not {t.name for t in model.graph.initializer} & {f"shared.{w}.q" for w in shared}     # relaid, not kept
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, h)).astype(np.float32)
+    logits = rng.standard_normal((n, e)).astype(np.float32)
+    y = _session(model, library, supplied=arrays).run(None, {"x": x, "logits": logits})[0]
+    ref = moe_ref.moe_dispatch(x, logits, dense["fc1"], dense["fc2"], k) + \
+        moe_ref.shared_expert(x, shared["gate"], shared["up"], shared["down"], shared["g"])
+    p = "qmoe/cpu_kernel/"
+    laid = moe_ref.quant_shared_moe_dispatch(x, logits, *(arrays[p + a] for a in (
+        "fc1", "fc1_scales", "fc2", "fc2_scales", "shared_fc1", "shared_fc1_scales", "shared_fc2", "shared_fc2_scales",
+        "shared_gate")), k)
+    np.testing.assert_allclose(laid, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())     # the layout holds the weights
+    error = lambda out: np.abs(out - ref).max() / np.abs(ref).max()                       # noqa: E731
+    want = unfused.run(None, {"x": x, "logits": logits})[0]
+    assert error(y) <= max(1.5 * error(want), 1e-3) and error(y) <= 3e-2, (error(y), error(want))
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+def test_shared_expert_stays_apart_where_it_does_not_fit(library):
+    e, i, h = 4, 32, 64
+    ops = lambda m: {nd.op_type for nd in m.graph.node}                             # noqa: E731
+    model, _ = _with_shared_expert(_qmoe_model(e, i, h, 2)[0], i, bits=4)
+    model.graph.output.append(helper.make_tensor_value_info("act", TensorProto.FLOAT, None))    # read outside it
+    use_cpu_kernels(model)
+    assert moe_ref.INT4_OP_TYPE in ops(model) and moe_ref.INT4_SHARED_OP_TYPE not in ops(model)
+    model, _ = _with_shared_expert(_qmoe_model(e, i, h, 2, bits=8)[0], i, bits=8)     # 8-bit: no gain measured
+    use_cpu_kernels(model)
+    assert moe_ref.INT8_OP_TYPE in ops(model) and "Gemm" in ops(model)
+    rng = np.random.default_rng(5)
+    fc1, fc2 = _weights(rng, e, i, h)
+    model, _ = _with_shared_expert(_moe_model(fc1, fc2, top_k=2, domain=DOMAIN), i)        # float32: likewise
+    assert use_cpu_kernels(model) == 1 and sum(nd.op_type == "Gemm" for nd in model.graph.node) == 4
+
+
 def test_node_cost_benchmark_times_equal_graphs():
     """tests/benchmarks/ort_node_costs.py sets a chain of plain nodes against the same chain behind the
     runtime's decode/prefill If: both must compute the same thing, or the difference is not the If's."""

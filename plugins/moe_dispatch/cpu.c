@@ -18,6 +18,11 @@
  * Runtime's QMoE, which dequantizes the chosen experts and multiplies them in float32. The activations
  * are int8 per block of 32, as in QMoE (accuracy level 4).
  *
+ * Int4SharedMoEDispatch adds the layer's shared expert (Qwen3.5-MoE's `shared_expert`, gated per token by
+ * sigmoid(x . shared_gate)) as one more expert, in the routed experts' layout, that every token is routed to, so it
+ * is read in the same parallel pass as the routed ones instead of by its own nodes (reference.py's
+ * `quant_shared_moe_dispatch`). Its gate vector is float32 [1, H].
+ *
  * Registered by ../ort_kernels.c; built by dualbrain.runtime.backends.ort_kernels.
  */
 #include <math.h>
@@ -77,11 +82,12 @@ static inline float dot1(const float *a, const float *b, int64_t n) {
 
 static inline float silu_mul(float g, float v) { return g / (1.0f + expf(-g)) * v; }
 
-/* One call's routing, grouped by expert: pairs start[u]..start[u+1]-1 go to expert used[u]. */
+/* One call's routing, grouped by expert: pairs start[u]..start[u+1]-1 go to expert used[u]. Expert
+ * e_count, when used, is the shared one. */
 typedef struct {
   const float *x, *fc1, *fc2;
   float *y, *act;  /* act: [pairs, I] swiglu activations */
-  int64_t n, h, i;
+  int64_t n, h, i, e_count;
   int64_t n_used, act_chunks;
   int32_t *used, *tok;
   int64_t *start;
@@ -139,9 +145,12 @@ static void expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum over 
 }
 
 /* Top-k of softmax(logits) per token, grouped by expert into `p`; its arrays live in one malloc'd block,
- * returned in *mem (NULL when out of memory). */
-static void route(Plan *p, const float *logits, int64_t e_count, int64_t k, int normalize, void **mem) {
-  size_t pairs = (size_t)(p->n * k), ne = (size_t)e_count;
+ * returned in *mem (NULL when out of memory). With a `shared_gate` [H], each token also goes to expert
+ * e_count with the weight sigmoid(x . shared_gate). */
+static void route(Plan *p, const float *logits, int64_t e_count, int64_t k, int normalize, const float *shared_gate,
+                  void **mem) {
+  int64_t kk = k + (shared_gate != NULL);  /* pairs a token */
+  size_t pairs = (size_t)(p->n * kk), ne = (size_t)(e_count + (shared_gate != NULL));
   size_t bytes = sizeof(int64_t) * 2 * (ne + 1) + sizeof(int32_t) * (ne + 2 * pairs) +
                  sizeof(float) * (ne + 2 * pairs + pairs * (size_t)p->i) + ne;
   char *m = *mem = malloc(bytes);
@@ -170,15 +179,20 @@ static void route(Plan *p, const float *logits, int64_t e_count, int64_t k, int 
       for (int64_t e = 0; e < e_count; e++)
         if (!taken[e] && (best < 0 || prob[e] > prob[best])) best = e;
       taken[best] = 1;
-      pick[t * k + j] = (int32_t)best;
-      kept += pick_w[t * k + j] = prob[best];
+      pick[t * kk + j] = (int32_t)best;
+      kept += pick_w[t * kk + j] = prob[best];
       count[best + 1]++;
     }
     if (normalize)
-      for (int64_t j = 0; j < k; j++) pick_w[t * k + j] /= kept;
+      for (int64_t j = 0; j < k; j++) pick_w[t * kk + j] /= kept;
+    if (shared_gate) {
+      pick[t * kk + k] = (int32_t)e_count;
+      pick_w[t * kk + k] = 1.0f / (1.0f + expf(-dot1(p->x + t * p->h, shared_gate, p->h)));
+      count[e_count + 1]++;
+    }
   }
   p->n_used = 0;
-  for (int64_t e = 0; e < e_count; e++) {  /* count[e] becomes where expert e's pairs start */
+  for (int64_t e = 0; e < (int64_t)ne; e++) {  /* count[e] becomes where expert e's pairs start */
     count[e + 1] += count[e];
     if (count[e + 1] > count[e]) {
       p->used[p->n_used] = (int32_t)e;
@@ -187,10 +201,10 @@ static void route(Plan *p, const float *logits, int64_t e_count, int64_t k, int 
   }
   p->start[p->n_used] = (int64_t)pairs;
   for (int64_t t = 0; t < p->n; t++)        /* within an expert, tokens in order */
-    for (int64_t j = 0; j < k; j++) {
-      int64_t q = count[pick[t * k + j]]++;
+    for (int64_t j = 0; j < kk; j++) {
+      int64_t q = count[pick[t * kk + j]]++;
       p->tok[q] = (int32_t)t;
-      p->w[q] = pick_w[t * k + j];
+      p->w[q] = pick_w[t * kk + j];
     }
 }
 
@@ -200,21 +214,26 @@ typedef struct {
   int64_t top_k, normalize;
 } MoeKernel;
 
-/* The routed call both ops share: x, the router's logits, the output; then the routing into *mem
- * (NULL with no tokens). p->h and p->i must be set. */
-static OrtStatus *route_call(const MoeKernel *kn, OrtKernelContext *ctx, Plan *p, int64_t e_count, void **mem) {
-  int64_t xd[2], ld[2];
-  const float *logits;
+/* The routed call every op shares: x, the router's logits, the output; the shared expert's gate vector
+ * [1, H] (input `shared_gate`, when > 0); then the routing into *mem (NULL with no tokens). p->h and p->i
+ * must be set. */
+static OrtStatus *route_call(const MoeKernel *kn, OrtKernelContext *ctx, Plan *p, int64_t e_count, size_t shared_gate,
+                             void **mem) {
+  int64_t xd[2], ld[2], gd[2];
+  const float *logits, *gate = NULL;
   OrtStatus *st;
   *mem = NULL;
   if ((st = dualbrain_input(ctx, 0, 2, &p->x, xd)) || (st = dualbrain_input(ctx, 1, 2, &logits, ld))) return st;
   if (xd[0] != ld[0] || xd[1] != p->h || ld[1] != e_count)
     return dualbrain_error("MoEDispatch (cpu): x must be [N, H] and router_logits [N, E], as the experts");
   if (kn->top_k < 1 || kn->top_k > e_count) return dualbrain_error("MoEDispatch (cpu): top_k must be in 1..E");
+  if (shared_gate && (st = dualbrain_input(ctx, shared_gate, 2, &gate, gd))) return st;
+  if (gate && (gd[0] != 1 || gd[1] != p->h)) return dualbrain_error("MoEDispatch (cpu): shared_gate must be [1, H]");
   p->n = xd[0];
+  p->e_count = e_count;
   if ((st = dualbrain_output(ctx, 0, xd, 2, &p->y))) return st;
   if (p->n == 0) return NULL;
-  route(p, logits, e_count, kn->top_k, (int)kn->normalize, mem);
+  route(p, logits, e_count, kn->top_k, (int)kn->normalize, gate, mem);
   return *mem ? NULL : dualbrain_error("MoEDispatch (cpu): out of memory");
 }
 
@@ -227,7 +246,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   p.h = f2[1], p.i = f2[2];
   if (f1[0] != f2[0] || f1[1] != 2 * p.i || f1[2] != p.h)
     return dualbrain_error("MoEDispatch (cpu): shapes must be x [N, H], router_logits [N, E], fc1 [E, 2I, H], fc2 [E, H, I]");
-  if ((st = route_call(kernel, ctx, &p, f1[0], &mem)) || !mem) return st;
+  if ((st = route_call(kernel, ctx, &p, f1[0], 0, &mem)) || !mem) return st;
   p.act_chunks = (p.i + ACT_ROWS_PER_ITEM - 1) / ACT_ROWS_PER_ITEM;
   st = dualbrain_parallel(ctx, expert_inputs, (size_t)(p.n_used * p.act_chunks), &p);
   if (!st) st = dualbrain_parallel(ctx, expert_outputs, (size_t)((p.h + OUT_ROWS_PER_ITEM - 1) / OUT_ROWS_PER_ITEM), &p);
@@ -245,6 +264,8 @@ typedef struct {
   int bits;                       /* 4 or 8: 32 x bits bytes a block of eight rows */
   const uint8_t *w1, *w2;         /* [E, 2I/8, H/32, 32 bits], [E, H/8, I/32, 32 bits] */
   const float *s1, *s2;           /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8] */
+  const uint8_t *sw1, *sw2;       /* the shared expert (expert E): [1, ...] as w1, w2 */
+  const float *ss1, *ss2;
   const int8_t *xq, *aq;          /* the tokens [N, H] and the pairs' activations [pairs, I] as int8 */
   const float *xs, *as;           /* their scale per block of 32 */
   const int32_t *xc, *ac;         /* the mid zero point x their sum per block (its share of the dot) */
@@ -258,9 +279,11 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t u = (int64_t)item / chunks, g0 = (int64_t)item % chunks * IN_GROUPS_PER_ITEM, e = p->used[u];
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
   float o[8];
+  const uint8_t *w1 = e == p->e_count ? z->sw1 : z->w1 + e * groups * blocks * 32 * z->bits;
+  const float *s1 = e == p->e_count ? z->ss1 : z->s1 + e * groups * blocks * 8;
   for (int64_t g = g0; g < g1; g++) {
-    const uint8_t *w = z->w1 + (e * groups + g) * blocks * 32 * z->bits;
-    const float *s = z->s1 + (e * groups + g) * blocks * 8;
+    const uint8_t *w = w1 + g * blocks * 32 * z->bits;
+    const float *s = s1 + g * blocks * 8;
     for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
       int64_t t = p->tok[q];
       group_dot_bits(z->bits, w, s, z->xq + t * p->h, z->xs + t * blocks, z->xc + t * blocks, blocks, o);
@@ -278,9 +301,11 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
   for (int64_t u = 0; u < p->n_used; u++) {
     int64_t e = p->used[u];
+    const uint8_t *w2 = e == p->e_count ? z->sw2 : z->w2 + e * groups * blocks * 32 * z->bits;
+    const float *s2 = e == p->e_count ? z->ss2 : z->s2 + e * groups * blocks * 8;
     for (int64_t g = g0; g < g1; g++) {
-      const uint8_t *w = z->w2 + (e * groups + g) * blocks * 32 * z->bits;
-      const float *s = z->s2 + (e * groups + g) * blocks * 8;
+      const uint8_t *w = w2 + g * blocks * 32 * z->bits;
+      const float *s = s2 + g * blocks * 8;
       for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
         group_dot_bits(z->bits, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, blocks, o);
         float *y = p->y + (int64_t)p->tok[q] * p->h + 8 * g;
@@ -290,7 +315,24 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   }
 }
 
-static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits) {
+/* The shared expert's four tensors at inputs 6-9: one expert shaped as the routed ones (f1, s1, f2, s2) */
+static OrtStatus *quant_shared(OrtKernelContext *ctx, QuantPlan *z, const int64_t *f1, const int64_t *f2) {
+  int64_t d[4][4];
+  OrtStatus *st;
+  if ((st = dualbrain_input_of(ctx, 6, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z->sw1, d[0])) ||
+      (st = dualbrain_input(ctx, 7, 4, &z->ss1, d[1])) ||
+      (st = dualbrain_input_of(ctx, 8, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z->sw2, d[2])) ||
+      (st = dualbrain_input(ctx, 9, 4, &z->ss2, d[3])))
+    return st;
+  const int64_t *want[4] = {f1, f1, f2, f2};
+  for (int t = 0; t < 4; t++)
+    if (d[t][0] != 1 || d[t][1] != want[t][1] || d[t][2] != want[t][2] || d[t][3] != (t % 2 ? 8 : want[t][3]))
+      return dualbrain_error("Int4SharedMoEDispatch (cpu): the shared expert must be one expert in the routed experts' "
+                             "layout ([1, ...] each)");
+  return NULL;
+}
+
+static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits, int shared) {
   int64_t f1[4], s1[4], f2[4], s2[4];
   Plan p = {0};
   QuantPlan z = {.p = &p, .bits = bits};
@@ -312,7 +354,8 @@ static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits) {
                                      : "Int8MoEDispatch (cpu): shapes must be fc1 [E, 2I/8, H/32, 256], fc1_scales "
                                        "[E, 2I/8, H/32, 8], fc2 [E, H/8, I/32, 256], fc2_scales [E, H/8, I/32, 8] "
                                        "(interleave_int8_rows)");
-  if ((st = route_call(kernel, ctx, &p, f1[0], &mem)) || !mem) return st;
+  if (shared && (st = quant_shared(ctx, &z, f1, f2))) return st;
+  if ((st = route_call(kernel, ctx, &p, f1[0], shared ? 10 : 0, &mem)) || !mem) return st;
   int64_t pairs = p.start[p.n_used], xb = p.n * p.h / INT4_BLOCK, ab = pairs * p.i / INT4_BLOCK;
   char *buf = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)(xb + ab) + (size_t)(p.n * p.h + pairs * p.i));
   if (!buf) {
@@ -335,8 +378,10 @@ static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits) {
   return st;
 }
 
-static OrtStatus *int4_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 4); }
-static OrtStatus *int8_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 8); }
+static OrtStatus *int4_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 4, 0); }
+static OrtStatus *int8_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 8, 0); }
+static OrtStatus *int4_shared_compute(void *kernel, OrtKernelContext *ctx) { return quant_compute(kernel, ctx, 4, 1); }
+
 
 static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op, (void)api;
@@ -352,7 +397,7 @@ static OrtStatus *infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) { (voi
 
 static int quant_input_type(const OrtCustomOp *op, size_t index) {
   (void)op;
-  return index == 2 || index == 4 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
+  return index == 2 || index == 4 || index == 6 || index == 8 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
 }
 
 DUALBRAIN_CPU_OP(dualbrain_moe_dispatch_op, "MoEDispatch", 4, 1, dualbrain_float, create, compute, free, infer);
@@ -360,3 +405,5 @@ DUALBRAIN_CPU_OP(dualbrain_int4_moe_dispatch_op, "Int4MoEDispatch", 6, 1, quant_
                  infer);
 DUALBRAIN_CPU_OP(dualbrain_int8_moe_dispatch_op, "Int8MoEDispatch", 6, 1, quant_input_type, create, int8_compute, free,
                  infer);
+DUALBRAIN_CPU_OP(dualbrain_int4_shared_moe_dispatch_op, "Int4SharedMoEDispatch", 11, 1, quant_input_type, create,
+                 int4_shared_compute, free, infer);

@@ -23,10 +23,14 @@ DOMAIN, OP_TYPE, VERSION = IDENTITY.domain, IDENTITY.op_type, IDENTITY.version
 INT4_OP_TYPE = "Int4MoEDispatch"
 INT8_OP_TYPE = "Int8MoEDispatch"
 INT4_BLOCK = 32          # values per scale in those layouts
+# Int4MoEDispatch with the layer's shared expert as one more expert every token goes to (`quant_shared_moe_dispatch`);
+# rewritten at load from the exporter's shared-expert nodes.
+INT4_SHARED_OP_TYPE = "Int4SharedMoEDispatch"
 
 __all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "INT4_OP_TYPE", "INT8_OP_TYPE", "INT4_BLOCK", "route",
            "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up", "interleave_int4_rows", "int4_rows",
-           "interleave_int8_rows", "int8_rows", "interleave_scales", "quant_moe_dispatch"]
+           "interleave_int8_rows", "int8_rows", "interleave_scales", "quant_moe_dispatch", "INT4_SHARED_OP_TYPE",
+           "shared_expert", "quant_shared_moe_dispatch"]
 
 
 def interleave_gate_up(gate_up):
@@ -162,3 +166,22 @@ def quant_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k
     activations to int8 per block of 32 first, which this reference does not)."""
     rows = int4_rows if np.shape(fc1)[-1] == 128 else int8_rows
     return moe_dispatch(x, router_logits, rows(fc1, fc1_scales), rows(fc2, fc2_scales), top_k, normalize)
+
+
+def shared_expert(x, gate, up, down, shared_gate):
+    """Qwen3.5-MoE's shared expert: sigmoid(x . shared_gate) * down @ (silu(gate @ x) * (up @ x)); gate, up
+    [I, H], down [H, I], shared_gate [1, H] (the export's linears, [out, in]). Float32."""
+    xf = np.asarray(x, np.float32)
+    act = _silu(xf @ np.asarray(gate, np.float32).T) * (xf @ np.asarray(up, np.float32).T)
+    weight = 1.0 / (1.0 + np.exp(-(xf @ np.asarray(shared_gate, np.float32).T)))
+    return weight * (act @ np.asarray(down, np.float32).T)
+
+
+def quant_shared_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, shared_fc1, shared_fc1_scales,
+                              shared_fc2, shared_fc2_scales, shared_gate, top_k: int, normalize: bool = True):
+    """``Int4SharedMoEDispatch``: :func:`quant_moe_dispatch` plus :func:`shared_expert`, the shared expert one expert
+    ([1, ...]) in the routed experts' layout (gate and up rows interleaved), read back from it."""
+    rows = int4_rows if np.shape(fc1)[-1] == 128 else int8_rows
+    gate_up, down = rows(shared_fc1, shared_fc1_scales)[0], rows(shared_fc2, shared_fc2_scales)[0]
+    routed = quant_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k, normalize)
+    return routed + shared_expert(x, gate_up[0::2], gate_up[1::2], down, shared_gate)
