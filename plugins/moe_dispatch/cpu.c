@@ -271,6 +271,16 @@ typedef struct {
   const int32_t *xc, *ac;         /* the mid zero point x their sum per block (its share of the dot) */
 } QuantPlan;
 
+/* Expert e's fc1 (`fc` 1) or fc2 (2) blocks and scales: a routed expert's, or the shared one's (e == E), each
+ * `groups` x `blocks` blocks of eight rows */
+static inline void expert_blocks(const QuantPlan *z, int fc, int64_t e, int64_t groups, int64_t blocks,
+                                 const uint8_t **w, const float **s) {
+  int shared = e == z->p->e_count;
+  int64_t at = shared ? 0 : e * groups * blocks;  /* the shared expert's tensors hold it alone */
+  *w = (fc == 1 ? (shared ? z->sw1 : z->w1) : (shared ? z->sw2 : z->w2)) + at * 32 * z->bits;
+  *s = (fc == 1 ? (shared ? z->ss1 : z->s1) : (shared ? z->ss2 : z->s2)) + at * 8;
+}
+
 static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) * up, four units a group */
   const QuantPlan *z = user;
   const Plan *p = z->p;
@@ -279,8 +289,9 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t u = (int64_t)item / chunks, g0 = (int64_t)item % chunks * IN_GROUPS_PER_ITEM, e = p->used[u];
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
   float o[8];
-  const uint8_t *w1 = e == p->e_count ? z->sw1 : z->w1 + e * groups * blocks * 32 * z->bits;
-  const float *s1 = e == p->e_count ? z->ss1 : z->s1 + e * groups * blocks * 8;
+  const uint8_t *w1;
+  const float *s1;
+  expert_blocks(z, 1, e, groups, blocks, &w1, &s1);
   for (int64_t g = g0; g < g1; g++) {
     const uint8_t *w = w1 + g * blocks * 32 * z->bits;
     const float *s = s1 + g * blocks * 8;
@@ -300,9 +311,9 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   float o[8];
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
   for (int64_t u = 0; u < p->n_used; u++) {
-    int64_t e = p->used[u];
-    const uint8_t *w2 = e == p->e_count ? z->sw2 : z->w2 + e * groups * blocks * 32 * z->bits;
-    const float *s2 = e == p->e_count ? z->ss2 : z->s2 + e * groups * blocks * 8;
+    const uint8_t *w2;
+    const float *s2;
+    expert_blocks(z, 2, p->used[u], groups, blocks, &w2, &s2);
     for (int64_t g = g0; g < g1; g++) {
       const uint8_t *w = w2 + g * blocks * 32 * z->bits;
       const float *s = s2 + g * blocks * 8;
