@@ -671,6 +671,37 @@ def test_shared_expert_stays_apart_where_it_does_not_fit(library):
     assert use_cpu_kernels(model) == 1 and sum(nd.op_type == "Gemm" for nd in model.graph.node) == 4
 
 
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+def test_int4_export_runs_its_shared_expert_inside_the_moe_kernel(library, tmp_path, monkeypatch):
+    """An int4 export whose shared expert is as wide as the experts (as the published 35B-A3B's; the mid
+    preset at hidden 128, two GDN layers): the exporter's nodes are found, and the tokens are ONNX Runtime's
+    own (QMoE, MatMulNBits)."""
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.exporter.tiny import make_tiny
+    from dualbrain.runtime.model import Model
+
+    ckpt = make_tiny(tmp_path / "ckpt", family="moe", preset="mid", num_layers=2, vocab_size=1000, hidden_size=128)
+    export = export_checkpoint(ckpt, tmp_path / "int4", quant="int4")
+    ops, rewrite = [], ort_kernels.use_cpu_kernels
+
+    def recorded(model, *args, **kwargs):          # the ops of the graph handed to the session
+        n = rewrite(model, *args, **kwargs)
+        ops.extend(nd.op_type for nd in model.graph.node)
+        return n
+    monkeypatch.setattr(ort_kernels, "use_cpu_kernels", recorded)
+    ours, theirs = Model.load(export), Model.load(export, cpu_kernels=False)
+    assert ops.count(moe_ref.INT4_SHARED_OP_TYPE) == 2 and "Gemm" not in ops and moe_ref.INT4_OP_TYPE not in ops
+    prompt = np.random.default_rng(3).integers(0, 1000, (2, 9))
+    states = [m.new_state(2) for m in (ours, theirs)]
+    ids = prompt
+    for step in range(8):                                      # prefill, then decode
+        logits = [m.forward(ids, s) for m, s in zip((ours, theirs), states)]
+        # both round the activations to int8, each its own way
+        np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=2e-2 * np.abs(logits[1]).max())
+        assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
+        ids = logits[1].argmax(-1)[:, None]
+
+
 def test_node_cost_benchmark_times_equal_graphs():
     """tests/benchmarks/ort_node_costs.py sets a chain of plain nodes against the same chain behind the
     runtime's decode/prefill If: both must compute the same thing, or the difference is not the If's."""

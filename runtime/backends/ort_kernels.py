@@ -372,8 +372,8 @@ def _quant_moe(node, r: _Rewrite) -> list | None:
 
     4-bit experts with the exporter's int4 shared expert beside them become one Int4SharedMoEDispatch, which reads
     the shared expert as one more expert (`_shared_expert`; mid-size MoE, `cpu_kernels.py --without shared_expert`:
-    1.07-1.09x at batch 1, 1.05x at batch 8). The same for 8-bit experts and for float32 measured no gain at batch 1
-    (0.96-0.98x and 0.90-0.99x), so their shared experts stay their own nodes."""
+    1.06-1.09x at batch 1, 1.03-1.08x at batch 8). The same for 8-bit experts and for float32 measured no gain at
+    batch 1 (0.96-0.98x and 0.90-0.99x), so their shared experts stay their own nodes."""
     attrs = _attrs(node)
     bits = attrs.get("expert_weight_bits")
     if len(node.input) != 7 or node.input[4] or any(attrs.get(a) != v for a, v in _QMOE_SWIGLU_READ.items()) \
