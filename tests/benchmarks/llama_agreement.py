@@ -81,23 +81,29 @@ def llama_same_top(work: Path, bins: Path, convert: Path, text: Path, chunks: in
     ppl = [str(bins / "llama-perplexity"), "-f", str(text), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks),
            "-t", "2"]
     base = work / "f32.kld"
-    log = run([*ppl, "-m", str(f32), "--kl-divergence-base", str(base)])
-    out = {"f32_ppl": float(re.search(r"Final estimate: PPL = ([0-9.]+)", log).group(1))}
+    m = _perplexity([*ppl, "-m", str(f32), "--kl-divergence-base", str(base)], r"Final estimate: PPL = ([0-9.]+)")
+    out = {"f32_ppl": float(m.group(1))}
     for kind in ("Q8_0", "Q4_0"):
         gguf = work / f"large-{kind.lower()}.gguf"
         if not gguf.exists():
             qlog = run([str(bins / "llama-quantize"), str(f32), str(gguf), kind])
             types = sorted(set(re.findall(r"converting to (\w+)", qlog)))
             print(f"{kind}: llama-quantize chose {types}", file=sys.stderr)
-        for _ in range(3):   # once in ~12 runs its summary was missing from the output (rc 0, cause not found)
-            log = run([*ppl, "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence"])
-            m = re.search(r"Same top p:\s*([0-9.]+) ± ([0-9.]+) %", log)
-            if m is not None:
-                break
-        else:
-            raise SystemExit(f"no 'Same top p' in llama-perplexity's output:\n{log[-3000:]}")
+        m = _perplexity([*ppl, "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence"],
+                        r"Same top p:\s*([0-9.]+) ± ([0-9.]+) %")
         out[kind] = {"same_top_p": float(m.group(1)) / 100, "stderr": float(m.group(2)) / 100}
     return out
+
+
+def _perplexity(cmd: list[str], summary: str) -> re.Match:
+    """`summary`'s match in llama-perplexity's output, the command run up to three times: once in ~12 runs
+    its summary was missing from the output (rc 0, cause not found; the base run too, 2026-12-05)."""
+    for _ in range(3):
+        log = run(cmd)
+        m = re.search(summary, log)
+        if m is not None:
+            return m
+    raise SystemExit(f"no {summary!r} in llama-perplexity's output:\n{log[-3000:]}")
 
 
 def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int, blocks: list[int]) -> dict:
