@@ -29,8 +29,8 @@ INT4_SHARED_OP_TYPE = "Int4SharedMoEDispatch"
 
 __all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "VERSION", "INT4_OP_TYPE", "INT8_OP_TYPE", "INT4_BLOCK", "route",
            "moe_dispatch", "interleave_gate_up", "deinterleave_gate_up", "interleave_int4_rows", "int4_rows",
-           "interleave_int8_rows", "int8_rows", "interleave_scales", "quant_moe_dispatch", "INT4_SHARED_OP_TYPE",
-           "shared_expert", "quant_shared_moe_dispatch"]
+           "interleave_int8_rows", "int8_rows", "layout_rows", "interleave_scales", "quant_moe_dispatch",
+           "INT4_SHARED_OP_TYPE", "shared_expert", "quant_shared_moe_dispatch"]
 
 
 def interleave_gate_up(gate_up):
@@ -164,8 +164,12 @@ def quant_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k
     """``Int4MoEDispatch`` / ``Int8MoEDispatch`` (told apart by the layout's bytes a block, 128 or 256):
     :func:`moe_dispatch` over the experts read back from their interleaved layout (the kernels round the
     activations to int8 per block of 32 first, which this reference does not)."""
-    rows = int4_rows if np.shape(fc1)[-1] == 128 else int8_rows
-    return moe_dispatch(x, router_logits, rows(fc1, fc1_scales), rows(fc2, fc2_scales), top_k, normalize)
+    return moe_dispatch(x, router_logits, layout_rows(fc1, fc1_scales), layout_rows(fc2, fc2_scales), top_k, normalize)
+
+
+def layout_rows(w, s):
+    """The float32 rows [E, R, K] of either interleaved layout (told apart by its bytes a block, 128 or 256)."""
+    return (int4_rows if np.shape(w)[-1] == 128 else int8_rows)(w, s)
 
 
 def shared_expert(x, gate, up, down, shared_gate):
@@ -181,7 +185,6 @@ def quant_shared_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales
                               shared_fc2, shared_fc2_scales, shared_gate, top_k: int, normalize: bool = True):
     """``Int4SharedMoEDispatch``: :func:`quant_moe_dispatch` plus :func:`shared_expert`, the shared expert one expert
     ([1, ...]) in the routed experts' layout (gate and up rows interleaved), read back from it."""
-    rows = int4_rows if np.shape(fc1)[-1] == 128 else int8_rows
-    gate_up, down = rows(shared_fc1, shared_fc1_scales)[0], rows(shared_fc2, shared_fc2_scales)[0]
+    gate_up, down = layout_rows(shared_fc1, shared_fc1_scales)[0], layout_rows(shared_fc2, shared_fc2_scales)[0]
     routed = quant_moe_dispatch(x, router_logits, fc1, fc1_scales, fc2, fc2_scales, top_k, normalize)
     return routed + shared_expert(x, gate_up[0::2], gate_up[1::2], down, shared_gate)

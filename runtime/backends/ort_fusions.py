@@ -24,23 +24,16 @@ _CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value
 
 
 class _Chain(_Graph):
-    """The main graph seen as chains: ort_quant's view of it plus each value's reader."""
+    """The main graph seen as chains: ort_quant's view of it (values' readers included)."""
 
     def __init__(self, model):
         super().__init__(model.graph, None)
-        self.readers = {x: n for n in model.graph.node for x in n.input}
 
     def last_dim(self, name: str) -> int | None:
         """`name`'s last dimension where the graph records it as a number."""
         shape = self.shapes.get(name)
         last = shape.dim[-1] if shape is not None and shape.dim else None
         return last.dim_value if last is not None and last.HasField("dim_value") else None
-
-    def only_user(self, value: str):
-        """The one node that reads `value` when exactly one does and it is not a graph output."""
-        if self.users.get(value) != 1 or value in self.outputs:
-            return None
-        return self.readers.get(value)
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` when it is an inline initializer or a Constant node's; else None."""

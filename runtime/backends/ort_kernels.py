@@ -214,15 +214,6 @@ class _Rewrite(_Graph):
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.supplied = supplied
-        self.readers: dict[str, list] = {}
-        for n in model.graph.node:
-            for x in n.input:
-                self.readers.setdefault(x, []).append(n)
-
-    def only_reader(self, value: str):
-        """The one node reading `value` when exactly one does and it is not a graph output; else None."""
-        readers = self.readers.get(value, [])
-        return readers[0] if len(readers) == 1 and value not in self.outputs else None
 
     def supply(self, name: str, array: np.ndarray) -> str:
         """A new initializer `name` holding `array`: with a `supplied` dict, a one-element placeholder in the
@@ -291,7 +282,7 @@ def _has_vnni() -> bool:
 
 class _SharedExpert(NamedTuple):
     """The exporter's shared expert beside a MoE node: y = moe + sigmoid(gate_vector(x)) * down(silu(gate(x)) * up(x)).
-    Each linear is its node; `nodes` are all of them in graph order, `add` (giving y) last."""
+    Each linear is its node; `nodes` are all of its nodes, `add` (giving y) among them."""
     add: object
     nodes: list
     gate: object
@@ -310,7 +301,7 @@ def _shared_expert(moe, r: _Rewrite) -> _SharedExpert | None:
         graph and is not its output, and the node reads `reads` first (when given)."""
         n = r.producer.get(value)
         if n is None or n.op_type not in ops or n.domain not in ("", "ai.onnx") or value in r.outputs \
-                or len(r.readers.get(value, [])) != readers or (reads is not None and n.input[0] != reads):
+                or r.users.get(value, 0) != readers or (reads is not None and n.input[0] != reads):
             return None
         return n
 
@@ -322,7 +313,7 @@ def _shared_expert(moe, r: _Rewrite) -> _SharedExpert | None:
         return None
 
     linear = ("Gemm", "MatMul")
-    add = r.only_reader(moe.output[0])
+    add = r.only_user(moe.output[0])
     if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
         return None
     weighted = made(add.input[1] if add.input[0] == moe.output[0] else add.input[0], "Mul")
@@ -342,10 +333,8 @@ def _shared_expert(moe, r: _Rewrite) -> _SharedExpert | None:
     if not found:
         return None
     (silu_mul, silu_sigmoid, gate), up = found
-    order = {id(n): i for i, n in enumerate(r.graph.node)}
-    nodes = sorted([gate_vector, sigmoid, gate, silu_sigmoid, silu_mul, up, act, down, weighted],
-                   key=lambda n: order[id(n)])
-    return _SharedExpert(add, nodes + [add], gate, up, down, gate_vector)
+    nodes = [gate_vector, sigmoid, gate, silu_sigmoid, silu_mul, up, act, down, weighted, add]
+    return _SharedExpert(add, nodes, gate, up, down, gate_vector)
 
 
 # ort_quant's QMoE activation attributes as `_attrs` reads them back (strings come back as bytes)
@@ -407,9 +396,10 @@ def _quant_moe(node, r: _Rewrite) -> list | None:
 
 def _int4_shared_layout(shared: _SharedExpert, r: _Rewrite, hidden: int, inter: int) -> tuple | None:
     """The shared expert's int4 linears (the export's signed [K, N] DequantizeLinears) as one expert in the routed
-    experts' interleaved layout (fc1's rows: gate and up interleaved), and its gate vector dequantized to float32
-    [1, H]: (fc1, fc1 scales, fc2, fc2 scales, gate vector); None when they do not fit (other bits, blocks or
-    shapes). Their DequantizeLinears are dropped."""
+    experts' interleaved layout, and its gate vector dequantized to float32 [1, H]: (fc1, fc1 scales, fc2, fc2
+    scales, gate vector); None when they do not fit (other bits, blocks or shapes). Each projection is laid out
+    as an int4 linear is (`interleave_int4_linear`); fc1 is the one linear [H, 2I] whose columns alternate gate
+    and up, the rows of QMoE's fc1. Their DequantizeLinears are dropped."""
     from dualbrain.exporter.quantize import unpack_int4
 
     matches = [_signed_linear(n, r, TensorProto.INT4, lambda block: block in KERNEL_BLOCKS[4])
@@ -417,20 +407,20 @@ def _int4_shared_layout(shared: _SharedExpert, r: _Rewrite, hidden: int, inter: 
     want = [[hidden, inter], [hidden, inter], [inter, hidden], [hidden, 1]]
     if any(m is None or list(m[3].dims) != dims for m, dims in zip(matches, want)):
         return None
-    # each as (values [N, K], scales [N, K / 32]): a row per output
-    rows = [(unpack_int4(r.raw(q), tuple(q.dims)).T, _per_32(r.array(scale.name), block, 0).T)
-            for _, _, _, q, scale, block in matches]
-    (gate, gate_s), (up, up_s), (down, down_s), (vector, vector_s) = rows
-    fc1, fc1_s = np.stack([gate, up], 1).reshape(2 * inter, hidden), np.stack([gate_s, up_s], 1).reshape(2 * inter, -1)
-    layout = []
-    for values, scales in ((fc1, fc1_s), (down, down_s)):
-        stored = (values + 8).astype(np.uint8)                  # QMoE's experts: the mid zero point, two a byte
-        layout += interleave_experts(4, (stored[:, 0::2] | (stored[:, 1::2] << 4))[None], scales[None])
-    layout.append((vector * np.repeat(vector_s, INT4_BLOCK, axis=1)).astype(np.float32))
+    (gate, up, down, vector), scales = zip(*((m[3], _per_32(r.array(m[4].name), m[5], 0)) for m in matches))
+
+    def nibbles(q):      # [K, N] values, as stored (two's complement), one a byte
+        b = np.frombuffer(r.raw(q), np.uint8).reshape(hidden, inter // 2)
+        return np.stack([b & 0x0F, b >> 4], -1).reshape(hidden, inter)
+
+    gate_up = (nibbles(gate) | (nibbles(up) << 4)).tobytes()          # byte j of a row: gate j, up j
+    fc1 = interleave_int4_linear(gate_up, np.stack(scales[:2], -1).reshape(-1, 2 * inter))
+    fc2 = interleave_int4_linear(r.raw(down), scales[2])
+    gate_vector = (unpack_int4(r.raw(vector), (hidden, 1)) * scales[3].repeat(INT4_BLOCK, 0)).T.astype(np.float32)
     for _, w, dq, *_ in matches:
         r.dropped.add(w)
         r.release(*dq.input)
-    return tuple(layout)
+    return fc1[0][None], fc1[1][None], fc2[0][None], fc2[1][None], gate_vector
 
 
 def _conv(node, r: _Rewrite) -> list | None:

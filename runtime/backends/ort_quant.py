@@ -41,9 +41,11 @@ class _Graph:
         self.inits = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
         self.users: dict[str, int] = {}
+        self.readers = {}                    # value -> a node reading it (the last one)
         for n in graph.node:
             for x in n.input:
                 self.users[x] = self.users.get(x, 0) + 1
+                self.readers[x] = n
         self.outputs = {o.name for o in graph.output}
         typed = list(graph.value_info) + list(graph.input) + list(graph.output)
         self.shapes = {v.name: v.type.tensor_type.shape for v in typed}      # where the graph records them
@@ -51,6 +53,12 @@ class _Graph:
         self.drop_nodes: set[int] = set()
         self.drop_inits: set[str] = set()
         self.add_inits: list = []
+
+    def only_user(self, value: str):
+        """The one node that reads `value` when exactly one does and it is not a graph output; else None."""
+        if self.users.get(value) != 1 or value in self.outputs:
+            return None
+        return self.readers.get(value)
 
     def dequantized(self, value: str, rank: int, axis: int):
         """(DQ node, quantized initializer, scale name, bits, block) when `value` is the only use of an
