@@ -241,6 +241,81 @@ def test_gated_delta_rewrite_runs_ours_for_both_forms_and_leaves_other_dtypes(li
     assert use_cpu_kernels(_gdn_model(2, 4, 8, 8, domain=gdn_ref.DOMAIN, dtype=TensorProto.FLOAT16)) == 0
 
 
+MIXER_INPUTS = ("qkv", "conv_weight_t", "conv_state", "z", "g", "beta", "state", "q_scale", "k_scale", "norm", "eps")
+
+
+def _mixer_model(hk):
+    node = helper.make_node(gdn_ref.MIXER_OP_TYPE, list(MIXER_INPUTS), ["y", "new_conv_state", "new_state"],
+                            name="mixer", domain=CPU_DOMAIN, num_k_heads=hk)
+    graph = helper.make_graph([node], "mixer", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                                for n in MIXER_INPUTS],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+
+
+def _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw):
+    c = 2 * hk * dk + hv * dv
+    _, _, _, g, beta, state = gdn_ref.random_inputs(rng, b, t, hk, hv, dk, dv)
+    return {"qkv": rng.standard_normal((b, t, c)).astype(np.float32),
+            "conv_weight_t": (rng.standard_normal((kw, c)) * 0.5).astype(np.float32),
+            "conv_state": rng.standard_normal((b, c, kw - 1)).astype(np.float32),
+            "z": (rng.standard_normal((b, t, hv * dv)) * 3).astype(np.float32),
+            "g": g, "beta": beta, "state": state,
+            "q_scale": rng.uniform(0.05, 0.3, dk).astype(np.float32),
+            "k_scale": rng.uniform(0.5, 1.5, dk).astype(np.float32),
+            "norm": rng.uniform(-1.5, 1.5, dv).astype(np.float32),
+            "eps": np.array([1e-6 / dk, 3e-3, 1e-6], np.float32)}
+
+
+@pytest.mark.parametrize("b,t,hk,hv,dk,dv,kw", [
+    (1, 1, 8, 16, 64, 64, 4),     # the mid-size MoE's decode step
+    (8, 1, 8, 16, 64, 64, 4),     # batch 8
+    (2, 37, 2, 6, 16, 24, 4),     # a prefill; three value heads per q/k head; dv not a multiple of 8
+    (3, 5, 3, 3, 7, 5, 2),        # odd head sizes, a two-tap conv
+    (1, 2, 1, 2, 8, 8, 6),        # a conv longer than the call: the new conv state is part old, part new
+    (2, 0, 2, 4, 8, 8, 4),        # no new positions: both states pass through
+])
+def test_gated_delta_mixer_kernel_matches_the_reference(library, b, t, hk, hv, dk, dv, kw):
+    rng = np.random.default_rng(b * 1000 + t * 10 + kw)
+    feeds = _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw)
+    got = _session(_mixer_model(hk), library).run(None, feeds)
+    want = gdn_ref.gated_delta_mixer(*feeds.values(), num_k_heads=hk)
+    shapes = [(b, t, hv, dv), (b, feeds["qkv"].shape[2], kw - 1), (b, hv, dk, dv)]
+    assert [x.shape for x in got] == [x.shape for x in want] == shapes
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=3e-5)
+
+
+def test_gated_delta_mixer_reference_is_the_exporters_mixer():
+    """With ort_fusions' form of l2norm (scale dk ** -0.5, eps / dk) and q's dk ** -0.5 folded into its scale,
+    the reference is conv, l2norm as the exporter writes it, the rule, and exporter.blocks.norms' gated norm
+    (written out here in numpy)."""
+    b, t, hk, hv, dk, dv, eps = 2, 6, 2, 4, 16, 8, 1e-6
+    feeds = _mixer_inputs(np.random.default_rng(4), b, t, hk, hv, dk, dv, 4)
+    feeds |= {"q_scale": np.full(dk, dk ** -1.0, np.float32), "k_scale": np.full(dk, dk ** -0.5, np.float32),
+              "eps": np.array([1e-6 / dk, 1e-6 / dk, eps], np.float32)}
+    y, conv_state = conv_ref.causal_conv1d(feeds["qkv"], feeds["conv_weight_t"].T, feeds["conv_state"])
+    q, k, v = np.split(y.astype(np.float64), [hk * dk, 2 * hk * dk], axis=-1)
+    q = gdn_ref.l2_normalise(q.reshape(b, t, hk, dk)) * dk ** -0.5
+    k = gdn_ref.l2_normalise(k.reshape(b, t, hk, dk))
+    o, state = gdn_ref.gated_delta_rule(q, k, v.reshape(b, t, hv, dv), feeds["g"], feeds["beta"], feeds["state"])
+    o = o.astype(np.float64)
+    z = feeds["z"].reshape(b, t, hv, dv).astype(np.float64)
+    out = feeds["norm"] * (o / np.sqrt((o ** 2).mean(-1, keepdims=True) + eps)) * (z / (1 + np.exp(-z)))
+    got = gdn_ref.gated_delta_mixer(*feeds.values(), num_k_heads=hk)
+    np.testing.assert_array_equal(got[1], conv_state)
+    for x, w in zip((got[0], got[2]), (out, state)):
+        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_delta_mixer_kernel_refuses_bad_shapes(library):
+    feeds = _mixer_inputs(np.random.default_rng(1), 1, 2, 2, 4, 8, 8, 4)
+    feeds["qkv"] = feeds["qkv"][..., :-1]               # one channel short of 2 Hk dk + Hv dv
+    feeds["conv_weight_t"], feeds["conv_state"] = feeds["conv_weight_t"][:, :-1], feeds["conv_state"][:, :-1]
+    with pytest.raises(Exception, match="GatedDeltaMixer \\(cpu\\): shapes must be"):
+        _session(_mixer_model(2), library).run(None, feeds)
+
+
 def _linear_op_model(op_type, x_shape, weight, scales, **attrs):
     """One node of our linear kernel `op_type`: y = op(x, weight, scales)."""
     node = helper.make_node(op_type, ["x", "w", "s"], ["y"], domain=CPU_DOMAIN, **attrs)
@@ -513,6 +588,18 @@ def test_library_lays_out_an_int4_linear_as_the_reference(library, k, n):
         np.testing.assert_array_equal(g, w)
 
 
+def _graph_ops(monkeypatch) -> list[str]:
+    """The op types of every graph use_cpu_kernels hands on, from now on (filled as models load)."""
+    ops, rewrite = [], ort_kernels.use_cpu_kernels
+
+    def recorded(model, *args, **kwargs):
+        n = rewrite(model, *args, **kwargs)
+        ops.extend(nd.op_type for nd in model.graph.node)
+        return n
+    monkeypatch.setattr(ort_kernels, "use_cpu_kernels", recorded)
+    return ops
+
+
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MoEDispatch is used only where the CPU has AVX-512 VNNI")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,e,i,h,k", [
@@ -682,13 +769,7 @@ def test_int4_export_runs_its_shared_expert_inside_the_moe_kernel(library, tmp_p
 
     ckpt = make_tiny(tmp_path / "ckpt", family="moe", preset="mid", num_layers=2, vocab_size=1000, hidden_size=128)
     export = export_checkpoint(ckpt, tmp_path / "int4", quant="int4")
-    ops, rewrite = [], ort_kernels.use_cpu_kernels
-
-    def recorded(model, *args, **kwargs):          # the ops of the graph handed to the session
-        n = rewrite(model, *args, **kwargs)
-        ops.extend(nd.op_type for nd in model.graph.node)
-        return n
-    monkeypatch.setattr(ort_kernels, "use_cpu_kernels", recorded)
+    ops = _graph_ops(monkeypatch)
     ours, theirs = Model.load(export), Model.load(export, cpu_kernels=False)
     assert ops.count(moe_ref.INT4_SHARED_OP_TYPE) == 2 and "Gemm" not in ops and moe_ref.INT4_OP_TYPE not in ops
     prompt = np.random.default_rng(3).integers(0, 1000, (2, 9))
@@ -796,3 +877,52 @@ def test_tiny_moe_export_gives_the_same_tokens_with_and_without_the_kernel(artif
         np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4 * np.abs(logits[1]).max())
         assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
         ids = [lg.argmax(-1)[:, None] for lg in logits]
+
+
+def test_export_runs_each_gdn_mixer_in_one_kernel(library, tmp_path, monkeypatch):
+    """A real float32 export (tiny MoE, three GDN layers): each GDN layer's conv, split, reshapes, q/k norms, rule
+    and gated output norm become one GatedDeltaMixer; the shape arithmetic that only fed them goes too. The
+    logits are those of the same kernels with the mixer's nodes apart, and of ONNX Runtime's own functions."""
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.exporter.tiny import make_tiny
+    from dualbrain.runtime.model import Model
+
+    ckpt = make_tiny(tmp_path / "ckpt", family="moe", num_layers=4)
+    export = export_checkpoint(ckpt, tmp_path / "fp32")
+    ops = _graph_ops(monkeypatch)
+    fused = Model.load(export)
+    fused_ops = list(ops)
+    assert fused_ops.count(gdn_ref.MIXER_OP_TYPE) == 3 and not {gdn_ref.OP_TYPE, conv_ref.OP_TYPE} & set(fused_ops)
+    ops.clear()
+    monkeypatch.setattr(ort_kernels, "_gated_delta_mixer", lambda rule, r: None)
+    apart = Model.load(export)
+    assert ops.count(gdn_ref.OP_TYPE) == ops.count(conv_ref.OP_TYPE) == 3
+    assert ops.count("Split") == fused_ops.count("Split") + 3
+    assert len(fused_ops) < len(ops) - 3 * 13         # the mixers' 13 nodes, and the shape nodes that fed them
+    onnx_functions = Model.load(export, cpu_kernels=False)
+    models = (fused, apart, onnx_functions)
+    states = [m.new_state(3) for m in models]
+    ids = np.random.default_rng(5).integers(0, 1000, (3, 11))
+    for step in range(6):                                       # prefill, then decode
+        logits = [m.forward(ids, s) for m, s in zip(models, states)]
+        for other in logits[1:]:
+            np.testing.assert_allclose(logits[0], other, rtol=0, atol=1e-4 * np.abs(other).max())
+        ids = logits[2].argmax(-1)[:, None]
+
+
+def test_gdn_mixer_stays_apart_where_a_value_in_it_is_read_elsewhere(tmp_path):
+    """One of the mixer's values also a graph output: the nodes stay, and the rule still gets its own kernel."""
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.exporter.tiny import make_tiny
+    from dualbrain.runtime.backends.ort_fusions import fuse_rms_norm
+
+    export = export_checkpoint(make_tiny(tmp_path / "ckpt", num_layers=1), tmp_path / "fp32")
+    model = onnx.load(str(export / "layer_000.onnx"), load_external_data=False)
+    fuse_rms_norm(model)
+    assert use_cpu_kernels(onnx.ModelProto.FromString(model.SerializeToString()), export) == 2   # conv, rule
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    model.graph.output.append(helper.make_tensor_value_info(split.output[1], TensorProto.FLOAT, None))
+    assert use_cpu_kernels(model, export) == 2
+    ops = [(n.op_type, n.domain) for n in model.graph.node]
+    assert (gdn_ref.OP_TYPE, CPU_DOMAIN) in ops and (conv_ref.OP_TYPE, CPU_DOMAIN) in ops and ("Split", "") in ops
+    assert gdn_ref.MIXER_OP_TYPE not in {op for op, _ in ops}

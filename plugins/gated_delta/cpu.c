@@ -26,33 +26,40 @@ typedef struct {
   int64_t b, t, hk, hv, dk, dv;
 } Rule;
 
-/* One row's value head over every position. S lives in new_state; dv is the contiguous axis, so each
- * update is a row-wise axpy the compiler vectorises. */
+/* One position of one head: S <- exp(g) S + k delta^T with delta = beta (v - exp(g) S^T k); o = S^T q with
+ * the new S. S is [dk, dv] with dv the contiguous axis, so each update is a row-wise axpy the compiler
+ * vectorises. */
+static inline void rule_step(float *restrict s, const float *restrict q, const float *restrict k,
+                             const float *restrict v, float decay, float beta, float *restrict o, int64_t dk,
+                             int64_t dv) {
+  float kv[dv], delta[dv];
+  memset(kv, 0, sizeof kv);
+  for (int64_t i = 0; i < dk; i++)  /* kv = S^T k, before the decay */
+    for (int64_t j = 0; j < dv; j++) kv[j] += s[i * dv + j] * k[i];
+  for (int64_t j = 0; j < dv; j++) delta[j] = beta * (v[j] - decay * kv[j]), o[j] = 0.0f;
+  for (int64_t i = 0; i < dk; i++) {  /* S = decay S + k delta^T, and o = S^T q with the new S */
+    float ki = k[i], qi = q[i];
+    for (int64_t j = 0; j < dv; j++) {
+      float x = decay * s[i * dv + j] + ki * delta[j];
+      s[i * dv + j] = x;
+      o[j] += x * qi;
+    }
+  }
+}
+
+/* One row's value head over every position. S lives in new_state. */
 static void head_positions(void *user, size_t item) {
   const Rule *p = user;
   int64_t b = (int64_t)item / p->hv, h = (int64_t)item % p->hv, hq = h / (p->hv / p->hk);
   int64_t dk = p->dk, dv = p->dv;
   float *restrict s = p->new_state + (b * p->hv + h) * dk * dv;
-  float kv[dv], delta[dv];
   memcpy(s, p->state + (b * p->hv + h) * dk * dv, sizeof(float) * (size_t)(dk * dv));
   for (int64_t t = 0; t < p->t; t++) {
     int64_t bt = b * p->t + t;
     const float *restrict q = p->q + (bt * p->hk + hq) * dk, *restrict k = p->k + (bt * p->hk + hq) * dk;
     const float *restrict v = p->v + (bt * p->hv + h) * dv;
     float *restrict o = p->o + (bt * p->hv + h) * dv;
-    float decay = expf(p->g[bt * p->hv + h]), beta = p->beta[bt * p->hv + h];
-    memset(kv, 0, sizeof kv);
-    for (int64_t i = 0; i < dk; i++)  /* kv = S^T k, before the decay */
-      for (int64_t j = 0; j < dv; j++) kv[j] += s[i * dv + j] * k[i];
-    for (int64_t j = 0; j < dv; j++) delta[j] = beta * (v[j] - decay * kv[j]), o[j] = 0.0f;
-    for (int64_t i = 0; i < dk; i++) {  /* S = decay S + k delta^T, and o = S^T q with the new S */
-      float ki = k[i], qi = q[i];
-      for (int64_t j = 0; j < dv; j++) {
-        float x = decay * s[i * dv + j] + ki * delta[j];
-        s[i * dv + j] = x;
-        o[j] += x * qi;
-      }
-    }
+    rule_step(s, q, k, v, expf(p->g[bt * p->hv + h]), p->beta[bt * p->hv + h], o, dk, dv);
     if (p->states) memcpy(p->states + (bt * p->hv + h) * dk * dv, s, sizeof(float) * (size_t)(dk * dv));
   }
 }
@@ -116,3 +123,142 @@ static OrtStatus *infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) {
 DUALBRAIN_CPU_OP(dualbrain_gated_delta_op, "GatedDeltaRule", 6, 2, dualbrain_float, create, compute, free, infer);
 DUALBRAIN_CPU_OP(dualbrain_gated_delta_window_op, "GatedDeltaRuleWindow", 6, 3, dualbrain_float, create_window,
                  compute, free, infer);
+
+/* dualbrain.cpu::GatedDeltaMixer: a GDN layer's mixer between its input and output projections in one node
+ * (the runtime's load-time rewrite, ort_kernels._gated_delta_mixer, in place of the exporter's CausalConv1d,
+ * Split, the q/k/v Reshapes, the q/k norms, GatedDeltaRule and the gated output norm: ~20 small nodes a
+ * layer, each with its launch and its buffer). Per (row, value head) item: silu(causal conv) of that head's
+ * q, k and v channels; q and k normalised as the graph's SimplifiedLayerNormalization does
+ * (x rsqrt(mean(x^2) + eps) scale); rule_step; then the output normalised the same way (norm weight) times
+ * silu(z). Reference: reference.gated_delta_mixer.
+ * qkv [B, T, C] (C = 2 Hk dk + Hv dv: q, k, v channels), the conv weight transposed [K, C] (at load),
+ * conv_state [B, C, K-1], z [B, T, Hv dv], g, beta [B, T, Hv], state [B, Hv, dk, dv], q_scale, k_scale [dk],
+ * norm weight [dv], eps [3] (q's, k's, the output norm's); attribute num_k_heads
+ *   -> y [B, T, Hv, dv], new conv_state [B, C, K-1], new state [B, Hv, dk, dv]. */
+typedef struct {
+  const float *qkv, *w_t, *conv_state, *z, *g, *beta, *state, *q_scale, *k_scale, *norm;
+  float *y, *new_conv_state, *new_state;
+  float q_eps, k_eps, norm_eps;
+  int64_t b, t, c, kw, hk, hv, dk, dv;
+} Mixer;
+
+/* e^x to ~2 ulp (Cephes' expf: Cody-Waite reduction, degree-6 polynomial), branch-free so that a loop of
+ * them vectorises (glibc's expf is a call per value, and silu's was the fused op's largest cost) */
+static inline float exp_approx(float x) {
+  x = fminf(fmaxf(x, -87.3f), 88.3f);
+  float n = floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f, e = e * r + 8.3334519073e-3f, e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f, e = e * r + 5.0000001201e-1f;
+  union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+  return (e * r * r + r + 1.0f) * scale.f;
+}
+
+/* y = silu(causal conv) of channels c0 .. c0+n-1 at position t of row b: output t reads positions t .. t+K-1
+ * of the concatenation [conv_state, qkv] along time. w_t is the weight transposed, [K, C]. */
+static void conv_channels(const Mixer *p, int64_t b, int64_t t, int64_t c0, int64_t n, float *restrict y) {
+  int64_t kw = p->kw, c_n = p->c;
+  memset(y, 0, sizeof(float) * (size_t)n);
+  for (int64_t j = 0, s = t; j < kw; j++, s++) {
+    const float *restrict w = p->w_t + j * c_n + c0;
+    if (s >= kw - 1) {
+      const float *restrict x = p->qkv + (b * p->t + s - (kw - 1)) * c_n + c0;
+      for (int64_t c = 0; c < n; c++) y[c] += w[c] * x[c];
+    } else {
+      const float *restrict st = p->conv_state + (b * c_n + c0) * (kw - 1) + s;
+      for (int64_t c = 0; c < n; c++) y[c] += w[c] * st[c * (kw - 1)];
+    }
+  }
+  for (int64_t c = 0; c < n; c++) y[c] = y[c] / (1.0f + exp_approx(-y[c]));
+}
+
+/* the new conv state of channels c0 .. c0+n-1: the concatenation's last K-1 positions */
+static void conv_tail(const Mixer *p, int64_t b, int64_t c0, int64_t n) {
+  int64_t kw = p->kw, c_n = p->c;
+  for (int64_t j = 0, s = p->t; j + 1 < kw; j++, s++)
+    for (int64_t c = c0; c < c0 + n; c++)
+      p->new_conv_state[(b * c_n + c) * (kw - 1) + j] = s >= kw - 1 ? p->qkv[(b * p->t + s - (kw - 1)) * c_n + c]
+                                                                      : p->conv_state[(b * c_n + c) * (kw - 1) + s];
+}
+
+static void normalise(float *restrict x, const float *restrict scale, float eps, int64_t d) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+  float r = 1.0f / sqrtf(ss / (float)d + eps);
+  for (int64_t i = 0; i < d; i++) x[i] = x[i] * r * scale[i];
+}
+
+static void mixer_head(void *user, size_t item) {
+  const Mixer *p = user;
+  int64_t b = (int64_t)item / p->hv, h = (int64_t)item % p->hv, group = p->hv / p->hk, hq = h / group;
+  int64_t dk = p->dk, dv = p->dv, qc = hq * dk, kc = (p->hk + hq) * dk, vc = 2 * p->hk * dk + h * dv;
+  float q[dk], k[dk], v[dv];
+  float *restrict s = p->new_state + (b * p->hv + h) * dk * dv;
+  memcpy(s, p->state + (b * p->hv + h) * dk * dv, sizeof(float) * (size_t)(dk * dv));
+  for (int64_t t = 0; t < p->t; t++) {
+    int64_t bth = (b * p->t + t) * p->hv + h;
+    float *restrict y = p->y + bth * dv;
+    const float *restrict z = p->z + bth * dv;
+    conv_channels(p, b, t, qc, dk, q);
+    conv_channels(p, b, t, kc, dk, k);
+    conv_channels(p, b, t, vc, dv, v);
+    normalise(q, p->q_scale, p->q_eps, dk);
+    normalise(k, p->k_scale, p->k_eps, dk);
+    rule_step(s, q, k, v, expf(p->g[bth]), p->beta[bth], y, dk, dv);
+    normalise(y, p->norm, p->norm_eps, dv);
+    for (int64_t j = 0; j < dv; j++) y[j] *= z[j] / (1.0f + exp_approx(-z[j]));   /* silu(z) */
+  }
+  conv_tail(p, b, vc, dv);
+  if (h % group == 0) conv_tail(p, b, qc, dk), conv_tail(p, b, kc, dk);  /* once per q/k head */
+}
+
+static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
+  Mixer p = {0};
+  int64_t xd[3], wd[2], cd[3], zd[3], gd[3], bd[3], sd[4], qd[1], kd[1], nd[1], ed[1];
+  const float *eps;
+  OrtStatus *st;
+  if ((st = dualbrain_input(ctx, 0, 3, &p.qkv, xd)) || (st = dualbrain_input(ctx, 1, 2, &p.w_t, wd)) ||
+      (st = dualbrain_input(ctx, 2, 3, &p.conv_state, cd)) || (st = dualbrain_input(ctx, 3, 3, &p.z, zd)) ||
+      (st = dualbrain_input(ctx, 4, 3, &p.g, gd)) || (st = dualbrain_input(ctx, 5, 3, &p.beta, bd)) ||
+      (st = dualbrain_input(ctx, 6, 4, &p.state, sd)) || (st = dualbrain_input(ctx, 7, 1, &p.q_scale, qd)) ||
+      (st = dualbrain_input(ctx, 8, 1, &p.k_scale, kd)) || (st = dualbrain_input(ctx, 9, 1, &p.norm, nd)) ||
+      (st = dualbrain_input(ctx, 10, 1, &eps, ed)))
+    return st;
+  p.b = xd[0], p.t = xd[1], p.c = xd[2], p.kw = wd[0], p.hk = *(const int64_t *)kernel;
+  p.hv = sd[1], p.dk = sd[2], p.dv = sd[3];
+  int64_t rows_ok = zd[0] == p.b && zd[1] == p.t && zd[2] == p.hv * p.dv && gd[0] == p.b && gd[1] == p.t &&
+                    gd[2] == p.hv && bd[0] == p.b && bd[1] == p.t && bd[2] == p.hv && sd[0] == p.b;
+  if (!rows_ok || wd[1] != p.c || p.kw < 2 || cd[0] != p.b || cd[1] != p.c || cd[2] != p.kw - 1 || p.hk < 1 ||
+      p.hv % p.hk || p.c != 2 * p.hk * p.dk + p.hv * p.dv || qd[0] != p.dk || kd[0] != p.dk || nd[0] != p.dv ||
+      ed[0] != 3)
+    return dualbrain_error("GatedDeltaMixer (cpu): shapes must be qkv [B, T, 2 Hk dk + Hv dv], weight [K, C], "
+                           "conv_state [B, C, K-1], z [B, T, Hv dv], g, beta [B, T, Hv], state [B, Hv, dk, dv], "
+                           "q/k scales [dk], norm [dv], eps [3]; Hk (num_k_heads) dividing Hv");
+  p.q_eps = eps[0], p.k_eps = eps[1], p.norm_eps = eps[2];
+  int64_t yd[4] = {p.b, p.t, p.hv, p.dv};
+  if ((st = dualbrain_output(ctx, 0, yd, 4, &p.y)) || (st = dualbrain_output(ctx, 1, cd, 3, &p.new_conv_state)) ||
+      (st = dualbrain_output(ctx, 2, sd, 4, &p.new_state)))
+    return st;
+  if (p.b == 0 || p.hv == 0) return NULL;
+  return dualbrain_parallel(ctx, mixer_head, (size_t)(p.b * p.hv), &p);
+}
+
+static OrtStatus *mixer_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+  (void)op, (void)api;
+  int64_t *hk = malloc(sizeof *hk);
+  if (!hk) return dualbrain_error("GatedDeltaMixer (cpu): out of memory");
+  *hk = dualbrain_attr_int(info, "num_k_heads", 0);
+  *out = hk;
+  return NULL;
+}
+
+/* the new states are shaped like the old; y is left to ONNX Runtime */
+static OrtStatus *mixer_infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) {
+  (void)op;
+  OrtStatus *st = dualbrain_same_shape(ctx, 2, 1);
+  return st ? st : dualbrain_same_shape(ctx, 6, 2);
+}
+
+DUALBRAIN_CPU_OP(dualbrain_gated_delta_mixer_op, "GatedDeltaMixer", 11, 3, dualbrain_float, mixer_create,
+                 mixer_compute, free, mixer_infer);

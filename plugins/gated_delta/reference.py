@@ -11,13 +11,16 @@ import numpy as np
 
 from dualbrain.plugins import OpIdentity
 
-__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "gated_delta_rule", "random_inputs",
-           "l2_normalise"]
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "MIXER_OP_TYPE", "gated_delta_rule",
+           "gated_delta_mixer", "random_inputs", "l2_normalise"]
 
 # Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
 IDENTITY = OpIdentity("GatedDeltaRule", window_op_type="GatedDeltaRuleWindow")
 DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION = (IDENTITY.domain, IDENTITY.op_type, IDENTITY.window_op_type,
                                             IDENTITY.version)
+# The CPU kernels' fused form (runtime.backends.ort_kernels): a GDN layer's conv, q/k norms, this rule and the
+# gated output norm in one node.
+MIXER_OP_TYPE = "GatedDeltaMixer"
 
 
 def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):
@@ -50,6 +53,35 @@ def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):
     if window:
         out = out + (states.astype(np.float32),)
     return out
+
+
+def gated_delta_mixer(qkv, conv_weight_t, conv_state, z, g, beta, state, q_scale, k_scale, norm, eps,
+                      num_k_heads: int):
+    """``GatedDeltaMixer``: a GDN layer's mixer from its projections' outputs to what its output projection
+    reads, as the exported graph computes it. qkv (B, T, 2 Hk dk + Hv dv) -> silu(causal conv)
+    (causal_conv.reference; conv_weight_t is the conv weight transposed, (K, C), as the kernel takes it) ->
+    split into q, k (B, T, Hk, dk) and v (B, T, Hv, dv); q and k each x / sqrt(mean(x^2) + eps) * scale (ONNX's
+    SimplifiedLayerNormalization; scales (dk,)) -> this rule -> its output normalised the same way (norm (dv,))
+    times silu(z) (z (B, T, Hv dv)). eps: (q's, k's, the output norm's).
+    Returns (y (B, T, Hv, dv), new conv_state (B, C, K-1), new state (B, Hv, dk, dv))."""
+    from dualbrain.plugins.causal_conv.reference import causal_conv1d
+
+    y, new_conv = causal_conv1d(np.asarray(qkv, np.float32), np.asarray(conv_weight_t).T, conv_state)
+    B, T, _ = y.shape
+    Hv, dk, dv = state.shape[1:]
+    split = num_k_heads * dk
+    assert y.shape[2] == 2 * split + Hv * dv, (y.shape, num_k_heads, state.shape)
+
+    def norm_(x, scale, e):
+        x = np.asarray(x, np.float64)
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + e) * np.asarray(scale, np.float64)
+
+    q = norm_(y[..., :split].reshape(B, T, num_k_heads, dk), q_scale, eps[0])
+    k = norm_(y[..., split:2 * split].reshape(B, T, num_k_heads, dk), k_scale, eps[1])
+    o, new_state = gated_delta_rule(q, k, y[..., 2 * split:].reshape(B, T, Hv, dv), g, beta, state)
+    zh = np.asarray(z, np.float64).reshape(B, T, Hv, dv)
+    out = norm_(o, norm, eps[2]) * zh / (1.0 + np.exp(-zh))
+    return out.astype(np.float32), new_conv, new_state
 
 
 def l2_normalise(x):

@@ -14,13 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from dualbrain.runtime.backends.ort_quant import _attrs, _Graph
-
-_ONNX = ("", "ai.onnx")
-
-
-# a Constant node's value attributes other than `value` (a tensor) -> the numpy dtype they hold
-_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+from dualbrain.runtime.backends.ort_quant import _ONNX, _attrs, _Graph
 
 
 class _Chain(_Graph):
@@ -34,29 +28,6 @@ class _Chain(_Graph):
         shape = self.shapes.get(name)
         last = shape.dim[-1] if shape is not None and shape.dim else None
         return last.dim_value if last is not None and last.HasField("dim_value") else None
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of `name` when it is an inline initializer or a Constant node's; else None."""
-        t = self.inits.get(name)
-        if t is None:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Constant" or node.domain not in _ONNX:
-                return None
-            attrs = _attrs(node)
-            if len(attrs) != 1:
-                return None
-            (key, value), = attrs.items()
-            if key != "value":
-                return np.asarray(value, _CONSTANT_LISTS[key]) if key in _CONSTANT_LISTS else None
-            t = value
-        return None if t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
-
-    def scalar(self, name: str) -> float | None:
-        """The value of a one-element float constant `name`; else None."""
-        value = self.constant(name)
-        if value is None or value.dtype != np.float32 or value.size != 1:
-            return None
-        return float(value.reshape(-1)[0])
 
     def channel_constant(self, name: str) -> bool:
         """`name` is a 1-D float constant, or one plus / minus a one-element one (Qwen3.5's `1 + w`)."""

@@ -19,7 +19,11 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   runs as one tiny convolution per channel (25 ms per batch-8 step on the mid-size MoE).
 * `plugins/gated_delta/cpu.c`: the GDN recurrence (and its window form, which keeps every position's
   state for speculative rollback). ONNX Runtime's `LinearAttention` took 33-37 ms of a batch-8 decode
-  step on the mid-size MoE for what is reading and writing a 16 KB state per head.
+  step on the mid-size MoE for what is reading and writing a 16 KB state per head. Where the rule is fed
+  as the exporter writes a GDN layer's mixer (CausalConv1d, Split, the q/k/v Reshapes and the q/k l2norms
+  as ort_fusions leaves them), the same file's `GatedDeltaMixer` runs all of it and the gated output norm as one node,
+  one parallel pass a layer instead of ~20 nodes (`_gated_delta_mixer`); the shape arithmetic that fed only
+  the folded nodes goes with them (`_live`).
 * `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
   Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
   laid out in MatMulNBits' layout at load; behind the same `If` as the MoE, prefill keeps MatMulNBits.
@@ -53,17 +57,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
-from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN
+from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN, MIXER_OP_TYPE
 from dualbrain.plugins.int4_matmul.reference import OP_TYPE as INT4_LINEAR_OP, interleave_linear
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import (IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, INT8_OP_TYPE,
                                                       INT4_SHARED_OP_TYPE, interleave_int4_rows, interleave_int8_rows,
                                                       interleave_scales)
-from dualbrain.runtime.backends.ort_quant import ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
+from dualbrain.runtime.backends.ort_quant import _ONNX, ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
 # Calls of at most this many tokens run our MoE and int8 kernels (GEMV-style); longer ones ONNX Runtime's
@@ -439,6 +444,138 @@ def _gated_delta(node, r: _Rewrite) -> list | None:
     return [node]
 
 
+class _Mixer(NamedTuple):
+    """The exporter's GDN mixer around GatedDeltaRule (`exporter.blocks.layers`): qkv -> CausalConv1d -> Split ->
+    q, k, v reshaped to heads; q and k each a SimplifiedLayerNormalization (ort_fusions' l2norm), q's times a
+    constant; after the rule, its output's norm times silu(z) (z reshaped to heads). `nodes`: all of them
+    but the rule, `out` the last."""
+    conv: object
+    z: str                  # z before its reshape to heads
+    out: object
+    nodes: list
+    num_k_heads: int
+    scales: tuple           # q's (its constant folded in), k's, the output norm's
+    eps: tuple              # the same three norms'
+
+
+def _heads(r: _Rewrite, shape: str) -> tuple[int, int] | None:
+    """The last two dims a Reshape to `shape` gives, when they are constants: `shape` is one, or the
+    exporter's Concat(..., [heads], [dim]) along axis 0."""
+    whole = r.constant(shape)
+    if whole is not None:
+        return tuple(int(d) for d in whole[-2:]) if whole.size >= 2 and whole[-1] > 0 and whole[-2] > 0 else None
+    cat = r.producer.get(shape)
+    if cat is None or cat.op_type != "Concat" or cat.domain not in _ONNX or _attrs(cat).get("axis") != 0 \
+            or len(cat.input) < 2:
+        return None
+    last = [r.constant(i) for i in cat.input[-2:]]
+    return tuple(int(d[0]) for d in last) if all(d is not None and d.size == 1 for d in last) else None
+
+
+def _mixer(rule, r: _Rewrite) -> _Mixer | None:
+    """The mixer around GatedDeltaRule `rule` when every value in it has only the readers it has there; else
+    None."""
+    def made(value, op, domains=_ONNX, readers=1):
+        n = r.producer.get(value)
+        ok = n is not None and n.op_type == op and n.domain in domains and r.users.get(value) == readers
+        return n if ok and value not in r.outputs else None
+
+    def value(name):
+        return r.array(name) if name in r.inits else r.constant(name)
+
+    def norm_scale(norm):   # a SimplifiedLayerNormalization's scale, when it normalises the last axis
+        last_axis = norm is not None and len(norm.input) == 2 and _attrs(norm).get("axis", -1) in (-1, 3)
+        scale = value(norm.input[1]) if last_axis else None
+        return (norm, scale) if scale is not None and scale.ndim == 1 else None
+
+    def normed(x):          # x made by such a norm: (the norm, its scale)
+        return norm_scale(made(x, "SimplifiedLayerNormalization"))
+
+    def only_reader(v, op):
+        n = r.only_user(v)
+        return n if n is not None and n.op_type == op and n.domain in _ONNX else None
+
+    def silu(x):        # z * Sigmoid(z), z reshaped to heads: (Mul, Sigmoid, Reshape of z)
+        mul = made(x, "Mul")
+        for zv, s in (mul.input, mul.input[::-1]) if mul is not None and len(mul.input) == 2 else ():
+            sig = made(s, "Sigmoid")
+            reshape = sig is not None and sig.input[0] == zv and made(zv, "Reshape", readers=2)
+            if reshape:
+                return mul, sig, reshape
+        return None
+
+    q_in, k_in, v_in = rule.input[:3]
+    factor, scaled = None, made(q_in, "Mul")
+    for a, b in (scaled.input, scaled.input[::-1]) if scaled is not None and len(scaled.input) == 2 else ():
+        c = value(b)
+        if c is not None and c.size == 1 and normed(a):      # q's dk ** -0.5 after its norm
+            factor, q_in = c, a
+            break
+    q, k, v = normed(q_in), normed(k_in), made(v_in, "Reshape")
+    shaped = [made(n[0].input[0], "Reshape") if n else None for n in (q, k)]
+    if not (all(shaped) and v):
+        return None
+    split = made(shaped[0].input[0], "Split")
+    if split is None or [shaped[0].input[0], shaped[1].input[0], v.input[0]] != list(split.output) \
+            or len(split.input) != 2 or any(r.users.get(o) != 1 or o in r.outputs for o in split.output):
+        return None
+    sizes, axis = value(split.input[1]), _attrs(split).get("axis", 0)
+    conv = made(split.input[0], CONV.op_type, (CONV.domain, CPU_DOMAIN))
+    if sizes is None or sizes.size != 3 or axis not in (-1, 2) or conv is None or len(conv.input) != 3 \
+            or conv.input[1] not in r.floats:
+        return None
+    # after the rule: norm(o) * silu(z)
+    out_norm = norm_scale(only_reader(rule.output[0], "SimplifiedLayerNormalization"))
+    gated = out_norm and only_reader(out_norm[0].output[0], "Mul")
+    other = [i for i in gated.input if i != out_norm[0].output[0]] if gated and len(gated.input) == 2 else []
+    found = silu(other[0]) if len(other) == 1 else None
+    if not found:
+        return None
+    silu_mul, sigmoid, z_heads = found
+    shapes = [_heads(r, n.input[1]) for n in (*shaped, v, z_heads)]
+    dk = q[1].size
+    if any(x is None for x in shapes) or k[1].size != dk or shapes[0] != shapes[1] or shapes[0][1] != dk \
+            or shapes[2] != shapes[3] or out_norm[1].size != shapes[2][1]:
+        return None
+    hk, (hv, dv) = shapes[0][0], shapes[2]
+    if sizes.tolist() != [hk * dk, hk * dk, hv * dv]:
+        return None
+    q_scale = q[1] * np.float32(factor.reshape(-1)[0]) if factor is not None else q[1]
+    nodes = [conv, split, *shaped, v, q[0], k[0], *([scaled] if factor is not None else []),
+             out_norm[0], z_heads, sigmoid, silu_mul, gated]
+    norms = (q[0], k[0], out_norm[0])
+    return _Mixer(conv, z_heads.input[0], gated, nodes, hk,
+                  tuple(np.asarray(a, np.float32) for a in (q_scale, k[1], out_norm[1])),
+                  tuple(float(_attrs(n).get("epsilon", 1e-5)) for n in norms))
+
+
+def _gated_delta_mixer(rule, r: _Rewrite) -> list | None:
+    """GatedDeltaRule inside the exporter's mixer (`_mixer`) -> one GatedDeltaMixer (its reference:
+    `gated_delta.reference.gated_delta_mixer`): the conv, the split, the reshapes, the q/k norms, the rule
+    and the gated output norm in one kernel, one parallel pass a layer instead of two and ~20 nodes."""
+    if rule.op_type != GDN.op_type or len(rule.input) != 6 or r.types.get(rule.input[5]) != TensorProto.FLOAT:
+        return None
+    mixer = _mixer(rule, r)
+    if mixer is None:
+        return None
+    p, conv = f"{rule.name or rule.output[0]}/cpu_kernel", mixer.conv
+    weight_t = r.supply(f"{p}/conv_weight_t", np.ascontiguousarray(r.array(conv.input[1]).T))
+    consts = [r.supply(f"{p}/{name}", a) for name, a in zip(("q_scale", "k_scale", "norm"), mixer.scales)]
+    eps = r.supply(f"{p}/eps", np.array(mixer.eps, np.float32))
+    for n in mixer.nodes:
+        r.dropped.add(n.output[0])
+    r.release(conv.input[1], *(i for n in mixer.nodes[1:] for i in n.input[1:]))
+    return [helper.make_node(MIXER_OP_TYPE, [conv.input[0], weight_t, conv.input[2], mixer.z, *rule.input[3:],
+                                             *consts, eps],
+                             [mixer.out.output[0], conv.output[1], rule.output[1]], name=f"{p}/mixer",
+                             domain=CPU_DOMAIN, num_k_heads=mixer.num_k_heads)]
+
+
+def _gated_delta_layer(node, r: _Rewrite) -> list | None:
+    """GatedDeltaRule: with its mixer in one kernel where it matches (`_gated_delta_mixer`), else alone."""
+    return _gated_delta_mixer(node, r) or _gated_delta(node, r)
+
+
 def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
     """(x, the weight's value, its DequantizeLinear, q, scale, block) when `node` is MatMul(x, DequantizeLinear(q,
     scale)) on the export's signed blockwise `data_type` weight [K, N] (axis 0, no zero point, the block
@@ -508,11 +645,32 @@ REWRITES = {
     (MOE.domain, MOE.op_type): _moe_behind_if,
     (MS_DOMAIN, "QMoE"): _quant_moe,
     (CONV.domain, CONV.op_type): _conv,
-    (GDN.domain, GDN.op_type): _gated_delta,
+    (GDN.domain, GDN.op_type): _gated_delta_layer,
     (GDN.domain, GDN.window_op_type): _gated_delta,
     ("", "MatMul"): _quantized_linear,
     ("", "Gemm"): _int4_linear,        # int8's If costs more than its kernel saves on these small linears
 }
+
+
+def _reads(node) -> set[str]:
+    """The values `node` reads: its inputs and, for an If, whatever its branches read from outside them."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names |= _reads(n)
+    return names
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """`nodes` without those whose outputs nothing reads: what a rewrite left feeding only nodes it
+    folded (e.g. the Concat that built a dropped Reshape's shape), which ONNX Runtime would still run."""
+    needed, live = set(outputs), []
+    for n in reversed(nodes):
+        if not n.output or any(o in needed for o in n.output):
+            live.append(n)
+            needed |= _reads(n)
+    return live[::-1]
 
 
 def use_cpu_kernels(model, model_dir=".", supplied: dict[str, np.ndarray] | None = None) -> int:
@@ -534,6 +692,7 @@ def use_cpu_kernels(model, model_dir=".", supplied: dict[str, np.ndarray] | None
     if replaced:
         nodes = [n for i, node in enumerate(g.node) if not (node.output and node.output[0] in r.dropped)
                  for n in replaced.get(i, [node])]
+        nodes = _live(nodes, r.outputs) if r.dropped else nodes
         del g.node[:]
         g.node.extend(nodes)
         kept = [t for t in g.initializer if t.name not in r.drop_inits] + r.add_inits

@@ -19,7 +19,8 @@ slower, with the same result.
 """
 from __future__ import annotations
 
-from onnx import TensorProto, helper
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain.plugins.moe_dispatch.reference import DOMAIN as MOE_DOMAIN, OP_TYPE as MOE_OP
 
@@ -28,6 +29,9 @@ ACCURACY_LEVEL = 4          # int8 activations in the int4/int8 GEMMs (llama.cpp
 # QMoE's activation for our experts: plain SwiGLU, silu(gate) * up, on interleaved gate/up rows
 QMOE_SWIGLU = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
 _UNSIGNED_BITS = {TensorProto.UINT4: 4, TensorProto.UINT8: 8}
+_ONNX = ("", "ai.onnx")     # the default domain, as nodes spell it
+# a Constant node's value attributes other than `value` (a tensor) -> the numpy dtype they hold
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
 
 
 def _attrs(node) -> dict:
@@ -59,6 +63,29 @@ class _Graph:
         if self.users.get(value) != 1 or value in self.outputs:
             return None
         return self.readers.get(value)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` when it is an inline initializer or a Constant node's; else None."""
+        t = self.inits.get(name)
+        if t is None:
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Constant" or node.domain not in _ONNX:
+                return None
+            attrs = _attrs(node)
+            if len(attrs) != 1:
+                return None
+            (key, value), = attrs.items()
+            if key != "value":
+                return np.asarray(value, _CONSTANT_LISTS[key]) if key in _CONSTANT_LISTS else None
+            t = value
+        return None if t.data_location == TensorProto.EXTERNAL else numpy_helper.to_array(t)
+
+    def scalar(self, name: str) -> float | None:
+        """The value of a one-element float constant `name`; else None."""
+        value = self.constant(name)
+        if value is None or value.dtype != np.float32 or value.size != 1:
+            return None
+        return float(value.reshape(-1)[0])
 
     def dequantized(self, value: str, rank: int, axis: int):
         """(DQ node, quantized initializer, scale name, bits, block) when `value` is the only use of an

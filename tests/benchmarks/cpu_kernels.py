@@ -2,10 +2,13 @@
 the load-time norm fusion (runtime/backends/ort_fusions.py), same exports.
 
     python tests/benchmarks/cpu_kernels.py EXPORT [EXPORT ...] [--batch 1,8] [--steps 60] [--reps 3]
-        [--without kernels | rms_norm | shared_expert | OP_TYPE | ablate:OP_TYPE | lib:PATH] [--feed greedy | random]
+        [--without kernels | rms_norm | shared_expert | gated_delta_mixer | OP_TYPE | ablate:OP_TYPE | lib:PATH]
+        [--feed greedy | random]
 
 `--without`: what the "without" side leaves out: every kernel (default), the norm fusion, the shared
-expert's place in the MoE kernels (`ort_kernels._shared_expert`: it then runs as its own nodes), the one
+expert's place in the MoE kernels (`ort_kernels._shared_expert`: it then runs as its own nodes), the GDN
+mixer's fusion into one kernel (`ort_kernels._gated_delta_mixer`: conv, norms, rule and gated norm then
+run apart), the one
 kernel rewrite of an op type (e.g. GatedDeltaRule: its two forms), or (`ablate:QMoE`) the work of
 every main-graph node of an op type, each replaced by an Identity of its first input: the outputs are
 then wrong, but the time saved is what those nodes cost in place, which ONNX Runtime's profiler
@@ -60,6 +63,9 @@ def _leave_out(what: str) -> dict:
     if what == "shared_expert":
         ort_kernels._shared_expert = lambda moe, r: None
         return {}
+    if what == "gated_delta_mixer":
+        ort_kernels._gated_delta_mixer = lambda rule, r: None
+        return {}
     keys = [k for k in ort_kernels.REWRITES if k[1].startswith(what)]
     if not keys:
         ops = sorted(k[1] for k in ort_kernels.REWRITES)
@@ -101,8 +107,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--without", default="kernels",
-                    help="kernels (all), rms_norm, shared_expert, one kernel's op type, ablate:OP_TYPE (its "
-                         "nodes' work) or lib:PATH (the kernels from another build)")
+                    help="kernels (all), rms_norm, shared_expert, gated_delta_mixer, one kernel's op type, "
+                         "ablate:OP_TYPE (its nodes' work) or lib:PATH (the kernels from another build)")
     ap.add_argument("--feed", choices=("greedy", "random"), default="greedy",
                     help="tokens fed back: the greedy ones, or seeded random ones (as llama-bench feeds)")
     args = ap.parse_args()
