@@ -1,4 +1,5 @@
-/* dualbrain::GatedDeltaRule and GatedDeltaRuleWindow in float32 on the CPU: ONNX Runtime custom-op kernels.
+/* dualbrain::GatedDeltaRule and GatedDeltaRuleWindow in float32 on the CPU: ONNX Runtime custom-op kernels;
+ * and dualbrain.cpu::GatedDeltaMixer (below), the rule with the rest of a GDN layer's mixer around it.
  *
  * Why: the function's body is com.microsoft.LinearAttention (GatedDeltaRuleWindow's a standard-ops
  * Loop). On the mid-size MoE (9 GDN layers of 16 value heads, dk = dv = 64) LinearAttention took 3.4 ms
