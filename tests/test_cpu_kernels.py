@@ -244,27 +244,36 @@ def test_gated_delta_rewrite_runs_ours_for_both_forms_and_leaves_other_dtypes(li
 MIXER_INPUTS = ("qkv", "conv_weight_t", "conv_state", "z", "g", "beta", "state", "q_scale", "k_scale", "norm", "eps")
 
 
-def _mixer_model(hk):
-    node = helper.make_node(gdn_ref.MIXER_OP_TYPE, list(MIXER_INPUTS), ["y", "new_conv_state", "new_state"],
-                            name="mixer", domain=CPU_DOMAIN, num_k_heads=hk)
+def _mixer_model(hk, raw_gates=False):
+    inputs = list(MIXER_INPUTS) + (["gate_params"] if raw_gates else [])
+    op = gdn_ref.MIXER_RAW_OP_TYPE if raw_gates else gdn_ref.MIXER_OP_TYPE
+    node = helper.make_node(op, inputs, ["y", "new_conv_state", "new_state"], name="mixer", domain=CPU_DOMAIN,
+                            num_k_heads=hk)
     graph = helper.make_graph([node], "mixer", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                                                for n in MIXER_INPUTS],
+                                                for n in inputs],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
 
 
-def _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw):
+def _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw, raw_gates=False):
+    """The mixer's inputs; with `raw_gates`, g and beta are the raw projections a and b (a wide enough to pass
+    softplus' threshold of 20) and gate_params (dt_bias, A) is added."""
     c = 2 * hk * dk + hv * dv
     _, _, _, g, beta, state = gdn_ref.random_inputs(rng, b, t, hk, hv, dk, dv)
+    if raw_gates:
+        g = (rng.standard_normal((b, t, hv)) * 12).astype(np.float32)
+        beta = rng.standard_normal((b, t, hv)).astype(np.float32)
     return {"qkv": rng.standard_normal((b, t, c)).astype(np.float32),
             "conv_weight_t": (rng.standard_normal((kw, c)) * 0.5).astype(np.float32),
             "conv_state": rng.standard_normal((b, c, kw - 1)).astype(np.float32),
             "z": (rng.standard_normal((b, t, hv * dv)) * 3).astype(np.float32),
             "g": g, "beta": beta, "state": state,
             "q_scale": rng.uniform(0.05, 0.3, dk).astype(np.float32),
-            "k_scale": rng.uniform(0.5, 1.5, dk).astype(np.float32),
+            # |k| <= 1, as the exporter's l2norm makes it, so that the rule stays stable
+            "k_scale": (rng.uniform(0.6, 1.0, dk) * dk ** -0.5).astype(np.float32),
             "norm": rng.uniform(-1.5, 1.5, dv).astype(np.float32),
-            "eps": np.array([1e-6 / dk, 3e-3, 1e-6], np.float32)}
+            "eps": np.array([1e-6 / dk, 3e-3, 1e-6], np.float32)} | ({"gate_params": np.stack([
+                rng.uniform(-3, 3, hv), rng.uniform(0.05, 1.0, hv)]).astype(np.float32)} if raw_gates else {})
 
 
 @pytest.mark.parametrize("b,t,hk,hv,dk,dv,kw", [
@@ -275,11 +284,13 @@ def _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw):
     (1, 2, 1, 2, 8, 8, 6),        # a conv longer than the call: the new conv state is part old, part new
     (2, 0, 2, 4, 8, 8, 4),        # no new positions: both states pass through
 ])
-def test_gated_delta_mixer_kernel_matches_the_reference(library, b, t, hk, hv, dk, dv, kw):
+@pytest.mark.parametrize("raw_gates", [False, True])
+def test_gated_delta_mixer_kernel_matches_the_reference(library, b, t, hk, hv, dk, dv, kw, raw_gates):
     rng = np.random.default_rng(b * 1000 + t * 10 + kw)
-    feeds = _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw)
-    got = _session(_mixer_model(hk), library).run(None, feeds)
-    want = gdn_ref.gated_delta_mixer(*feeds.values(), num_k_heads=hk)
+    feeds = _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw, raw_gates)
+    got = _session(_mixer_model(hk, raw_gates), library).run(None, feeds)
+    params = feeds.pop("gate_params", None)
+    want = gdn_ref.gated_delta_mixer(*feeds.values(), num_k_heads=hk, gate_params=params)
     shapes = [(b, t, hv, dv), (b, feeds["qkv"].shape[2], kw - 1), (b, hv, dk, dv)]
     assert [x.shape for x in got] == [x.shape for x in want] == shapes
     for x, y in zip(got, want):
@@ -305,6 +316,18 @@ def test_gated_delta_mixer_reference_is_the_exporters_mixer():
     got = gdn_ref.gated_delta_mixer(*feeds.values(), num_k_heads=hk)
     np.testing.assert_array_equal(got[1], conv_state)
     for x, w in zip((got[0], got[2]), (out, state)):
+        np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
+    # the raw gates: exporter.blocks.layers' g = -exp(A_log) softplus(a + dt_bias) (torch's softplus, written out
+    # here: log(1 + e^x), x itself past 20) and beta = sigmoid(b)
+    rng = np.random.default_rng(5)
+    a, b_raw = rng.standard_normal((b, t, hv)) * 12, rng.standard_normal((b, t, hv))
+    dt_bias, a_log = rng.uniform(-3, 3, hv), rng.uniform(-5, 0, hv)
+    x = a + dt_bias
+    g = -np.exp(a_log) * np.where(x > 20, x, np.log(1 + np.exp(np.minimum(x, 20))))
+    raw = feeds | {"g": a, "beta": b_raw}
+    got = gdn_ref.gated_delta_mixer(*raw.values(), num_k_heads=hk, gate_params=np.stack([dt_bias, np.exp(a_log)]))
+    want = gdn_ref.gated_delta_mixer(*(feeds | {"g": g, "beta": 1 / (1 + np.exp(-b_raw))}).values(), num_k_heads=hk)
+    for x, w in zip(got, want):
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
 
 
@@ -892,13 +915,14 @@ def test_export_runs_each_gdn_mixer_in_one_kernel(library, tmp_path, monkeypatch
     ops = _graph_ops(monkeypatch)
     fused = Model.load(export)
     fused_ops = list(ops)
-    assert fused_ops.count(gdn_ref.MIXER_OP_TYPE) == 3 and not {gdn_ref.OP_TYPE, conv_ref.OP_TYPE} & set(fused_ops)
+    assert fused_ops.count(gdn_ref.MIXER_RAW_OP_TYPE) == 3 and gdn_ref.MIXER_OP_TYPE not in fused_ops
+    assert not {gdn_ref.OP_TYPE, conv_ref.OP_TYPE, "Softplus"} & set(fused_ops)
     ops.clear()
     monkeypatch.setattr(ort_kernels, "_gated_delta_mixer", lambda rule, r: None)
     apart = Model.load(export)
     assert ops.count(gdn_ref.OP_TYPE) == ops.count(conv_ref.OP_TYPE) == 3
     assert ops.count("Split") == fused_ops.count("Split") + 3
-    assert len(fused_ops) < len(ops) - 3 * 13         # the mixers' 13 nodes, and the shape nodes that fed them
+    assert len(fused_ops) < len(ops) - 3 * 23         # the mixers' 13 nodes and gates' 10, and the shape nodes
     onnx_functions = Model.load(export, cpu_kernels=False)
     models = (fused, apart, onnx_functions)
     states = [m.new_state(3) for m in models]
@@ -926,3 +950,20 @@ def test_gdn_mixer_stays_apart_where_a_value_in_it_is_read_elsewhere(tmp_path):
     ops = [(n.op_type, n.domain) for n in model.graph.node]
     assert (gdn_ref.OP_TYPE, CPU_DOMAIN) in ops and (conv_ref.OP_TYPE, CPU_DOMAIN) in ops and ("Split", "") in ops
     assert gdn_ref.MIXER_OP_TYPE not in {op for op, _ in ops}
+
+
+def test_gdn_gates_stay_apart_where_a_value_in_them_is_read_elsewhere(tmp_path):
+    """beta (the Sigmoid of b) also a graph output: the mixer still takes one node, fed the gates' g and beta."""
+    from dualbrain.exporter.export import export_checkpoint
+    from dualbrain.exporter.tiny import make_tiny
+    from dualbrain.runtime.backends.ort_fusions import fuse_rms_norm
+
+    export = export_checkpoint(make_tiny(tmp_path / "ckpt", num_layers=1), tmp_path / "fp32")
+    model = onnx.load(str(export / "layer_000.onnx"), load_external_data=False)
+    fuse_rms_norm(model)
+    rule = next(n for n in model.graph.node if n.op_type == gdn_ref.OP_TYPE)
+    model.graph.output.append(helper.make_tensor_value_info(rule.input[4], TensorProto.FLOAT, None))
+    use_cpu_kernels(model, export)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count(gdn_ref.MIXER_OP_TYPE) == 1 and gdn_ref.MIXER_RAW_OP_TYPE not in ops
+    assert {"Sigmoid", "Softplus", "Where"} <= set(ops)

@@ -135,9 +135,13 @@ DUALBRAIN_CPU_OP(dualbrain_gated_delta_window_op, "GatedDeltaRuleWindow", 6, 3, 
  * qkv [B, T, C] (C = 2 Hk dk + Hv dv: q, k, v channels), the conv weight transposed [K, C] (at load),
  * conv_state [B, C, K-1], z [B, T, Hv dv], g, beta [B, T, Hv], state [B, Hv, dk, dv], q_scale, k_scale [dk],
  * norm weight [dv], eps [3] (q's, k's, the output norm's); attribute num_k_heads
- *   -> y [B, T, Hv, dv], new conv_state [B, C, K-1], new state [B, Hv, dk, dv]. */
+ *   -> y [B, T, Hv, dv], new conv_state [B, C, K-1], new state [B, Hv, dk, dv].
+ * GatedDeltaMixerRawGates is the same with the gates' own nodes folded in too: its g and beta inputs are the
+ * raw projections a and b, and a 12th input, gate_params [2, Hv] (dt_bias; A = exp(A_log)), gives
+ * g = -A softplus(a + dt_bias) (torch's softplus: past 20, x itself) and beta = sigmoid(b). */
 typedef struct {
   const float *qkv, *w_t, *conv_state, *z, *g, *beta, *state, *q_scale, *k_scale, *norm;
+  const float *gate_params;  /* NULL: g and beta are given; else they are the raw a and b */
   float *y, *new_conv_state, *new_state;
   float q_eps, k_eps, norm_eps;
   int64_t b, t, c, kw, hk, hv, dk, dv;
@@ -210,7 +214,13 @@ static void mixer_head(void *user, size_t item) {
     conv_channels(p, b, t, vc, dv, v);
     normalise(q, p->q_scale, p->q_eps, dk);
     normalise(k, p->k_scale, p->k_eps, dk);
-    rule_step(s, q, k, v, expf(p->g[bth]), p->beta[bth], y, dk, dv);
+    float decay = expf(p->g[bth]), beta = p->beta[bth];
+    if (p->gate_params) {
+      float x = p->g[bth] + p->gate_params[h];
+      decay = expf(-p->gate_params[p->hv + h] * (x > 20.0f ? x : log1pf(expf(x))));
+      beta = 1.0f / (1.0f + expf(-beta));
+    }
+    rule_step(s, q, k, v, decay, beta, y, dk, dv);
     normalise(y, p->norm, p->norm_eps, dv);
     for (int64_t j = 0; j < dv; j++) y[j] *= z[j] / (1.0f + exp_approx(-z[j]));   /* silu(z) */
   }
@@ -218,9 +228,15 @@ static void mixer_head(void *user, size_t item) {
   if (h % group == 0) conv_tail(p, b, qc, dk), conv_tail(p, b, kc, dk);  /* once per q/k head */
 }
 
+typedef struct {
+  int64_t hk;
+  int raw_gates;
+} MixerKernel;
+
 static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
+  const MixerKernel *kn = kernel;
   Mixer p = {0};
-  int64_t xd[3], wd[2], cd[3], zd[3], gd[3], bd[3], sd[4], qd[1], kd[1], nd[1], ed[1];
+  int64_t xd[3], wd[2], cd[3], zd[3], gd[3], bd[3], sd[4], qd[1], kd[1], nd[1], ed[1], pd[2] = {2, 0};
   const float *eps;
   OrtStatus *st;
   if ((st = dualbrain_input(ctx, 0, 3, &p.qkv, xd)) || (st = dualbrain_input(ctx, 1, 2, &p.w_t, wd)) ||
@@ -228,18 +244,20 @@ static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
       (st = dualbrain_input(ctx, 4, 3, &p.g, gd)) || (st = dualbrain_input(ctx, 5, 3, &p.beta, bd)) ||
       (st = dualbrain_input(ctx, 6, 4, &p.state, sd)) || (st = dualbrain_input(ctx, 7, 1, &p.q_scale, qd)) ||
       (st = dualbrain_input(ctx, 8, 1, &p.k_scale, kd)) || (st = dualbrain_input(ctx, 9, 1, &p.norm, nd)) ||
-      (st = dualbrain_input(ctx, 10, 1, &eps, ed)))
+      (st = dualbrain_input(ctx, 10, 1, &eps, ed)) ||
+      (kn->raw_gates && (st = dualbrain_input(ctx, 11, 2, &p.gate_params, pd))))
     return st;
-  p.b = xd[0], p.t = xd[1], p.c = xd[2], p.kw = wd[0], p.hk = *(const int64_t *)kernel;
+  p.b = xd[0], p.t = xd[1], p.c = xd[2], p.kw = wd[0], p.hk = kn->hk;
   p.hv = sd[1], p.dk = sd[2], p.dv = sd[3];
   int64_t rows_ok = zd[0] == p.b && zd[1] == p.t && zd[2] == p.hv * p.dv && gd[0] == p.b && gd[1] == p.t &&
                     gd[2] == p.hv && bd[0] == p.b && bd[1] == p.t && bd[2] == p.hv && sd[0] == p.b;
   if (!rows_ok || wd[1] != p.c || p.kw < 2 || cd[0] != p.b || cd[1] != p.c || cd[2] != p.kw - 1 || p.hk < 1 ||
       p.hv % p.hk || p.c != 2 * p.hk * p.dk + p.hv * p.dv || qd[0] != p.dk || kd[0] != p.dk || nd[0] != p.dv ||
-      ed[0] != 3)
+      ed[0] != 3 || pd[0] != 2 || (kn->raw_gates && pd[1] != p.hv))
     return dualbrain_error("GatedDeltaMixer (cpu): shapes must be qkv [B, T, 2 Hk dk + Hv dv], weight [K, C], "
                            "conv_state [B, C, K-1], z [B, T, Hv dv], g, beta [B, T, Hv], state [B, Hv, dk, dv], "
-                           "q/k scales [dk], norm [dv], eps [3]; Hk (num_k_heads) dividing Hv");
+                           "q/k scales [dk], norm [dv], eps [3], gate_params [2, Hv]; Hk (num_k_heads) "
+                           "dividing Hv");
   p.q_eps = eps[0], p.k_eps = eps[1], p.norm_eps = eps[2];
   int64_t yd[4] = {p.b, p.t, p.hv, p.dv};
   if ((st = dualbrain_output(ctx, 0, yd, 4, &p.y)) || (st = dualbrain_output(ctx, 1, cd, 3, &p.new_conv_state)) ||
@@ -249,13 +267,23 @@ static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
   return dualbrain_parallel(ctx, mixer_head, (size_t)(p.b * p.hv), &p);
 }
 
+static OrtStatus *mixer_kernel(const OrtKernelInfo *info, int raw_gates, void **out) {
+  MixerKernel *k = malloc(sizeof *k);
+  if (!k) return dualbrain_error("GatedDeltaMixer (cpu): out of memory");
+  k->hk = dualbrain_attr_int(info, "num_k_heads", 0), k->raw_gates = raw_gates;
+  *out = k;
+  return NULL;
+}
+
 static OrtStatus *mixer_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op, (void)api;
-  int64_t *hk = malloc(sizeof *hk);
-  if (!hk) return dualbrain_error("GatedDeltaMixer (cpu): out of memory");
-  *hk = dualbrain_attr_int(info, "num_k_heads", 0);
-  *out = hk;
-  return NULL;
+  return mixer_kernel(info, 0, out);
+}
+
+static OrtStatus *mixer_raw_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                                   void **out) {
+  (void)op, (void)api;
+  return mixer_kernel(info, 1, out);
 }
 
 /* the new states are shaped like the old; y is left to ONNX Runtime */
@@ -267,3 +295,5 @@ static OrtStatus *mixer_infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) 
 
 DUALBRAIN_CPU_OP(dualbrain_gated_delta_mixer_op, "GatedDeltaMixer", 11, 3, dualbrain_float, mixer_create,
                  mixer_compute, free, mixer_infer);
+DUALBRAIN_CPU_OP(dualbrain_gated_delta_mixer_raw_op, "GatedDeltaMixerRawGates", 12, 3, dualbrain_float,
+                 mixer_raw_create, mixer_compute, free, mixer_infer);

@@ -11,8 +11,8 @@ import numpy as np
 
 from dualbrain.plugins import OpIdentity
 
-__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "MIXER_OP_TYPE", "gated_delta_rule",
-           "gated_delta_mixer", "random_inputs", "l2_normalise"]
+__all__ = ["IDENTITY", "DOMAIN", "OP_TYPE", "OP_TYPE_WINDOW", "VERSION", "MIXER_OP_TYPE", "MIXER_RAW_OP_TYPE",
+           "gated_delta_rule", "gated_delta_mixer", "random_inputs", "l2_normalise"]
 
 # Node identity, read by op.py (torch), function.py (onnx) and trt.py (TensorRT).
 IDENTITY = OpIdentity("GatedDeltaRule", window_op_type="GatedDeltaRuleWindow")
@@ -21,6 +21,7 @@ DOMAIN, OP_TYPE, OP_TYPE_WINDOW, VERSION = (IDENTITY.domain, IDENTITY.op_type, I
 # The CPU kernels' fused form (runtime.backends.ort_kernels): a GDN layer's conv, q/k norms, this rule and the
 # gated output norm in one node.
 MIXER_OP_TYPE = "GatedDeltaMixer"
+MIXER_RAW_OP_TYPE = "GatedDeltaMixerRawGates"    # the same with the gates' nodes folded in (gate_params below)
 
 
 def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):
@@ -56,13 +57,15 @@ def gated_delta_rule(q, k, v, g, beta, state, window: bool = False):
 
 
 def gated_delta_mixer(qkv, conv_weight_t, conv_state, z, g, beta, state, q_scale, k_scale, norm, eps,
-                      num_k_heads: int):
+                      num_k_heads: int, gate_params=None):
     """``GatedDeltaMixer``: a GDN layer's mixer from its projections' outputs to what its output projection
     reads, as the exported graph computes it. qkv (B, T, 2 Hk dk + Hv dv) -> silu(causal conv)
     (causal_conv.reference; conv_weight_t is the conv weight transposed, (K, C), as the kernel takes it) ->
     split into q, k (B, T, Hk, dk) and v (B, T, Hv, dv); q and k each x / sqrt(mean(x^2) + eps) * scale (ONNX's
     SimplifiedLayerNormalization; scales (dk,)) -> this rule -> its output normalised the same way (norm (dv,))
-    times silu(z) (z (B, T, Hv dv)). eps: (q's, k's, the output norm's).
+    times silu(z) (z (B, T, Hv dv)). eps: (q's, k's, the output norm's). With ``gate_params`` (2, Hv) =
+    (dt_bias, A) (``GatedDeltaMixerRawGates``), g and beta are the raw projections a and b:
+    g = -A softplus(a + dt_bias) (torch's softplus: past 20, x itself) and beta = sigmoid(b).
     Returns (y (B, T, Hv, dv), new conv_state (B, C, K-1), new state (B, Hv, dk, dv))."""
     from dualbrain.plugins.causal_conv.reference import causal_conv1d
 
@@ -78,6 +81,10 @@ def gated_delta_mixer(qkv, conv_weight_t, conv_state, z, g, beta, state, q_scale
 
     q = norm_(y[..., :split].reshape(B, T, num_k_heads, dk), q_scale, eps[0])
     k = norm_(y[..., split:2 * split].reshape(B, T, num_k_heads, dk), k_scale, eps[1])
+    if gate_params is not None:
+        x = np.asarray(g, np.float64) + np.asarray(gate_params[0], np.float64)
+        g = -np.asarray(gate_params[1], np.float64) * np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+        beta = 1.0 / (1.0 + np.exp(-np.asarray(beta, np.float64)))
     o, new_state = gated_delta_rule(q, k, y[..., 2 * split:].reshape(B, T, Hv, dv), g, beta, state)
     zh = np.asarray(z, np.float64).reshape(B, T, Hv, dv)
     out = norm_(o, norm, eps[2]) * zh / (1.0 + np.exp(-zh))

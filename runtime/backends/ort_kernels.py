@@ -21,8 +21,9 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   state for speculative rollback). ONNX Runtime's `LinearAttention` took 33-37 ms of a batch-8 decode
   step on the mid-size MoE for what is reading and writing a 16 KB state per head. Where the rule is fed
   as the exporter writes a GDN layer's mixer (CausalConv1d, Split, the q/k/v Reshapes and the q/k l2norms
-  as ort_fusions leaves them), the same file's `GatedDeltaMixer` runs all of it and the gated output norm as one node,
-  one parallel pass a layer instead of ~20 nodes (`_gated_delta_mixer`); the shape arithmetic that fed only
+  as ort_fusions leaves them), the same file's `GatedDeltaMixer` runs all of it and the gated output norm as one
+  node, one parallel pass a layer instead of ~20 nodes (`_gated_delta_mixer`); `GatedDeltaMixerRawGates`
+  folds the gates' nodes in too (`_gates`: beta's Sigmoid, g's softplus). The shape arithmetic that fed only
   the folded nodes goes with them (`_live`).
 * `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
   Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
@@ -62,7 +63,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain import plugins
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
-from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN, MIXER_OP_TYPE
+from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN, MIXER_OP_TYPE, MIXER_RAW_OP_TYPE
 from dualbrain.plugins.int4_matmul.reference import OP_TYPE as INT4_LINEAR_OP, interleave_linear
 from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import (IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, INT8_OP_TYPE,
@@ -243,6 +244,15 @@ class _Rewrite(_Graph):
             return numpy_helper.to_array(t)          # stored in the typed fields, not as bytes
         return np.frombuffer(self.raw(t), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
 
+    def made(self, value: str, *ops: str, readers: int = 1, reads: str | None = None, domains=_ONNX):
+        """The node giving `value` when it is one of `ops` (in `domains`), `value` has `readers` readers and is
+        not a graph output, and the node reads `reads` first (when given); else None."""
+        n = self.producer.get(value)
+        if n is None or n.op_type not in ops or n.domain not in domains or value in self.outputs \
+                or self.users.get(value, 0) != readers or (reads is not None and n.input[0] != reads):
+            return None
+        return n
+
     def branch_output(self, name: str, like: str):
         """A branch's output `name`, typed like value `like` where the graph knows its rank."""
         shape = self.shapes.get(like)
@@ -299,16 +309,7 @@ class _SharedExpert(NamedTuple):
 def _shared_expert(moe, r: _Rewrite) -> _SharedExpert | None:
     """The shared expert summed with `moe`'s output, as `exporter.blocks.layers` writes it, when every value
     in it is read only inside it; else None."""
-    x = moe.input[0]
-
-    def made(value, *ops, reads=None, readers=1):
-        """The node giving `value`, one of `ops` (default domain), when `value` has `readers` readers in the
-        graph and is not its output, and the node reads `reads` first (when given)."""
-        n = r.producer.get(value)
-        if n is None or n.op_type not in ops or n.domain not in ("", "ai.onnx") or value in r.outputs \
-                or r.users.get(value, 0) != readers or (reads is not None and n.input[0] != reads):
-            return None
-        return n
+    x, made = moe.input[0], r.made
 
     def either(node, first, second):
         """(first(a), second(b)) for `node`'s two inputs a, b in either order, when both match; else None."""
@@ -475,10 +476,7 @@ def _heads(r: _Rewrite, shape: str) -> tuple[int, int] | None:
 def _mixer(rule, r: _Rewrite) -> _Mixer | None:
     """The mixer around GatedDeltaRule `rule` when every value in it has only the readers it has there; else
     None."""
-    def made(value, op, domains=_ONNX, readers=1):
-        n = r.producer.get(value)
-        ok = n is not None and n.op_type == op and n.domain in domains and r.users.get(value) == readers
-        return n if ok and value not in r.outputs else None
+    made = r.made
 
     def value(name):
         return r.array(name) if name in r.inits else r.constant(name)
@@ -520,7 +518,7 @@ def _mixer(rule, r: _Rewrite) -> _Mixer | None:
             or len(split.input) != 2 or any(r.users.get(o) != 1 or o in r.outputs for o in split.output):
         return None
     sizes, axis = value(split.input[1]), _attrs(split).get("axis", 0)
-    conv = made(split.input[0], CONV.op_type, (CONV.domain, CPU_DOMAIN))
+    conv = made(split.input[0], CONV.op_type, domains=(CONV.domain, CPU_DOMAIN))
     if sizes is None or sizes.size != 3 or axis not in (-1, 2) or conv is None or len(conv.input) != 3 \
             or conv.input[1] not in r.floats:
         return None
@@ -549,6 +547,58 @@ def _mixer(rule, r: _Rewrite) -> _Mixer | None:
                   tuple(float(_attrs(n).get("epsilon", 1e-5)) for n in norms))
 
 
+class _Gates(NamedTuple):
+    """The exporter's gates feeding GatedDeltaRule: beta = Sigmoid(b) and g = -exp(A_log) * softplus(a + dt_bias),
+    torch's softplus (beta 1, threshold 20) as it reaches ONNX: Where(x * 1 > 20, x, Softplus(x * 1) / 1)."""
+    a: str
+    b: str
+    params: np.ndarray      # [2, Hv]: dt_bias, A = exp(A_log)
+    nodes: list
+
+
+def _gates(rule, r: _Rewrite) -> _Gates | None:
+    """The gates feeding `rule`, when every value in them is read only inside them; else None."""
+    def node(value, op):
+        n = r.producer.get(value)
+        return n if n is not None and n.op_type == op and n.domain in _ONNX and value not in r.outputs else None
+
+    def scalar(name):       # a one-element constant, or one cast like another value
+        cast = node(name, "CastLike")
+        return r.scalar(cast.input[0] if cast is not None else name), cast
+
+    sigmoid, mul = node(rule.input[4], "Sigmoid"), node(rule.input[3], "Mul")
+    for neg_value, softplus_value in (mul.input, mul.input[::-1]) if mul is not None and len(mul.input) == 2 else ():
+        neg = node(neg_value, "Neg")
+        exp, where = neg and node(neg.input[0], "Exp"), node(softplus_value, "Where")
+        if exp and where and exp.input[0] in r.inits and len(where.input) == 3:
+            break
+    else:
+        return None
+    greater, add, div = node(where.input[0], "Greater"), node(where.input[1], "Add"), node(where.input[2], "Div")
+    scaled = greater and node(greater.input[0], "Mul")
+    softplus = div and node(div.input[0], "Softplus")
+    if not (sigmoid and add and scaled and softplus) or softplus.input[0] != scaled.output[0] \
+            or add.output[0] not in scaled.input or len(scaled.input) != 2 or len(add.input) != 2:
+        return None
+    one, one_cast = scalar(next(i for i in scaled.input if i != add.output[0]))
+    limit, limit_cast = scalar(greater.input[1])
+    unit, unit_cast = scalar(div.input[1])
+    a, dt_bias = add.input if add.input[1] in r.inits else add.input[::-1]
+    if (one, limit, unit) != (1.0, 20.0, 1.0) or dt_bias not in r.inits:
+        return None
+    dt, a_log = r.array(dt_bias), r.array(exp.input[0])
+    if dt.ndim != 1 or dt.shape != a_log.shape or dt.dtype != np.float32 or a_log.dtype != np.float32:
+        return None
+    nodes = [n for n in (sigmoid, mul, neg, exp, where, greater, add, div, scaled, softplus, one_cast, limit_cast,
+                         unit_cast) if n is not None]
+    inside = {id(n) for n in nodes} | {id(rule)}
+    values = {o for n in nodes for o in n.output} - {mul.output[0], sigmoid.output[0]}
+    if any(id(n) not in inside for n in r.graph.node for i in n.input if i in values) \
+            or any(r.users.get(v) != 1 for v in (mul.output[0], sigmoid.output[0])):
+        return None         # a value of the gates is read elsewhere
+    return _Gates(a, sigmoid.input[0], np.stack([dt, np.exp(a_log)]).astype(np.float32), nodes)
+
+
 def _gated_delta_mixer(rule, r: _Rewrite) -> list | None:
     """GatedDeltaRule inside the exporter's mixer (`_mixer`) -> one GatedDeltaMixer (its reference:
     `gated_delta.reference.gated_delta_mixer`): the conv, the split, the reshapes, the q/k norms, the rule
@@ -562,11 +612,16 @@ def _gated_delta_mixer(rule, r: _Rewrite) -> list | None:
     weight_t = r.supply(f"{p}/conv_weight_t", np.ascontiguousarray(r.array(conv.input[1]).T))
     consts = [r.supply(f"{p}/{name}", a) for name, a in zip(("q_scale", "k_scale", "norm"), mixer.scales)]
     eps = r.supply(f"{p}/eps", np.array(mixer.eps, np.float32))
-    for n in mixer.nodes:
+    gates = _gates(rule, r)
+    folded = mixer.nodes + (gates.nodes if gates else [])
+    for n in folded:
         r.dropped.add(n.output[0])
-    r.release(conv.input[1], *(i for n in mixer.nodes[1:] for i in n.input[1:]))
-    return [helper.make_node(MIXER_OP_TYPE, [conv.input[0], weight_t, conv.input[2], mixer.z, *rule.input[3:],
-                                             *consts, eps],
+    r.release(conv.input[1], *(i for n in folded[1:] for i in n.input))
+    g_beta = [gates.a, gates.b] if gates else list(rule.input[3:5])
+    extra = [r.supply(f"{p}/gate_params", gates.params)] if gates else []
+    return [helper.make_node(MIXER_RAW_OP_TYPE if gates else MIXER_OP_TYPE,
+                             [conv.input[0], weight_t, conv.input[2], mixer.z, *g_beta, rule.input[5], *consts, eps,
+                              *extra],
                              [mixer.out.output[0], conv.output[1], rule.output[1]], name=f"{p}/mixer",
                              domain=CPU_DOMAIN, num_k_heads=mixer.num_k_heads)]
 
