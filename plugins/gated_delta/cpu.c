@@ -65,12 +65,23 @@ static void head_positions(void *user, size_t item) {
   }
 }
 
+/* every op of this file: its variant (the window op's states; the mixer's raw gates) and, for the mixer,
+ * num_k_heads (the rule reads its head counts from the tensors' shapes) */
 typedef struct {
-  int window;
-} RuleKernel;
+  int64_t num_k_heads;
+  int variant;
+} OpKernel;
+
+static OrtStatus *op_kernel(const OrtKernelInfo *info, int variant, void **out) {
+  OpKernel *k = malloc(sizeof *k);
+  if (!k) return dualbrain_error("GatedDeltaRule (cpu): out of memory");
+  k->num_k_heads = dualbrain_attr_int(info, "num_k_heads", 0), k->variant = variant;
+  *out = k;
+  return NULL;
+}
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
-  const RuleKernel *kn = kernel;
+  const OpKernel *kn = kernel;
   int64_t qd[4], kd[4], vd[4], gd[3], bd[3], sd[4];
   Rule p = {0};
   OrtStatus *st;
@@ -87,7 +98,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     return dualbrain_error("GatedDeltaRule (cpu): shapes must be q, k [B, T, Hk, dk], v [B, T, Hv, dv], "
                            "g, beta [B, T, Hv], state [B, Hv, dk, dv], Hv a multiple of Hk");
   if ((st = dualbrain_output(ctx, 0, vd, 4, &p.o)) || (st = dualbrain_output(ctx, 1, sd, 4, &p.new_state))) return st;
-  if (kn->window) {
+  if (kn->variant) {  /* the window op */
     int64_t wd[5] = {p.b, p.t, p.hv, p.dk, p.dv};
     if ((st = dualbrain_output(ctx, 2, wd, 5, &p.states))) return st;
   }
@@ -95,23 +106,14 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   return dualbrain_parallel(ctx, head_positions, (size_t)(p.b * p.hv), &p);
 }
 
-static OrtStatus *create_kernel(const OrtKernelInfo *info, int window, void **out) {
-  RuleKernel *k = malloc(sizeof *k);
-  if (!k) return dualbrain_error("GatedDeltaRule (cpu): out of memory");
-  (void)info;  /* num_k_heads / num_v_heads are read from the tensors' shapes */
-  k->window = window;
-  *out = k;
-  return NULL;
-}
-
 static OrtStatus *create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op, (void)api;
-  return create_kernel(info, 0, out);
+  return op_kernel(info, 0, out);
 }
 
 static OrtStatus *create_window(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op, (void)api;
-  return create_kernel(info, 1, out);
+  return op_kernel(info, 1, out);
 }
 
 /* o is shaped like v, new_state like state; the window op's states is left to ONNX Runtime */
@@ -228,13 +230,8 @@ static void mixer_head(void *user, size_t item) {
   if (h % group == 0) conv_tail(p, b, qc, dk), conv_tail(p, b, kc, dk);  /* once per q/k head */
 }
 
-typedef struct {
-  int64_t hk;
-  int raw_gates;
-} MixerKernel;
-
 static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
-  const MixerKernel *kn = kernel;
+  const OpKernel *kn = kernel;  /* variant: raw gates */
   Mixer p = {0};
   int64_t xd[3], wd[2], cd[3], zd[3], gd[3], bd[3], sd[4], qd[1], kd[1], nd[1], ed[1], pd[2] = {2, 0};
   const float *eps;
@@ -245,15 +242,15 @@ static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
       (st = dualbrain_input(ctx, 6, 4, &p.state, sd)) || (st = dualbrain_input(ctx, 7, 1, &p.q_scale, qd)) ||
       (st = dualbrain_input(ctx, 8, 1, &p.k_scale, kd)) || (st = dualbrain_input(ctx, 9, 1, &p.norm, nd)) ||
       (st = dualbrain_input(ctx, 10, 1, &eps, ed)) ||
-      (kn->raw_gates && (st = dualbrain_input(ctx, 11, 2, &p.gate_params, pd))))
+      (kn->variant && (st = dualbrain_input(ctx, 11, 2, &p.gate_params, pd))))
     return st;
-  p.b = xd[0], p.t = xd[1], p.c = xd[2], p.kw = wd[0], p.hk = kn->hk;
+  p.b = xd[0], p.t = xd[1], p.c = xd[2], p.kw = wd[0], p.hk = kn->num_k_heads;
   p.hv = sd[1], p.dk = sd[2], p.dv = sd[3];
   int64_t rows_ok = zd[0] == p.b && zd[1] == p.t && zd[2] == p.hv * p.dv && gd[0] == p.b && gd[1] == p.t &&
                     gd[2] == p.hv && bd[0] == p.b && bd[1] == p.t && bd[2] == p.hv && sd[0] == p.b;
   if (!rows_ok || wd[1] != p.c || p.kw < 2 || cd[0] != p.b || cd[1] != p.c || cd[2] != p.kw - 1 || p.hk < 1 ||
       p.hv % p.hk || p.c != 2 * p.hk * p.dk + p.hv * p.dv || qd[0] != p.dk || kd[0] != p.dk || nd[0] != p.dv ||
-      ed[0] != 3 || pd[0] != 2 || (kn->raw_gates && pd[1] != p.hv))
+      ed[0] != 3 || pd[0] != 2 || (kn->variant && pd[1] != p.hv))
     return dualbrain_error("GatedDeltaMixer (cpu): shapes must be qkv [B, T, 2 Hk dk + Hv dv], weight [K, C], "
                            "conv_state [B, C, K-1], z [B, T, Hv dv], g, beta [B, T, Hv], state [B, Hv, dk, dv], "
                            "q/k scales [dk], norm [dv], eps [3], gate_params [2, Hv]; Hk (num_k_heads) "
@@ -267,23 +264,15 @@ static OrtStatus *mixer_compute(void *kernel, OrtKernelContext *ctx) {
   return dualbrain_parallel(ctx, mixer_head, (size_t)(p.b * p.hv), &p);
 }
 
-static OrtStatus *mixer_kernel(const OrtKernelInfo *info, int raw_gates, void **out) {
-  MixerKernel *k = malloc(sizeof *k);
-  if (!k) return dualbrain_error("GatedDeltaMixer (cpu): out of memory");
-  k->hk = dualbrain_attr_int(info, "num_k_heads", 0), k->raw_gates = raw_gates;
-  *out = k;
-  return NULL;
-}
-
 static OrtStatus *mixer_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)op, (void)api;
-  return mixer_kernel(info, 0, out);
+  return op_kernel(info, 0, out);
 }
 
 static OrtStatus *mixer_raw_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
                                    void **out) {
   (void)op, (void)api;
-  return mixer_kernel(info, 1, out);
+  return op_kernel(info, 1, out);
 }
 
 /* the new states are shaped like the old; y is left to ONNX Runtime */

@@ -593,7 +593,7 @@ def _gates(rule, r: _Rewrite) -> _Gates | None:
                          unit_cast) if n is not None]
     inside = {id(n) for n in nodes} | {id(rule)}
     values = {o for n in nodes for o in n.output} - {mul.output[0], sigmoid.output[0]}
-    if any(id(n) not in inside for n in r.graph.node for i in n.input if i in values) \
+    if any(id(n) not in inside and _reads(n) & values for n in r.graph.node) \
             or any(r.users.get(v) != 1 for v in (mul.output[0], sigmoid.output[0])):
         return None         # a value of the gates is read elsewhere
     return _Gates(a, sigmoid.input[0], np.stack([dt, np.exp(a_log)]).astype(np.float32), nodes)
