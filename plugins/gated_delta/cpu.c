@@ -216,11 +216,13 @@ static void mixer_head(void *user, size_t item) {
     conv_channels(p, b, t, vc, dv, v);
     normalise(q, p->q_scale, p->q_eps, dk);
     normalise(k, p->k_scale, p->k_eps, dk);
-    float decay = expf(p->g[bth]), beta = p->beta[bth];
-    if (p->gate_params) {
+    float decay, beta;
+    if (p->gate_params) {  /* the raw projections a and b */
       float x = p->g[bth] + p->gate_params[h];
       decay = expf(-p->gate_params[p->hv + h] * (x > 20.0f ? x : log1pf(expf(x))));
-      beta = 1.0f / (1.0f + expf(-beta));
+      beta = 1.0f / (1.0f + expf(-p->beta[bth]));
+    } else {
+      decay = expf(p->g[bth]), beta = p->beta[bth];
     }
     rule_step(s, q, k, v, decay, beta, y, dk, dv);
     normalise(y, p->norm, p->norm_eps, dv);

@@ -602,7 +602,8 @@ def _gates(rule, r: _Rewrite) -> _Gates | None:
 def _gated_delta_mixer(rule, r: _Rewrite) -> list | None:
     """GatedDeltaRule inside the exporter's mixer (`_mixer`) -> one GatedDeltaMixer (its reference:
     `gated_delta.reference.gated_delta_mixer`): the conv, the split, the reshapes, the q/k norms, the rule
-    and the gated output norm in one kernel, one parallel pass a layer instead of two and ~20 nodes."""
+    and the gated output norm in one kernel, one parallel pass a layer instead of two and ~20 nodes; with the
+    gates' nodes too (`_gates`), GatedDeltaMixerRawGates."""
     if rule.op_type != GDN.op_type or len(rule.input) != 6 or r.types.get(rule.input[5]) != TensorProto.FLOAT:
         return None
     mixer = _mixer(rule, r)
