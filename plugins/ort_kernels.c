@@ -12,13 +12,14 @@ extern const OrtCustomOp dualbrain_moe_dispatch_op, dualbrain_int4_moe_dispatch_
     dualbrain_int4_shared_moe_dispatch_op,
     dualbrain_causal_conv_op, dualbrain_int8_matmul_op, dualbrain_int4_matmul_op, dualbrain_gated_delta_op,
     dualbrain_gated_delta_window_op, dualbrain_gated_delta_mixer_op,
-    dualbrain_gated_delta_mixer_raw_op;
+    dualbrain_gated_delta_mixer_raw_op, dualbrain_cached_attention_op;
 static const OrtCustomOp *const OPS[] = {&dualbrain_moe_dispatch_op, &dualbrain_int4_moe_dispatch_op,
                                          &dualbrain_int8_moe_dispatch_op, &dualbrain_int4_shared_moe_dispatch_op,
                                          &dualbrain_causal_conv_op,
                                          &dualbrain_int8_matmul_op,  &dualbrain_int4_matmul_op,
                                          &dualbrain_gated_delta_op,  &dualbrain_gated_delta_window_op,
-                                         &dualbrain_gated_delta_mixer_op, &dualbrain_gated_delta_mixer_raw_op};
+                                         &dualbrain_gated_delta_mixer_op, &dualbrain_gated_delta_mixer_raw_op,
+                                         &dualbrain_cached_attention_op};
 
 const OrtApi *dualbrain_api;
 

@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain.exporter.quantize import dequantize_blockwise, pack_int4, quantize_blockwise
+from dualbrain.plugins.cached_attention import reference as attention_ref
 from dualbrain.plugins.int4_matmul import reference as int4_ref
 from dualbrain.plugins.int8_matmul import reference as int8_ref
 from dualbrain.plugins.moe_dispatch import reference as moe_ref
@@ -337,6 +338,111 @@ def test_gated_delta_mixer_kernel_refuses_bad_shapes(library):
     feeds["conv_weight_t"], feeds["conv_state"] = feeds["conv_weight_t"][:, :-1], feeds["conv_state"][:, :-1]
     with pytest.raises(Exception, match="GatedDeltaMixer \\(cpu\\): shapes must be"):
         _session(_mixer_model(2), library).run(None, feeds)
+
+
+ATTENTION_INPUTS = ("q", "past_key", "new_key", "past_value", "new_value", "mask")
+
+
+def _attention_inputs(rng, b, hq, hkv, s, p, d, padding=0):
+    """Random q and K/V in the runtime's layout, and the exporter's mask (causal, each query sees itself) with
+    the first `padding` slots of row 0 masked as left padding."""
+    q = rng.standard_normal((b, hq, s, d)).astype(np.float32) * 2
+    past_key, past_value = (rng.standard_normal((p, b, hkv, d)).astype(np.float32) for _ in range(2))
+    new_key, new_value = (rng.standard_normal((s, b, hkv, d)).astype(np.float32) for _ in range(2))
+    mask = np.tril(np.ones((s, p + s), bool), p)[None, None].repeat(b, 0)
+    mask[0, :, :, :padding] = False
+    mask[:, :, np.arange(s), p + np.arange(s)] = True
+    return dict(zip(ATTENTION_INPUTS, (q, past_key, new_key, past_value, new_value, mask)))
+
+
+def _cached_attention_model():
+    inputs = [helper.make_tensor_value_info(n, TensorProto.BOOL if n == "mask" else TensorProto.FLOAT, None)
+              for n in (*ATTENTION_INPUTS, "scale")]
+    node = helper.make_node(attention_ref.OP_TYPE, [i.name for i in inputs], ["o"], name="attention", domain=CPU_DOMAIN)
+    graph = helper.make_graph([node], "attention", inputs,
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(CPU_DOMAIN, 1)])
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,p,d,padding", [
+    (1, 8, 2, 1, 63, 128, 0),       # the mid-size MoE's decode step
+    (1, 16, 2, 1, 3000, 256, 5),    # the published geometry at a long context: the keys cut in parts
+    (8, 8, 2, 1, 70, 128, 9),       # batch 8, row 0 left-padded
+    (2, 6, 3, 5, 7, 24, 2),         # a speculative window; three query heads per K/V head; d not a multiple of 64
+    (1, 4, 4, 37, 0, 72, 0),        # a prefill from nothing, one query head per K/V head, d = 64 + 8
+    (3, 2, 1, 9, 4, 17, 3),         # odd sizes (d below 8 lanes after the first)
+])
+def test_cached_attention_kernel_matches_the_reference(library, b, hq, hkv, s, p, d, padding):
+    rng = np.random.default_rng(b * 1000 + s * 10 + p)
+    feeds = _attention_inputs(rng, b, hq, hkv, s, p, d, padding)
+    scale = d ** -0.5 * 1.25
+    got = _session(_cached_attention_model(), library).run(None, feeds | {"scale": np.array([scale], np.float32)})[0]
+    want = attention_ref.cached_attention(*feeds.values(), scale)
+    assert got.shape == want.shape == (b, hq, s, d)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_attention_kernel_gives_zeros_where_a_query_sees_no_key(library):
+    feeds = _attention_inputs(np.random.default_rng(2), 2, 4, 2, 3, 100, 16)
+    feeds["mask"][1, :, 1] = False                  # row 1's second query sees nothing (the exporter never does this)
+    got = _session(_cached_attention_model(), library).run(None, feeds | {"scale": np.array([0.25], np.float32)})[0]
+    want = attention_ref.cached_attention(*feeds.values(), 0.25)
+    assert not got[1, :, 1].any() and not want[1, :, 1].any()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_attention_kernel_refuses_bad_shapes(library):
+    feeds = _attention_inputs(np.random.default_rng(1), 1, 4, 2, 2, 5, 8)
+    feeds["mask"] = feeds["mask"][..., :-1]         # one key short of past + new
+    with pytest.raises(Exception, match="CachedAttention \\(cpu\\): shapes must be"):
+        _session(_cached_attention_model(), library).run(None, feeds | {"scale": np.array([0.5], np.float32)})
+
+
+def _exported_attention_model(d, *, scale=True, dtype=TensorProto.FLOAT):
+    """The exporter's form: Attention over Transpose(Concat(past, new)) K and V (exporter.blocks.layers)."""
+    inputs = [helper.make_tensor_value_info(n, TensorProto.BOOL if n == "mask" else dtype, None)
+              for n in ATTENTION_INPUTS]
+    nodes = [helper.make_node("Concat", ["past_key", "new_key"], ["key_rows"], axis=0),
+             helper.make_node("Transpose", ["key_rows"], ["key"], perm=[1, 2, 0, 3]),
+             helper.make_node("Concat", ["past_value", "new_value"], ["value_rows"], axis=0),
+             helper.make_node("Transpose", ["value_rows"], ["value"], perm=[1, 2, 0, 3]),
+             helper.make_node("Attention", ["q", "key", "value", "mask"], ["o"], name="attention",
+                              **({"scale": d ** -0.5 * 0.8} if scale else {}))]
+    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("o", dtype, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,p,d", [(1, 8, 2, 1, 40, 32), (2, 6, 3, 4, 9, 24), (1, 4, 2, 12, 0, 16)])
+def test_attention_rewrite_matches_onnxruntimes_attention_and_the_split_form(library, tmp_path, b, hq, hkv, s, p, d):
+    """ONNX Runtime's own Attention on the exported form is the independent reference; the backend's split form
+    (what runs without the kernel) must agree too. The Concats and Transposes go with the rewrite."""
+    from dualbrain.runtime.backends.onnxruntime import split_attention
+
+    feeds = _attention_inputs(np.random.default_rng(s + p), b, hq, hkv, s, p, d, padding=1)
+    theirs = _session(_exported_attention_model(d), library).run(None, feeds)[0]
+    split = _exported_attention_model(d)
+    assert split_attention(split) == 1
+    model = _exported_attention_model(d)
+    assert use_cpu_kernels(model) == 1
+    assert [n.op_type for n in model.graph.node] == [attention_ref.OP_TYPE]
+    sess = _session(model, library, profile=str(tmp_path / "p"))
+    ours = sess.run(None, feeds)[0]
+    assert _ran(sess.end_profiling()) == {model.graph.node[0].name}
+    for other in (theirs, _session(split, library).run(None, feeds)[0]):
+        np.testing.assert_allclose(ours, other, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rewrite_leaves_other_forms_alone():
+    assert use_cpu_kernels(_exported_attention_model(16, dtype=TensorProto.FLOAT16)) == 0   # not float32
+    causal = _exported_attention_model(16)
+    causal.graph.node[-1].attribute.append(helper.make_attribute("is_causal", 1))   # an attribute it does not take
+    assert use_cpu_kernels(causal) == 0
+    shared = _exported_attention_model(16)           # the concatenated keys also a graph output: they stay
+    shared.graph.output.append(helper.make_tensor_value_info("key_rows", TensorProto.FLOAT, None))
+    assert use_cpu_kernels(shared) == 1
+    assert [n.op_type for n in shared.graph.node] == ["Concat", attention_ref.OP_TYPE]
+    default = _exported_attention_model(16, scale=False)     # no scale and q's size unknown: left as it is
+    assert use_cpu_kernels(default) == 0
 
 
 def _linear_op_model(op_type, x_shape, weight, scales, **attrs):
@@ -900,6 +1006,27 @@ def test_tiny_moe_export_gives_the_same_tokens_with_and_without_the_kernel(artif
         np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4 * np.abs(logits[1]).max())
         assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
         ids = [lg.argmax(-1)[:, None] for lg in logits]
+
+
+def test_tiny_moe_export_runs_its_attention_in_our_kernel(artifacts, library, monkeypatch):
+    """Every full-attention layer of the linked graph runs CachedAttention (no Softmax, no K/V Concat left); the
+    logits over a padded prefill and decode steps are those of the split form ONNX Runtime runs without it."""
+    from dualbrain.runtime.model import Model
+
+    export = artifacts.export(artifacts.checkpoint("moe"))
+    ops = _graph_ops(monkeypatch)
+    ours, theirs = Model.load(export), Model.load(export, cpu_kernels=False)
+    states = [m.new_state(2) for m in (ours, theirs)]
+    ids = np.random.default_rng(4).integers(0, ours.vocab_size, (2, 13))
+    pad = np.ones_like(ids)
+    pad[1, :4] = 0                                              # row 1 left-padded
+    for step in range(8):
+        logits = [m.forward(ids, st, pad=pad if step == 0 else None) for m, st in zip((ours, theirs), states)]
+        np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4 * np.abs(logits[1]).max())
+        ids = logits[1].argmax(-1)[:, None]
+    attention_layers = ours.spec.layer_types.count("full_attention")
+    assert attention_layers >= 1 and ops.count(attention_ref.OP_TYPE) == attention_layers      # the linked graph's
+    assert "Softmax" not in ops
 
 
 def test_export_runs_each_gdn_mixer_in_one_kernel(library, tmp_path, monkeypatch):

@@ -144,8 +144,9 @@ class GatedAttentionMixer(nn.Module):
         value = torch.cat([past_value, new_value]).permute(1, 2, 0, 3)
         # One ONNX `Attention` node (GQA from the head counts): TensorRT(-RTX) builds it as a fused
         # flash-style kernel in float16/bfloat16, so the (B, heads, seq, total) scores are never
-        # materialised at long context. The ONNX Runtime backend runs the same node split into
-        # MatMul/Softmax/MatMul over the cache as it is (runtime.backends.onnxruntime.split_attention).
+        # materialised at long context. The ONNX Runtime backend runs the same node over the cache as it
+        # is: float32 in its CPU kernel (runtime.backends.ort_kernels: CachedAttention), else split into
+        # MatMul/Softmax/MatMul (runtime.backends.onnxruntime.split_attention).
         # The mask is per batch row, not per head.
         out = attention(q, key, value, visible_keys(mask, past, t), scale=hd ** -0.5)[0]
         out = out.transpose(1, 2).reshape(b, t, nh * hd)

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "ort_kernel.h"
+#include "vector_math.h"
 
 typedef struct {
   const float *q, *k, *v, *g, *beta, *state;
@@ -149,22 +150,6 @@ typedef struct {
   int64_t b, t, c, kw, hk, hv, dk, dv;
 } Mixer;
 
-/* e^x to within 1e-7 relative (Cephes' expf: Cody-Waite reduction, degree-6 polynomial), written so that a
- * loop of them vectorises: glibc's expf is a call per value (silu's was the fused op's largest cost), and
- * so are fminf / fmaxf; floorf does not vectorise without -ffast-math, so n is rounded by adding and taking
- * away 1.5 * 2^23. */
-static inline float exp_approx(float x) {
-  x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float e = 1.9875691500e-4f;
-  e = e * r + 1.3981999507e-3f, e = e * r + 8.3334519073e-3f, e = e * r + 4.1665795894e-2f;
-  e = e * r + 1.6666665459e-1f, e = e * r + 5.0000001201e-1f;
-  int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return (e * r * r + r + 1.0f) * scale;
-}
 
 /* y = silu(causal conv) of channels c0 .. c0+n-1 at position t of row b: output t reads positions t .. t+K-1
  * of the concatenation [conv_state, qkv] along time. w_t is the weight transposed, [K, C]. */

@@ -32,20 +32,11 @@
 
 #include "quant_blocks.h"
 #include "ort_kernel.h"
+#include "vector_math.h"
 
 /* rows of fc1 (pairs of gate/up rows) and of fc2 per parallel work item: ~256-512 KB of weights */
 #define ACT_ROWS_PER_ITEM 32
 #define OUT_ROWS_PER_ITEM 64
-
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) {
-  v8 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline float hsum(v8 s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
 
 /* Dot products of one row a with vectors b0, b1 over n floats: out = {a.b0, a.b1}. Each load of the
  * row feeds two FMAs (a GEMV with one vector is load-bound, not FMA-bound); four sums in flight cover
@@ -66,18 +57,6 @@ static inline void dot1x2(const float *a, const float *b0, const float *b1, int6
   }
   out[0] = hsum(s[0] + s[2]), out[1] = hsum(s[1] + s[3]);
   for (; i < n; i++) out[0] += a[i] * b0[i], out[1] += a[i] * b1[i];
-}
-
-/* row a with one vector b */
-static inline float dot1(const float *a, const float *b, int64_t n) {
-  v8 s[4] = {{0}};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32)
-    for (int j = 0; j < 4; j++) s[j] += load8(a + i + 8 * j) * load8(b + i + 8 * j);
-  for (; i + 8 <= n; i += 8) s[0] += load8(a + i) * load8(b + i);
-  float r = hsum((s[0] + s[1]) + (s[2] + s[3]));
-  for (; i < n; i++) r += a[i] * b[i];
-  return r;
 }
 
 static inline float silu_mul(float g, float v) { return g / (1.0f + expf(-g)) * v; }

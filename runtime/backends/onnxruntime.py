@@ -65,6 +65,20 @@ def bf16_to_fp32(model) -> None:
         fix_nodes(f.node)
 
 
+def attention_cache(producer: dict, name: str):
+    """(past, new, [Transpose, Concat]) when value `name` is K or V as the exporter feeds an `Attention` node:
+    Transpose[1, 2, 0, 3](Concat along axis 0 (past, new)) of sequence-major rows; else None. `producer`: value ->
+    the node that makes it."""
+    t = producer.get(name)
+    perm = [list(a.ints) for a in t.attribute if a.name == "perm"] if t is not None else None
+    if t is None or t.op_type != "Transpose" or perm != [[1, 2, 0, 3]]:
+        return None
+    c = producer.get(t.input[0])
+    if c is None or c.op_type != "Concat" or len(c.input) != 2 or [a.i for a in c.attribute if a.name == "axis"] != [0]:
+        return None
+    return c.input[0], c.input[1], [t, c]
+
+
 def split_attention(model) -> int:
     """Rewrite every full-attention `Attention` node of the graph into MatMul/Softmax/MatMul that read
     the past K/V where they are; returns how many nodes were rewritten.
@@ -88,23 +102,12 @@ def split_attention(model) -> int:
             users[x] = users.get(x, 0) + 1
     outputs = {o.name for o in g.output}
 
-    def cache_parts(name):
-        """(past, new, [Transpose, Concat]) when `name` = Transpose[1,2,0,3](Concat axis 0 (past, new))."""
-        t = producer.get(name)
-        if t is None or t.op_type != "Transpose" or [list(a.ints) for a in t.attribute if a.name == "perm"] != [[1, 2, 0, 3]]:
-            return None
-        c = producer.get(t.input[0])
-        if c is None or c.op_type != "Concat" or len(c.input) != 2 or \
-                [a.i for a in c.attribute if a.name == "axis"] != [0]:
-            return None
-        return c.input[0], c.input[1], [t, c]
-
     replaced, dropped, n = {}, set(), 0
     for node in g.node:
         if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.input) != 4 \
                 or len(node.output) != 1 or any(a.name != "scale" for a in node.attribute):
             continue
-        key, value = cache_parts(node.input[1]), cache_parts(node.input[2])
+        key, value = attention_cache(producer, node.input[1]), attention_cache(producer, node.input[2])
         if key is None or value is None:
             continue
         q, _, _, mask = node.input
@@ -277,13 +280,14 @@ class OrtBackend:
 
         model = self._read(name, file)
         with _load_errors(name, file):
-            rewritten = split_attention(model) + fuse_quantized(model, self.model_dir) + fuse_rms_norm(model)
+            rewritten = fuse_quantized(model, self.model_dir) + fuse_rms_norm(model)
             if self.convert_bf16:
                 onnx.load_external_data_for_model(model, str(self.model_dir))
                 bf16_to_fp32(model)
             supplied: dict = {}
             if self.cpu_kernels:    # after the bf16 rewrite: its experts are float32 by then
                 rewritten += use_cpu_kernels(model, self.model_dir, supplied)
+            rewritten += split_attention(model)     # the attention nodes our kernel did not take
             # the relaid weights reach the session as OrtValues over the arrays: no copy in the graph's bytes
             values = {n: self._ort.OrtValue.ortvalue_from_numpy(a) for n, a in supplied.items()}
             self._supplied[name] = values        # ONNX Runtime reads them in place: they live as the session does

@@ -25,6 +25,11 @@ The kernels, each beside its op's numpy reference (float32 only; other dtypes ke
   node, one parallel pass a layer instead of ~20 nodes (`_gated_delta_mixer`); `GatedDeltaMixerRawGates`
   folds the gates' nodes in too (`_gates`: beta's Sigmoid, g's softplus). The shape arithmetic that fed only
   the folded nodes goes with them (`_live`).
+* `plugins/cached_attention/cpu.c`: the full-attention layers' `Attention` node as the exporter writes it (over
+  Transpose(Concat(past, new)) K and V), reading the runtime's sequence-major cache in place, each K/V row once
+  for the query heads that share it, a decode step's keys cut in parts the cores stream side by side
+  (`_cached_attention`); where it does not match, the backend splits the node into MatMul/Softmax/MatMul
+  (`onnxruntime.split_attention`).
 * `plugins/int8_matmul/cpu.c`: the linears of an `--quant int8` export with int16 activations (ONNX
   Runtime's MatMulNBits quantizes them to int8, which costs top-1 agreement with fp32), on the weight
   laid out in MatMulNBits' layout at load; behind the same `If` as the MoE, prefill keeps MatMulNBits.
@@ -62,6 +67,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dualbrain import plugins
+from dualbrain.plugins.cached_attention.reference import OP_TYPE as ATTENTION_OP
 from dualbrain.plugins.causal_conv.reference import IDENTITY as CONV
 from dualbrain.plugins.gated_delta.reference import IDENTITY as GDN, MIXER_OP_TYPE, MIXER_RAW_OP_TYPE
 from dualbrain.plugins.int4_matmul.reference import OP_TYPE as INT4_LINEAR_OP, interleave_linear
@@ -80,8 +86,8 @@ ENV_SWITCH = "DUALBRAIN_CPU_KERNELS"
 
 _PLUGINS = Path(plugins.__file__).parent
 SOURCES = (_PLUGINS / "ort_kernels.c", _PLUGINS / "quant_layouts.c", *(_PLUGINS / op / "cpu.c" for op in (
-    "moe_dispatch", "causal_conv", "int8_matmul", "int4_matmul", "gated_delta")))
-HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "quant_blocks.h")
+    "moe_dispatch", "causal_conv", "int8_matmul", "int4_matmul", "gated_delta", "cached_attention")))
+HEADERS = (_PLUGINS / "ort_abi.h", _PLUGINS / "ort_kernel.h", _PLUGINS / "quant_blocks.h", _PLUGINS / "vector_math.h")
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", f"-I{_PLUGINS}",
          f'-DDUALBRAIN_CPU_DOMAIN="{CPU_DOMAIN}"')
 ARCH_FLAGS = (("-march=native",), ())   # tried in order: this CPU's vector units, then the compiler's default
@@ -632,6 +638,36 @@ def _gated_delta_layer(node, r: _Rewrite) -> list | None:
     return _gated_delta_mixer(node, r) or _gated_delta(node, r)
 
 
+def _cached_attention(node, r: _Rewrite) -> list | None:
+    """The exporter's `Attention` over Transpose(Concat(past, new)) K and V (`onnxruntime.attention_cache`), float32,
+    a boolean mask, no attribute but `scale` -> CachedAttention (its reference: `cached_attention.reference`), which
+    reads the cache where it lies; the Concats and Transposes go with it where nothing else reads them."""
+    from dualbrain.runtime.backends.onnxruntime import attention_cache
+
+    if node.domain not in _ONNX or len(node.input) != 4 or len(node.output) != 1 \
+            or any(a.name != "scale" for a in node.attribute):
+        return None
+    key, value = attention_cache(r.producer, node.input[1]), attention_cache(r.producer, node.input[2])
+    if key is None or value is None or r.types.get(node.input[3]) != TensorProto.BOOL \
+            or any(r.types.get(v) != TensorProto.FLOAT for v in (node.input[0], *key[:2], *value[:2])):
+        return None
+    p = f"{node.name or node.output[0]}/cpu_kernel"
+    scale = _attrs(node).get("scale", 0.0)
+    if not scale:       # the op's default, 1 / sqrt(head size), where the graph records q's last dim
+        dims = r.shapes.get(node.input[0])
+        last = dims.dim[-1] if dims is not None and len(dims.dim) == 4 else None
+        if last is None or not last.HasField("dim_value"):
+            return None
+        scale = last.dim_value ** -0.5
+    for transpose, concat in (key[2], value[2]):
+        if r.users.get(transpose.output[0]) == 1 and r.users.get(concat.output[0]) == 1 \
+                and not {transpose.output[0], concat.output[0]} & r.outputs:
+            r.dropped.update((transpose.output[0], concat.output[0]))
+    return [helper.make_node(ATTENTION_OP, [node.input[0], key[0], key[1], value[0], value[1], node.input[3],
+                                            r.supply(f"{p}/scale", np.array([scale], np.float32))],
+                             list(node.output), name=f"{p}/attention", domain=CPU_DOMAIN)]
+
+
 def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
     """(x, the weight's value, its DequantizeLinear, q, scale, block) when `node` is MatMul(x, DequantizeLinear(q,
     scale)) on the export's signed blockwise `data_type` weight [K, N] (axis 0, no zero point, the block
@@ -705,6 +741,7 @@ REWRITES = {
     (GDN.domain, GDN.window_op_type): _gated_delta,
     ("", "MatMul"): _quantized_linear,
     ("", "Gemm"): _int4_linear,        # int8's If costs more than its kernel saves on these small linears
+    ("", "Attention"): _cached_attention,
 }
 
 

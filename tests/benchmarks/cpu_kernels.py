@@ -3,23 +3,23 @@ the load-time norm fusion (runtime/backends/ort_fusions.py), same exports.
 
     python tests/benchmarks/cpu_kernels.py EXPORT [EXPORT ...] [--batch 1,8] [--steps 60] [--reps 3]
         [--without kernels | rms_norm | shared_expert | gated_delta_mixer | OP_TYPE | ablate:OP_TYPE | lib:PATH]
-        [--feed greedy | random]
+        [--feed greedy | random] [--prompt 64]
 
 `--without`: what the "without" side leaves out: every kernel (default), the norm fusion, the shared
 expert's place in the MoE kernels (`ort_kernels._shared_expert`: it then runs as its own nodes), the GDN
 mixer's fusion into one kernel (`ort_kernels._gated_delta_mixer`: conv, norms, rule and gated norm then
-run apart), the one
-kernel rewrite of an op type (e.g. GatedDeltaRule: its two forms), or (`ablate:QMoE`) the work of
-every main-graph node of an op type, each replaced by an Identity of its first input: the outputs are
-then wrong, but the time saved is what those nodes cost in place, which ONNX Runtime's profiler
-overstates for short nodes; or (`lib:PATH`) the kernels built from other sources, e.g. an older
-checkout's library from the cache (`~/.cache/dualbrain/libdualbrain_cpu-*.so`). Each measurement is its own
-process (loading one model; ONNX Runtime's spinning threads of a second model in the same process
-would take the cores), with and without alternating, `--reps` times each; the table gives the median
-ms per decode step (random prompts of 64 tokens, one per row, after 5 warm-up steps) and whether the
-greedy tokens were the same with and without. `--feed random` feeds seeded random tokens instead of the
-greedy ones, as llama-bench does (greedy decoding measured 3-6 % faster on the mid-size MoE's random
-weights; tests/benchmarks/RESULTS.md).
+run apart), the one kernel rewrite of an op type (e.g. GatedDeltaRule: its two forms; Attention: the
+attention kernel, the split form then runs), or (`ablate:QMoE`) the work of every main-graph node of an
+op type, each replaced by an Identity of its first input: the outputs are then wrong, but the time saved
+is what those nodes cost in place, which ONNX Runtime's profiler overstates for short nodes; or
+(`lib:PATH`) the kernels built from other sources, e.g. an older checkout's library from the cache
+(`~/.cache/dualbrain/libdualbrain_cpu-*.so`). Each measurement is its own process (loading one model; ONNX
+Runtime's spinning threads of a second model in the same process would take the cores), with and without
+alternating, `--reps` times each; the table gives the median ms per decode step (random prompts of
+`--prompt` tokens, 64 by default, one per row, after 5 warm-up steps) and whether the greedy tokens were
+the same with and without. `--feed random` feeds seeded random tokens instead of the greedy ones, as
+llama-bench does (greedy decoding measured 3-6 % faster on the mid-size MoE's random weights;
+tests/benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _leave_out(what: str) -> dict:
     return {}
 
 
-def _one(export: str, without: str | None, batch: int, steps: int, feed: str) -> dict:
+def _one(export: str, without: str | None, batch: int, steps: int, feed: str, prompt: int) -> dict:
     import time
 
     import numpy as np
@@ -85,7 +85,7 @@ def _one(export: str, without: str | None, batch: int, steps: int, feed: str) ->
     from dualbrain.runtime.model import Model
 
     model = Model.load(export, **(_leave_out(without) if without else {}))
-    state, logits = prefill(model, _prompts(model.vocab_size, batch, 64), new_tokens=steps + 8)
+    state, logits = prefill(model, _prompts(model.vocab_size, batch, prompt), new_tokens=steps + 8)
     tok, times, ids, rng = logits.argmax(-1), [], [], np.random.default_rng(0)
     for _ in range(steps + 5):
         t = time.perf_counter()
@@ -99,13 +99,15 @@ def _one(export: str, without: str | None, batch: int, steps: int, feed: str) ->
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(_one(sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])))
+        print(json.dumps(_one(sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6],
+                              int(sys.argv[7]))))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("exports", nargs="+")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens a row (the context decode starts from)")
     ap.add_argument("--without", default="kernels",
                     help="kernels (all), rms_norm, shared_expert, gated_delta_mixer, one kernel's op type, "
                          "ablate:OP_TYPE (its nodes' work) or lib:PATH (the kernels from another build)")
@@ -120,7 +122,7 @@ def main() -> None:
             for _ in range(args.reps):
                 for on in (True, False):
                     cmd = [sys.executable, __file__, "--one", export, "" if on else args.without, str(batch),
-                           str(args.steps), args.feed]
+                           str(args.steps), args.feed, str(args.prompt)]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                     runs[on].append(json.loads(out.strip().splitlines()[-1]))
             on, off = (statistics.median(r["ms"] for r in runs[k]) for k in (True, False))
