@@ -29,6 +29,7 @@
 #define CHUNK_BYTES 65536   /* K bytes scored between updates of the running softmax */
 #define MAX_CHUNK_KEYS 64
 #define ITEMS 8             /* parallel items a call aims for: enough for the cores to share evenly */
+#define SERIAL_MERGE 65536  /* floats of partial results merged on the calling thread */
 
 typedef struct {
   const float *q, *past_k, *new_k, *past_v, *new_v;
@@ -233,7 +234,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   p.partial = p.parts > 1 ? p.stats + 2 * parts : NULL;
   st = dualbrain_parallel(ctx, part_keys, (size_t)(p.s * p.parts), &p);
   if (!st && p.out_of_memory) st = dualbrain_error("CachedAttention (cpu): out of memory");
-  if (!st) st = dualbrain_parallel(ctx, merge_parts, (size_t)(p.s * heads), &p);
+  if (!st && p.s * heads * p.parts * p.d <= SERIAL_MERGE)  /* a decode step's: less work than a thread handoff */
+    for (int64_t i = 0; i < p.s * heads; i++) merge_parts(&p, (size_t)i);
+  else if (!st)
+    st = dualbrain_parallel(ctx, merge_parts, (size_t)(p.s * heads), &p);
   free(p.stats);
   return st;
 }

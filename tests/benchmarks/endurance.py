@@ -1,7 +1,7 @@
 """Endurance: resident memory over a 10,000-token generation (issue 5).
 
     python tests/benchmarks/endurance.py [--workdir /tmp/dualbrain-endurance] [--tokens 10000]
-                                         [--attention tiny|published] [--layers 4]
+                                         [--attention tiny|published] [--layers 4] [--split-attention]
 
 Makes a tiny MoE checkpoint, exports it with a context long enough, then decodes greedily for
 `--tokens` tokens (EOS ignored) and samples resident memory. After warm-up, it may grow by no more
@@ -12,7 +12,8 @@ than the KV cache's own growth plus 10 %. Prints one JSON line; exit code 0 when
 is the worst ratio of attention working memory to KV bytes among the product's models: the working
 memory is one layer's, the cache is every attention layer's, and here there is only one.
 `--attention tiny` keeps the test models' 4 heads of 32 dims, where score rows weigh relatively
-more (see RESULTS.md).
+more (see RESULTS.md). `--split-attention` runs the attention layers as ONNX Runtime nodes
+(`onnxruntime.split_attention`) instead of the `CachedAttention` CPU kernel, to compare the two.
 
 Resident memory is read from /proc/self/status as RssAnon (heap, mmapped buffers, the KV cache) plus
 RssFile (pages of shared libraries). The budget is checked on their sum. Both parts are reported,
@@ -37,7 +38,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--attention", choices=("tiny", "published"), default="published")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers; every 4th is full attention")
+    ap.add_argument("--split-attention", action="store_true",
+                    help="attention as ONNX Runtime nodes, not the CachedAttention CPU kernel")
     args = ap.parse_args()
+    if args.split_attention:
+        from dualbrain.runtime.backends import ort_kernels
+
+        del ort_kernels.REWRITES[("", "Attention")]
 
     from dualbrain.exporter.export import export_checkpoint
     from dualbrain.exporter.tiny import make_tiny
@@ -64,7 +71,7 @@ def main() -> int:
     kv_growth = kv_per_token * (e_tok - w_tok)
     budget = int(kv_growth * 1.1)
     growth = (e_anon - w_anon) + (e_file - w_file)
-    result = {"attention": args.attention, "layers": args.layers, "tokens": args.tokens, "warmup_tokens": w_tok,
+    result = {"attention": args.attention, "split_attention": args.split_attention, "layers": args.layers, "tokens": args.tokens, "warmup_tokens": w_tok,
               "kv_growth_bytes": kv_growth, "budget_bytes": budget, "rss_growth": growth,
               "anon_growth": e_anon - w_anon, "file_growth": e_file - w_file, "ok": growth <= budget,
               "decode_tokens_per_s": args.tokens / secs, "samples_token_anon_file": samples}
