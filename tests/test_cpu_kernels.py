@@ -443,6 +443,9 @@ def test_attention_rewrite_leaves_other_forms_alone():
     assert [n.op_type for n in shared.graph.node] == ["Concat", attention_ref.OP_TYPE]
     default = _exported_attention_model(16, scale=False)     # no scale and q's size unknown: left as it is
     assert use_cpu_kernels(default) == 0
+    broadcast = _exported_attention_model(16)         # a mask ONNX broadcasts, (S, T): the kernel takes (B, 1, S, T)
+    broadcast.graph.input[5].CopyFrom(helper.make_tensor_value_info("mask", TensorProto.BOOL, ["S", "T"]))
+    assert use_cpu_kernels(broadcast) == 0
 
 
 def _linear_op_model(op_type, x_shape, weight, scales, **attrs):

@@ -75,6 +75,7 @@ from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import (IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, INT8_OP_TYPE,
                                                       INT4_SHARED_OP_TYPE, interleave_int4_rows, interleave_int8_rows,
                                                       interleave_scales)
+from dualbrain.runtime.backends.onnxruntime import attention_cache
 from dualbrain.runtime.backends.ort_quant import _ONNX, ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -641,11 +642,11 @@ def _gated_delta_layer(node, r: _Rewrite) -> list | None:
 def _cached_attention(node, r: _Rewrite) -> list | None:
     """The exporter's `Attention` over Transpose(Concat(past, new)) K and V (`onnxruntime.attention_cache`), float32,
     a boolean mask, no attribute but `scale` -> CachedAttention (its reference: `cached_attention.reference`), which
-    reads the cache where it lies; the Concats and Transposes go with it where nothing else reads them."""
-    from dualbrain.runtime.backends.onnxruntime import attention_cache
-
+    reads the cache where it lies; the Concats and Transposes go with it where nothing else reads them. A mask the
+    graph records as other than 4-D (ONNX's broadcast forms) is left to the split form."""
+    mask = r.shapes.get(node.input[3])
     if node.domain not in _ONNX or len(node.input) != 4 or len(node.output) != 1 \
-            or any(a.name != "scale" for a in node.attribute):
+            or any(a.name != "scale" for a in node.attribute) or (mask is not None and len(mask.dim) not in (0, 4)):
         return None
     key, value = attention_cache(r.producer, node.input[1]), attention_cache(r.producer, node.input[2])
     if key is None or value is None or r.types.get(node.input[3]) != TensorProto.BOOL \
