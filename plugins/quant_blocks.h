@@ -86,9 +86,11 @@ static inline __attribute__((always_inline)) void group_dot_tokens(int bits, con
     for (int t = 0; t < count; t++) {
       int64_t tb = t * (k / INT4_BLOCK) + b;
       __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo[t], hi[t]), _mm256_set1_epi32(xc[tb]));
-      __m256 f = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(xs[tb])), _mm256_cvtepi32_ps(sum));
-      if (b & 1) odd[t] = _mm256_add_ps(odd[t], f);
-      else even[t] = _mm256_add_ps(even[t], f);
+      /* one FMA, written out: left to the compiler, whether the multiply and add fused depended on how many
+       * tokens were inlined, and the results of one token's dot then differed in the last bits by count */
+      __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(xs[tb])), f = _mm256_cvtepi32_ps(sum);
+      if (b & 1) odd[t] = _mm256_fmadd_ps(scale, f, odd[t]);
+      else even[t] = _mm256_fmadd_ps(scale, f, even[t]);
     }
   }
   for (int t = 0; t < count; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(even[t], odd[t]));
@@ -109,11 +111,23 @@ static inline __attribute__((always_inline)) void group_dot_tokens(int bits, con
 #endif
 }
 
+/* group_dot_tokens with `bits` (4 or 8) and `count` (1..4) known only at run time: each pair of constants
+ * inlined once. Tokens t at x + t k (an expert's tokens side by side, in the MoE kernels). */
+static inline void group_dot_some(int bits, const uint8_t *w, const float *s8, const int8_t *x, const float *xs,
+                                  const int32_t *xc, int64_t k, int count, float *out) {
+#define DOT(B, C) group_dot_tokens(B, w, s8, x, xs, xc, k, k / INT4_BLOCK, C, out)
+  if (bits == 8) {
+    if (count == 4) DOT(8, 4); else if (count == 3) DOT(8, 3); else if (count == 2) DOT(8, 2); else DOT(8, 1);
+  } else {
+    if (count == 4) DOT(4, 4); else if (count == 3) DOT(4, 3); else if (count == 2) DOT(4, 2); else DOT(4, 1);
+  }
+#undef DOT
+}
+
 /* out[r] = row r of one group of eight `bits`-bit rows (4 or 8) . x, over `blocks` blocks (one token) */
 static inline void group_dot_bits(int bits, const uint8_t *w, const float *s8, const int8_t *x, const float *xs,
                                   const int32_t *xc, int64_t blocks, float out[8]) {
-  if (bits == 8) group_dot_tokens(8, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
-  else group_dot_tokens(4, w, s8, x, xs, xc, INT4_BLOCK * blocks, blocks, 1, out);
+  group_dot_some(bits, w, s8, x, xs, xc, INT4_BLOCK * blocks, 1, out);
 }
 
 #endif

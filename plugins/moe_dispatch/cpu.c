@@ -245,9 +245,9 @@ typedef struct {
   const float *s1, *s2;           /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8] */
   const uint8_t *sw1, *sw2;       /* the shared expert (expert E): [1, ...] as w1, w2 */
   const float *ss1, *ss2;
-  const int8_t *xq, *aq;          /* the tokens [N, H] and the pairs' activations [pairs, I] as int8 */
-  const float *xs, *as;           /* their scale per block of 32 */
-  const int32_t *xc, *ac;         /* the mid zero point x their sum per block (its share of the dot) */
+  const int8_t *pq, *aq;          /* each pair's token [pairs, H] and activations [pairs, I] as int8, in pair order */
+  const float *ps, *as;           /* their scale per block of 32 */
+  const int32_t *pc, *ac;         /* the mid zero point x their sum per block (its share of the dot) */
 } QuantPlan;
 
 /* Expert e's fc1 (`fc` 1) or fc2 (2) blocks and scales: a routed expert's, or the shared one's (e == E), each
@@ -267,17 +267,19 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t chunks = (groups + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
   int64_t u = (int64_t)item / chunks, g0 = (int64_t)item % chunks * IN_GROUPS_PER_ITEM, e = p->used[u];
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
-  float o[8];
+  float o[32];
   const uint8_t *w1;
   const float *s1;
   expert_blocks(z, 1, e, groups, blocks, &w1, &s1);
   for (int64_t g = g0; g < g1; g++) {
     const uint8_t *w = w1 + g * blocks * 32 * z->bits;
     const float *s = s1 + g * blocks * 8;
-    for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
-      int64_t t = p->tok[q];
-      group_dot_bits(z->bits, w, s, z->xq + t * p->h, z->xs + t * blocks, z->xc + t * blocks, blocks, o);
-      for (int j = 0; j < 4; j++) p->act[q * p->i + 4 * g + j] = silu_mul(o[2 * j], o[2 * j + 1]);
+    for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 4) {
+      int count = p->start[u + 1] - q < 4 ? (int)(p->start[u + 1] - q) : 4;
+      group_dot_some(z->bits, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o);
+      for (int t = 0; t < count; t++)
+        for (int j = 0; j < 4; j++)
+          p->act[(q + t) * p->i + 4 * g + j] = silu_mul(o[8 * t + 2 * j], o[8 * t + 2 * j + 1]);
     }
   }
 }
@@ -287,7 +289,7 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   const Plan *p = z->p;
   int64_t groups = p->h / 8, blocks = p->i / INT4_BLOCK;
   int64_t g0 = (int64_t)item * OUT_GROUPS_PER_ITEM, g1 = g0 + OUT_GROUPS_PER_ITEM < groups ? g0 + OUT_GROUPS_PER_ITEM : groups;
-  float o[8];
+  float o[32];
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
   for (int64_t u = 0; u < p->n_used; u++) {
     const uint8_t *w2;
@@ -296,10 +298,13 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
     for (int64_t g = g0; g < g1; g++) {
       const uint8_t *w = w2 + g * blocks * 32 * z->bits;
       const float *s = s2 + g * blocks * 8;
-      for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
-        group_dot_bits(z->bits, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, blocks, o);
-        float *y = p->y + (int64_t)p->tok[q] * p->h + 8 * g;
-        for (int r = 0; r < 8; r++) y[r] += p->w[q] * o[r];
+      for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 4) {
+        int count = p->start[u + 1] - q < 4 ? (int)(p->start[u + 1] - q) : 4;
+        group_dot_some(z->bits, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o);
+        for (int t = 0; t < count; t++) {
+          float *y = p->y + (int64_t)p->tok[q + t] * p->h + 8 * g;
+          for (int r = 0; r < 8; r++) y[r] += p->w[q + t] * o[8 * t + r];
+        }
       }
     }
   }
@@ -346,17 +351,25 @@ static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits, i
                                        "(interleave_int8_rows)");
   if (shared && (st = quant_shared(ctx, &z, f1, f2))) return st;
   if ((st = route_call(kernel, ctx, &p, f1[0], shared ? 10 : 0, &mem)) || !mem) return st;
-  int64_t pairs = p.start[p.n_used], xb = p.n * p.h / INT4_BLOCK, ab = pairs * p.i / INT4_BLOCK;
-  char *buf = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)(xb + ab) + (size_t)(p.n * p.h + pairs * p.i));
+  int64_t pairs = p.start[p.n_used], hb = p.h / INT4_BLOCK, xb = p.n * hb, pb = pairs * hb;
+  int64_t ab = pairs * p.i / INT4_BLOCK;
+  char *buf = malloc((sizeof(float) + sizeof(int32_t)) * (size_t)(xb + pb + ab) +
+                     (size_t)((p.n + pairs) * p.h + pairs * p.i));
   if (!buf) {
     free(mem);
     return dualbrain_error("Int4MoEDispatch / Int8MoEDispatch (cpu): out of memory");
   }
-  float *xs = (float *)buf, *as = xs + xb;
-  int32_t *xc = (int32_t *)(as + ab), *ac = xc + xb;
-  int8_t *xq = (int8_t *)(ac + ab), *aq = xq + p.n * p.h;
-  z.xq = xq, z.aq = aq, z.xs = xs, z.as = as, z.xc = xc, z.ac = ac;
+  float *xs = (float *)buf, *ps = xs + xb, *as = ps + pb;
+  int32_t *xc = (int32_t *)(as + ab), *pc = xc + xb, *ac = pc + pb;
+  int8_t *xq = (int8_t *)(ac + ab), *pq = xq + p.n * p.h, *aq = pq + pairs * p.h;
+  z.pq = pq, z.aq = aq, z.ps = ps, z.as = as, z.pc = pc, z.ac = ac;
   int8_blocks(p.x, p.n, p.h, zero_point, xq, xs, xc);
+  for (int64_t q = 0; q < pairs; q++) {  /* each expert's tokens side by side, so that fc1 reads them as fc2 does */
+    int64_t t = p.tok[q];
+    memcpy(pq + q * p.h, xq + t * p.h, (size_t)p.h);
+    memcpy(ps + q * hb, xs + t * hb, sizeof(float) * (size_t)hb);
+    memcpy(pc + q * hb, xc + t * hb, sizeof(int32_t) * (size_t)hb);
+  }
   int64_t in_chunks = (2 * p.i / 8 + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
   st = dualbrain_parallel(ctx, quant_expert_inputs, (size_t)(p.n_used * in_chunks), &z);
   if (!st) {
