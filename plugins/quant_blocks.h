@@ -124,10 +124,4 @@ static inline void group_dot_some(int bits, const uint8_t *w, const float *s8, c
 #undef DOT
 }
 
-/* out[r] = row r of one group of eight `bits`-bit rows (4 or 8) . x, over `blocks` blocks (one token) */
-static inline void group_dot_bits(int bits, const uint8_t *w, const float *s8, const int8_t *x, const float *xs,
-                                  const int32_t *xc, int64_t blocks, float out[8]) {
-  group_dot_some(bits, w, s8, x, xs, xc, INT4_BLOCK * blocks, 1, out);
-}
-
 #endif

@@ -150,7 +150,6 @@ typedef struct {
   int64_t b, t, c, kw, hk, hv, dk, dv;
 } Mixer;
 
-
 /* y = silu(causal conv) of channels c0 .. c0+n-1 at position t of row b: output t reads positions t .. t+K-1
  * of the concatenation [conv_state, qkv] along time. w_t is the weight transposed, [K, C]. */
 static void conv_channels(const Mixer *p, int64_t b, int64_t t, int64_t c0, int64_t n, float *restrict y) {

@@ -79,6 +79,17 @@ def attention_cache(producer: dict, name: str):
     return c.input[0], c.input[1], [t, c]
 
 
+def unread_copies(chain: list, users: dict, outputs: set) -> list:
+    """The nodes of an `attention_cache` chain ([Transpose, Concat]) read by nothing but the attention node, in
+    order: dead once the node is rewritten to read the cache in place. `users`: value -> how many nodes read it."""
+    dead = []
+    for node in chain:
+        if users.get(node.output[0], 0) != 1 or node.output[0] in outputs:
+            break
+        dead.append(node)
+    return dead
+
+
 def split_attention(model) -> int:
     """Rewrite every full-attention `Attention` node of the graph into MatMul/Softmax/MatMul that read
     the past K/V where they are; returns how many nodes were rewritten.
@@ -147,11 +158,7 @@ def split_attention(model) -> int:
                   helper.make_node("Reshape", [f"{p}/o", f"{p}/qshape"], [node.output[0]], name=f"{p}/y")]
         replaced[id(node)] = nodes
         # the Transpose(Concat) copies of the cache are dead now unless something else reads them
-        for chain in (kn, vn):
-            for t in chain:
-                if users.get(t.output[0], 0) != 1 or t.output[0] in outputs:
-                    break
-                dropped.add(id(t))
+        dropped.update(id(t) for chain in (kn, vn) for t in unread_copies(chain, users, outputs))
         n += 1
     if n:
         new_nodes = []

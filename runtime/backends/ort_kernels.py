@@ -75,7 +75,7 @@ from dualbrain.plugins.int8_matmul.reference import OP_TYPE as INT8_OP, to_rows
 from dualbrain.plugins.moe_dispatch.reference import (IDENTITY as MOE, INT4_BLOCK, INT4_OP_TYPE, INT8_OP_TYPE,
                                                       INT4_SHARED_OP_TYPE, interleave_int4_rows, interleave_int8_rows,
                                                       interleave_scales)
-from dualbrain.runtime.backends.onnxruntime import attention_cache
+from dualbrain.runtime.backends.onnxruntime import attention_cache, unread_copies
 from dualbrain.runtime.backends.ort_quant import _ONNX, ACCURACY_LEVEL, MS_DOMAIN, QMOE_SWIGLU, _attrs, _Graph
 
 CPU_DOMAIN = "dualbrain.cpu"    # the domain our kernels register under (passed to the C build)
@@ -251,12 +251,13 @@ class _Rewrite(_Graph):
             return numpy_helper.to_array(t)          # stored in the typed fields, not as bytes
         return np.frombuffer(self.raw(t), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
 
-    def made(self, value: str, *ops: str, readers: int = 1, reads: str | None = None, domains=_ONNX):
-        """The node giving `value` when it is one of `ops` (in `domains`), `value` has `readers` readers and is
-        not a graph output, and the node reads `reads` first (when given); else None."""
+    def made(self, value: str, *ops: str, readers: int | None = 1, reads: str | None = None, domains=_ONNX):
+        """The node giving `value` when it is one of `ops` (in `domains`), `value` has `readers` readers (None: any
+        number) and is not a graph output, and the node reads `reads` first (when given); else None."""
         n = self.producer.get(value)
         if n is None or n.op_type not in ops or n.domain not in domains or value in self.outputs \
-                or self.users.get(value, 0) != readers or (reads is not None and n.input[0] != reads):
+                or readers is not None and self.users.get(value, 0) != readers \
+                or (reads is not None and n.input[0] != reads):
             return None
         return n
 
@@ -565,9 +566,8 @@ class _Gates(NamedTuple):
 
 def _gates(rule, r: _Rewrite) -> _Gates | None:
     """The gates feeding `rule`, when every value in them is read only inside them; else None."""
-    def node(value, op):
-        n = r.producer.get(value)
-        return n if n is not None and n.op_type == op and n.domain in _ONNX and value not in r.outputs else None
+    def node(value, op):    # its readers are checked all at once below
+        return r.made(value, op, readers=None)
 
     def scalar(name):       # a one-element constant, or one cast like another value
         cast = node(name, "CastLike")
@@ -660,10 +660,7 @@ def _cached_attention(node, r: _Rewrite) -> list | None:
         if last is None or not last.HasField("dim_value"):
             return None
         scale = last.dim_value ** -0.5
-    for transpose, concat in (key[2], value[2]):
-        if r.users.get(transpose.output[0]) == 1 and r.users.get(concat.output[0]) == 1 \
-                and not {transpose.output[0], concat.output[0]} & r.outputs:
-            r.dropped.update((transpose.output[0], concat.output[0]))
+    r.dropped.update(n.output[0] for chain in (key[2], value[2]) for n in unread_copies(chain, r.users, r.outputs))
     return [helper.make_node(ATTENTION_OP, [node.input[0], key[0], key[1], value[0], value[1], node.input[3],
                                             r.supply(f"{p}/scale", np.array([scale], np.float32))],
                              list(node.output), name=f"{p}/attention", domain=CPU_DOMAIN)]
