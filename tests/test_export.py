@@ -91,6 +91,37 @@ def test_window_states_match_stepwise(artifacts):
         np.testing.assert_allclose(full["recurrent_states"][:, i], st["recurrent_state"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("file", ["model.onnx", "model.window.onnx"])
+def test_linked_graph_computes_each_size_once(moe_export, tmp_path, file):
+    """The blocks each compute the call's sizes from their own tensors, with their own copies of small
+    constants; linked, every size is read from one tensor and each constant is kept once, so ONNX
+    Runtime's common-subexpression pass leaves one node per size for the whole model (the graphs'
+    agreement with the blocks is `test_linked_graph_matches_blocks` and the rollback suites)."""
+    import onnxruntime as ort
+
+    man = load_manifest(moe_export)
+    first_attention = next(b.name for b in man.chain if b.kind == "full_attention")
+    graph = onnx.load(str(moe_export / file), load_external_data=False).graph
+    sizes = {(n.input[0], *(a.i for a in n.attribute)) for n in graph.node if n.op_type == "Shape"}
+    assert sizes == {("input_ids", 0, 1), ("input_ids", 1, 2), ("attention_mask", 1, 2),
+                     (f"{first_attention}.past_key", 0, 1)}
+    inline = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    values = {(t.data_type, tuple(t.dims), t.raw_data, tuple(t.int64_data), tuple(t.float_data)) for t in inline}
+    assert len(inline) > 20 and len(values) == len(inline)
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(moe_export))
+    ort.InferenceSession(str(moe_export / file), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    # (the ONNX functions ONNX Runtime inlines have Shapes of their own, of other tensors)
+    sized = {"input_ids", "attention_mask", *(f"{b.name}/hidden_out" for b in man.chain),
+             *(f"{b.name}.past_key" for b in man.chain)}
+    read = [(n.input[0], *(a.i for a in sorted(n.attribute, key=lambda a: a.name, reverse=True)))
+            for n in optimized.node if n.op_type == "Shape" and n.input[0] in sized]
+    assert sorted(read) == sorted(sizes)
+
+
 def test_linked_load_defers_block_sessions(moe_export, tmp_path):
     """With a linked graph, plain decode loads it alone (the blocks' sessions would hold a second copy of
     every weight); a layer-granular step loads the blocks then and agrees; a broken block file still
