@@ -141,3 +141,35 @@ def test_cpu_attention_is_the_exported_node(case):
                 scale = max(1.0, float(np.abs(want[name]).max()))
                 np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6 * scale,
                                            err_msg=f"{block.name} {name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim,factor", [(256, 0.25), (24, 2 / 3), (64, 1.0)])
+def test_rotary_is_transformers_bit_for_bit(dtype, head_dim, factor):
+    """The exporter's rotary (cos/sin over the whole head, rotate-half as one Gather) gives transformers'
+    Qwen3.5 rotary embedding and `apply_rotary_pos_emb` exactly, on text positions (mrope sections all
+    at the same position), partial and full."""
+    import torch
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+
+    from dualbrain.exporter.blocks.norms import apply_rotary, rotary_cos_sin, rotate_half_index
+
+    rotary_dim = int(head_dim * factor)
+    config = Qwen3_5TextConfig(head_dim=head_dim, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": factor,
+        "mrope_section": [rotary_dim // 8, rotary_dim // 8, rotary_dim // 2 - 2 * (rotary_dim // 8)],
+        "mrope_interleaved": True})
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(2, 3, 7, head_dim, generator=gen).to(torch_dtype)
+    k = torch.randn(2, 1, 7, head_dim, generator=gen).to(torch_dtype)
+    positions = torch.randint(0, 200_000, (2, 7), generator=gen)
+    rope = hf.Qwen3_5TextRotaryEmbedding(config)
+    cos, sin = rope(q, positions[None].expand(3, -1, -1))
+    want = hf.apply_rotary_pos_emb(q, k, cos.to(torch_dtype), sin.to(torch_dtype))
+
+    ours_cos, ours_sin = rotary_cos_sin(positions, rope.inv_freq, torch_dtype, head_dim)
+    index = rotate_half_index(rotary_dim, head_dim)
+    assert torch.equal(apply_rotary(q, ours_cos, ours_sin, index), want[0])
+    assert torch.equal(apply_rotary(k, ours_cos, ours_sin, index), want[1])

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.onnx.ops import attention
 
 from dualbrain.exporter.blocks.norms import (
-    apply_rotary, l2norm, rms_norm_gated, rms_norm_zero_centred, rotary_cos_sin,
+    apply_rotary, l2norm, rms_norm_gated, rms_norm_zero_centred, rotary_cos_sin, rotate_half_index,
 )
 from dualbrain.runtime.spec import FULL, LINEAR, ModelSpec
 from dualbrain.plugins.causal_conv.op import causal_conv1d
@@ -118,6 +118,7 @@ class GatedAttentionMixer(nn.Module):
         self.k_norm = _frozen(w[p + "k_norm.weight"])
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.rotary_dim, 2, dtype=torch.float) / spec.rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rotate_half", rotate_half_index(spec.rotary_dim, spec.head_dim), persistent=False)
 
     @staticmethod
     def reference_state(cache, layer: int, spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -134,8 +135,8 @@ class GatedAttentionMixer(nn.Module):
         q = rms_norm_zero_centred(q, self.q_norm, s.rms_norm_eps).transpose(1, 2)
         k = rms_norm_zero_centred(F.linear(x, self.k_proj).view(b, t, nkv, hd), self.k_norm, s.rms_norm_eps).transpose(1, 2)
         v = F.linear(x, self.v_proj).view(b, t, nkv, hd).transpose(1, 2)
-        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype, hd)
+        q, k = apply_rotary(q, cos, sin, self.rotate_half), apply_rotary(k, cos, sin, self.rotate_half)
         # Past K/V arrive sequence-major (past, B, nkv, hd); this call's K/V leave the same way and the
         # runtime appends them to its cache (runtime.state).
         new_key, new_value = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
