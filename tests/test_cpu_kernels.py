@@ -540,6 +540,82 @@ def test_int8_linear_rewrite_leaves_other_weights_alone(tmp_path):
     assert use_cpu_kernels(_linear_model(q, scale, 32, 1, gemm={}), tmp_path) == 0        # a Gemm: left to ONNX Runtime
 
 
+def _sibling_linears_model(weights, tokens, bits):
+    """MatMul(x, DequantizeLinear(q_i, scale_i)) -> y_i for each (q, scale, block) of `weights` on one x [1, tokens,
+    K], as the exporter writes a GDN layer's input projections; beside them, reading x too, a float MatMul and
+    an int8/int4 Gemm (the MoE router's form), which stay out of the group."""
+    k = weights[0][0].shape[0]
+    nodes, inits, outs = [], [], []
+    for i, (q, scale, block) in enumerate(weights):
+        nodes += [helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"w{i}"], axis=0, block_size=block),
+                  helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"lin{i}")]
+        inits += [numpy_helper.from_array(q, f"q{i}") if bits == 8 else
+                  helper.make_tensor(f"q{i}", TensorProto.INT4, q.shape, pack_int4(q), raw=True),
+                  numpy_helper.from_array(scale, f"s{i}")]
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, tokens, q.shape[1]]))
+    rng = np.random.default_rng(0)
+    inits.append(numpy_helper.from_array(rng.standard_normal((k, 8)).astype(np.float32), "wf"))
+    nodes += [helper.make_node("MatMul", ["x", "wf"], ["yf"], name="float"),
+              helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+              helper.make_node("DequantizeLinear", ["q0", "s0"], ["wg"], axis=0, block_size=weights[0][2]),
+              helper.make_node("Gemm", ["x2", "wg"], ["yg"], name="gemm")]
+    inits.append(numpy_helper.from_array(np.array([-1, k], np.int64), "flat"))
+    outs += [helper.make_tensor_value_info("yf", TensorProto.FLOAT, [1, tokens, 8]),
+             helper.make_tensor_value_info("yg", TensorProto.FLOAT, [tokens, weights[0][0].shape[1]])]
+    graph = helper.make_graph(nodes, "siblings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])],
+                              outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("bits,tokens", [(8, 1), (8, 3), (8, KERNEL_MAX_TOKENS + 5), (4, 1), (4, 9), (4, 70)])
+def test_quantized_linears_of_one_input_run_as_one(library, tmp_path, bits, tokens):
+    """A GDN layer's four input projections (one 16 wide, as its gates are) read one x: they become one kernel
+    node over their weights side by side (int8: behind one If) and a Split. Each output is what that linear
+    rewritten alone gives, bit for bit for our kernels (the same dot products) and within float32 rounding
+    for MatMulNBits (prefill: its own tiling of the columns)."""
+    if bits == 4 and not ort_kernels._has_vnni():
+        pytest.skip("Int4MatMul is used only where the CPU has AVX-512 VNNI")
+    rng = np.random.default_rng(bits * 100 + tokens)
+    k = 128
+    blocks = [32, 32, 32, 32] if bits == 8 else [32, 64, 128, 32]     # int4: a scale per 32 in the layout
+    weights = []
+    for n, block in zip([40, 16, 24, 16], blocks):
+        w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+        weights.append((*quantize_blockwise(w, 0, block, bits, np.float32), block))
+    model = _sibling_linears_model(weights, tokens, bits)
+    arrays = {}
+    rewritten = use_cpu_kernels(model, tmp_path, arrays)
+    assert rewritten == (2 if bits == 4 else 1)       # the group (and, at 4 bits, the Gemm on its own)
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("Split") == 1 and ops.count("MatMul") == 1          # the float MatMul stays
+    if bits == 8:
+        assert ops.count("If") == 1 and ops.count("Gemm") == 1            # int8's Gemm is left to ONNX Runtime
+    else:
+        assert ops.count(int4_ref.OP_TYPE) == 2 and "Gemm" not in ops     # the group, and the Gemm alone
+    split = next(nd for nd in model.graph.node if nd.op_type == "Split")
+    assert list(split.output) == ["y0", "y1", "y2", "y3"]
+    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    got = dict(zip([o.name for o in model.graph.output], _session(model, library, supplied=arrays).run(None, {"x": x})))
+    ours = bits == 4 or tokens <= KERNEL_MAX_TOKENS
+    for i, (q, scale, block) in enumerate(weights):
+        alone = _linear_model(q, scale, block, tokens, bits=bits)
+        alone_arrays = {}
+        assert use_cpu_kernels(alone, tmp_path, alone_arrays) == 1
+        want = _session(alone, library, supplied=alone_arrays).run(None, {"x": x})[0]
+        if ours:
+            np.testing.assert_array_equal(got[f"y{i}"], want)
+        else:
+            np.testing.assert_allclose(got[f"y{i}"], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        dense = dequantize_blockwise(q, scale, 0, block)           # and against the weights themselves
+        if bits == 4:
+            assert (np.abs(got[f"y{i}"] - x @ dense) <= _int4_activation_bound(x, dense) * 1.001 + 1e-5).all()
+        else:
+            exact = x @ dense
+            np.testing.assert_allclose(got[f"y{i}"], exact, atol=(2e-4 if ours else 2e-2) * np.abs(exact).max())
+    np.testing.assert_allclose(got["yf"], x @ numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "wf")), rtol=1e-5, atol=1e-5)
+
+
 def _int4_activation_bound(x, w):
     """How far int8 activations per block of 32 (scale max |x| / 127: within half a step) can move x @ w."""
     step = np.abs(x.reshape(*x.shape[:-1], -1, 32)).max(-1, keepdims=True) / 127 / 2

@@ -227,6 +227,10 @@ class _Rewrite(_Graph):
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.supplied = supplied
+        self.all_readers: dict[str, list] = {}      # value -> the nodes reading it, in graph order
+        for n in model.graph.node:
+            for x in dict.fromkeys(n.input):
+                self.all_readers.setdefault(x, []).append(n)
 
     def supply(self, name: str, array: np.ndarray) -> str:
         """A new initializer `name` holding `array`: with a `supplied` dict, a one-element placeholder in the
@@ -688,41 +692,94 @@ def _signed_linear(node, r: _Rewrite, data_type: int, blocks) -> tuple | None:
     return x, w, dq, q, scale, block
 
 
+def _siblings(node, match: tuple, r: _Rewrite, matcher, alike=lambda a, b: True) -> list[tuple]:
+    """[(node, match)] and, when `node` is a MatMul, every other MatMul reading the same x that `matcher` matches
+    and `alike` pairs with `match` (each with its match): linears to run as one over their weights side by
+    side, their output split (`_split`). On the exports that is a GDN layer's four input projections and an
+    attention layer's q, k and v; x is then quantized once and the weights streamed in one parallel pass
+    instead of one a linear (the GDN gates' projections are 16 wide). A Gemm (the MoE router, the shared
+    expert) stays its own: the MoE rewrite folds those."""
+    linears = [(node, match)]
+    if node.op_type == "MatMul":
+        for other in r.all_readers.get(match[0], []):
+            if other is node or other.op_type != "MatMul" or other.output[0] in r.dropped:
+                continue
+            found = matcher(other, r)
+            if found and found[0] == match[0] and alike(match, found):
+                linears.append((other, found))
+    return linears
+
+
+def _split(linears: list[tuple], y: str, p: str, r: _Rewrite) -> list:
+    """Nodes splitting `y`, the outputs of `linears` (`_siblings`) side by side, into each one's output; the
+    others' MatMuls are marked folded. None for one linear (its node gives its output itself)."""
+    if len(linears) == 1:
+        return []
+    r.dropped.update(other.output[0] for other, _ in linears[1:])
+    widths = [m[3].dims[1] for _, m in linears]
+    return [helper.make_node("Constant", [], [f"{p}/widths"], name=f"{p}/widths",
+                             value=helper.make_tensor(f"{p}/widths", TensorProto.INT64, [len(widths)], widths)),
+            helper.make_node("Split", [y, f"{p}/widths"], [node.output[0] for node, _ in linears], name=f"{p}/split",
+                             axis=-1)]
+
+
+def _int8_match(node, r: _Rewrite) -> tuple | None:
+    """`_signed_linear`'s match for an int8 weight in blocks of a power of two >= 16; else None."""
+    return _signed_linear(node, r, TensorProto.INT8, lambda block: block >= 16 and not block & (block - 1))
+
+
 def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     """MatMul(x, DequantizeLinear(int8 [K, N], scale, axis 0)) -> If(tokens <= KERNEL_MAX_TOKENS,
     Int8MatMul (int16 activations), com.microsoft.MatMulNBits (int8 activations, for prefill)), both
-    reading one copy of the weight in MatMulNBits' layout, made here from the export's bytes."""
-    match = _signed_linear(node, r, TensorProto.INT8, lambda block: block >= 16 and not block & (block - 1))
+    reading one copy of the weight in MatMulNBits' layout, made here from the export's bytes; with the
+    int8 linears of the same x and block (`_siblings`) as one, behind one If."""
+    match = _int8_match(node, r)
     if match is None:
         return None
-    x, w, dq, q, _, block = match
-    (k, n), y = q.dims, node.output[0]
-    p = f"{node.name or y}/cpu_kernel"
-    b, scales = to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block)
-    weights = [r.supply(f"{p}/b", b), r.supply(f"{p}/scales", scales)]
-    r.dropped.add(w)
-    r.release(*dq.input)
+    linears = _siblings(node, match, r, _int8_match, alike=lambda a, b: a[5] == b[5])
+    x, block, k = match[0], match[5], match[3].dims[0]
+    p = f"{node.name or node.output[0]}/cpu_kernel"
+    rows = [to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block) for _, (_, _, dq, *_) in linears]
+    for _, (_, w, dq, *_) in linears:
+        r.dropped.add(w)
+        r.release(*dq.input)
+    weights = [r.supply(f"{p}/b", np.concatenate([b for b, _ in rows])),
+               r.supply(f"{p}/scales", np.concatenate([s for _, s in rows]))]
+    y = node.output[0] if len(linears) == 1 else f"{p}/y_all"
     ours = helper.make_node(INT8_OP, [x, *weights], [f"{p}/y"], name=f"{p}/int8", domain=CPU_DOMAIN, block_size=block)
     theirs = helper.make_node("MatMulNBits", [x, *weights], [f"{p}/y_ort"], name=f"{p}/nbits",
-                              domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block,
-                              accuracy_level=ACCURACY_LEVEL)
-    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs)
+                              domain=MS_DOMAIN, K=k, N=sum(m[3].dims[1] for _, m in linears), bits=8,
+                              block_size=block, accuracy_level=ACCURACY_LEVEL)
+    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs) + _split(linears, y, p, r)
 
 
 def _int4_linear(node, r: _Rewrite) -> list | None:
     """MatMul(x, DequantizeLinear(int4 [K, N], scale, axis 0, `KERNEL_BLOCKS[4]`)) -> Int4MatMul on the weight with
     eight rows interleaved, made here from the export's bytes, for calls of any size; so MatMulNBits' copy
-    (which ONNX Runtime would fuse from the same nodes) is never made."""
-    match = _has_vnni() and _signed_linear(node, r, TensorProto.INT4, lambda block: block in KERNEL_BLOCKS[4])
-    if not match or match[3].dims[1] % 8:
+    (which ONNX Runtime would fuse from the same nodes) is never made. With the int4 linears of the same x
+    (`_siblings`, any block: the layout holds a scale per 32) as one."""
+    match = _int4_match(node, r)
+    if not match:
         return None
-    x, w, dq, q, scale, block = match
+    linears = _siblings(node, match, r, _int4_match)
     p = f"{node.name or node.output[0]}/cpu_kernel"
-    b, scales = interleave_int4_linear(r.raw(q), _per_32(r.array(scale.name), block, 0))
-    weights = [r.supply(f"{p}/w", b), r.supply(f"{p}/scales", scales)]
-    r.dropped.add(w)
-    r.release(*dq.input)
-    return [helper.make_node(INT4_LINEAR_OP, [x, *weights], list(node.output), name=f"{p}/int4", domain=CPU_DOMAIN)]
+    weights, scales = [], []
+    for _, (_, w, dq, q, scale, block) in linears:
+        laid_out = interleave_int4_linear(r.raw(q), _per_32(r.array(scale.name), block, 0))
+        weights.append(laid_out[0])
+        scales.append(laid_out[1])
+        r.dropped.add(w)
+        r.release(*dq.input)
+    y = node.output[0] if len(linears) == 1 else f"{p}/y_all"
+    inputs = [match[0], r.supply(f"{p}/w", np.concatenate(weights)), r.supply(f"{p}/scales", np.concatenate(scales))]
+    return [helper.make_node(INT4_LINEAR_OP, inputs, [y], name=f"{p}/int4", domain=CPU_DOMAIN),
+            *_split(linears, y, p, r)]
+
+
+def _int4_match(node, r: _Rewrite) -> tuple | None:
+    """`_signed_linear`'s match for an int4 weight the interleaved layout takes (on a CPU with VNNI); else None."""
+    match = _has_vnni() and _signed_linear(node, r, TensorProto.INT4, lambda block: block in KERNEL_BLOCKS[4])
+    return match if match and not match[3].dims[1] % 8 else None
 
 
 def _quantized_linear(node, r: _Rewrite) -> list | None:
