@@ -616,6 +616,46 @@ def test_quantized_linears_of_one_input_run_as_one(library, tmp_path, bits, toke
         next(t for t in model.graph.initializer if t.name == "wf")), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 70])
+def test_float_linears_of_one_input_run_as_one(library, tmp_path, tokens):
+    """float32 MatMuls of one x, as torch's linear exports them (MatMul(x, Transpose(W [N, K]))) or on a [K, N]
+    weight, become MatMul(x, Concat(weights)) and a Split, which ONNX Runtime folds at load; each output as
+    before. A MatMul whose weight something else reads stays out."""
+    rng = np.random.default_rng(tokens)
+    k, widths = 96, [40, 16, 24]
+    nodes, inits, outs = [], [], []
+    for i, n in enumerate(widths):
+        if i == 1:       # a [K, N] weight, read as it is
+            inits.append(numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}"))
+        else:
+            inits.append(numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), f"W{i}"))
+            nodes.append(helper.make_node("Transpose", [f"W{i}"], [f"w{i}"], perm=[1, 0]))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"lin{i}"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, tokens, n]))
+    inits.append(numpy_helper.from_array(rng.standard_normal((k, 8)).astype(np.float32), "shared"))
+    nodes += [helper.make_node("MatMul", ["x", "shared"], ["ys"], name="shared_weight"),
+              helper.make_node("Add", ["shared", "shared"], ["twice"])]      # "shared" is read twice
+    outs += [helper.make_tensor_value_info("ys", TensorProto.FLOAT, [1, tokens, 8]),
+             helper.make_tensor_value_info("twice", TensorProto.FLOAT, [k, 8])]
+    graph = helper.make_graph(nodes, "floats", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])],
+                              outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    names = [o.name for o in outs]
+    want = dict(zip(names, _session(model, library).run(None, {"x": x})))
+    assert use_cpu_kernels(model, tmp_path) == 1
+    onnx.checker.check_model(model)
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Concat") == 1 and ops.count("Split") == 1
+    got = dict(zip(names, _session(model, library).run(None, {"x": x})))
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6)
+    weights = {t.name: numpy_helper.to_array(t) for t in inits}
+    for i, n in enumerate(widths):      # and against numpy
+        w = weights[f"w{i}"] if i == 1 else weights[f"W{i}"].T
+        np.testing.assert_allclose(got[f"y{i}"], x @ w, rtol=1e-4, atol=1e-4)
+
+
 def _int4_activation_bound(x, w):
     """How far int8 activations per block of 32 (scale max |x| / 127: within half a step) can move x @ w."""
     step = np.abs(x.reshape(*x.shape[:-1], -1, 32)).max(-1, keepdims=True) / 127 / 2
@@ -1168,10 +1208,11 @@ def test_gdn_mixer_stays_apart_where_a_value_in_it_is_read_elsewhere(tmp_path):
     export = export_checkpoint(make_tiny(tmp_path / "ckpt", num_layers=1), tmp_path / "fp32")
     model = onnx.load(str(export / "layer_000.onnx"), load_external_data=False)
     fuse_rms_norm(model)
-    assert use_cpu_kernels(onnx.ModelProto.FromString(model.SerializeToString()), export) == 2   # conv, rule
+    # conv, rule, and the float linears of one input as one: the input projections, the MLP's gate and up
+    assert use_cpu_kernels(onnx.ModelProto.FromString(model.SerializeToString()), export) == 4
     split = next(n for n in model.graph.node if n.op_type == "Split")
     model.graph.output.append(helper.make_tensor_value_info(split.output[1], TensorProto.FLOAT, None))
-    assert use_cpu_kernels(model, export) == 2
+    assert use_cpu_kernels(model, export) == 4
     ops = [(n.op_type, n.domain) for n in model.graph.node]
     assert (gdn_ref.OP_TYPE, CPU_DOMAIN) in ops and (conv_ref.OP_TYPE, CPU_DOMAIN) in ops and ("Split", "") in ops
     assert gdn_ref.MIXER_OP_TYPE not in {op for op, _ in ops}

@@ -710,13 +710,14 @@ def _siblings(node, match: tuple, r: _Rewrite, matcher, alike=lambda a, b: True)
     return linears
 
 
-def _split(linears: list[tuple], y: str, p: str, r: _Rewrite) -> list:
-    """Nodes splitting `y`, the outputs of `linears` (`_siblings`) side by side, into each one's output; the
-    others' MatMuls are marked folded. None for one linear (its node gives its output itself)."""
+def _split(linears: list[tuple], y: str, p: str, r: _Rewrite, widths: list[int] | None = None) -> list:
+    """Nodes splitting `y`, the outputs of `linears` (`_siblings`) side by side (`widths`; default: each match's
+    [K, N] weight's N), into each one's output; the others' MatMuls are marked folded. None for one linear
+    (its node gives its output itself)."""
     if len(linears) == 1:
         return []
     r.dropped.update(other.output[0] for other, _ in linears[1:])
-    widths = [m[3].dims[1] for _, m in linears]
+    widths = widths or [m[3].dims[1] for _, m in linears]
     return [helper.make_node("Constant", [], [f"{p}/widths"], name=f"{p}/widths",
                              value=helper.make_tensor(f"{p}/widths", TensorProto.INT64, [len(widths)], widths)),
             helper.make_node("Split", [y, f"{p}/widths"], [node.output[0] for node, _ in linears], name=f"{p}/split",
@@ -782,9 +783,47 @@ def _int4_match(node, r: _Rewrite) -> tuple | None:
     return match if match and not match[3].dims[1] % 8 else None
 
 
-def _quantized_linear(node, r: _Rewrite) -> list | None:
-    """A MatMul on a quantized weight: the int8 or the int4 rewrite, whichever matches."""
-    return _int8_linear_behind_if(node, r) or _int4_linear(node, r)
+def _float_match(node, r: _Rewrite) -> tuple | None:
+    """(x, w, [K, N], the float32 initializer, True when w is its Transpose) when `node` is MatMul(x, w) with w a
+    float32 [K, N] initializer or the exporter's Transpose of one (torch's linear), w read by nothing else;
+    else None. ([0] and [1] as in `_signed_linear`'s match.)"""
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    x, w = node.input
+    if r.users.get(w) != 1 or w in r.outputs:
+        return None
+    t = r.made(w, "Transpose")
+    transposed = t is not None and _attrs(t).get("perm") == [1, 0]
+    init = r.inits.get(t.input[0] if transposed else w)
+    if init is None or init.name not in r.floats or len(init.dims) != 2:
+        return None
+    return x, w, list(init.dims[::-1] if transposed else init.dims), init.name, transposed
+
+
+def _float_linears(node, r: _Rewrite) -> list | None:
+    """float32 MatMuls of one x (`_siblings`) -> MatMul(x, Concat(their weights)) and a Split: one MLAS pass
+    instead of one a linear. The Concat (and the Transposes of torch's [N, K] weights) read constants only, so
+    ONNX Runtime folds them at load: the weights are not copied into the graph. A lone MatMul stays as it is."""
+    match = _float_match(node, r)
+    linears = match and _siblings(node, match, r, _float_match)
+    if not linears or len(linears) == 1:
+        return None
+    p = f"{node.name or node.output[0]}/cpu_kernel"
+    nodes, parts = [], []
+    for i, (_, (_, w, _, init, transposed)) in enumerate(linears):
+        if transposed:       # made here: a sibling's own Transpose may come after this node
+            nodes.append(helper.make_node("Transpose", [init], [f"{p}/w{i}"], name=f"{p}/w{i}", perm=[1, 0]))
+            r.dropped.add(w)
+        parts.append(f"{p}/w{i}" if transposed else init)
+    return [*nodes, helper.make_node("Concat", parts, [f"{p}/w"], name=f"{p}/weights", axis=1),
+            helper.make_node("MatMul", [match[0], f"{p}/w"], [f"{p}/y_all"], name=f"{p}/matmul"),
+            *_split(linears, f"{p}/y_all", p, r, [m[2][1] for _, m in linears])]
+
+
+def _linear(node, r: _Rewrite) -> list | None:
+    """A MatMul on a quantized weight (the int8 or the int4 rewrite, whichever matches) or on a float32 one
+    beside others of the same x."""
+    return _int8_linear_behind_if(node, r) or _int4_linear(node, r) or _float_linears(node, r)
 
 
 # (domain, op type) -> the rewrite (None: the node stays as it is)
@@ -794,7 +833,7 @@ REWRITES = {
     (CONV.domain, CONV.op_type): _conv,
     (GDN.domain, GDN.op_type): _gated_delta_layer,
     (GDN.domain, GDN.window_op_type): _gated_delta,
-    ("", "MatMul"): _quantized_linear,
+    ("", "MatMul"): _linear,
     ("", "Gemm"): _int4_linear,        # int8's If costs more than its kernel saves on these small linears
     ("", "Attention"): _cached_attention,
 }
