@@ -562,8 +562,8 @@ def _sibling_linears_model(weights, tokens, bits):
     inits.append(numpy_helper.from_array(np.array([-1, k], np.int64), "flat"))
     outs += [helper.make_tensor_value_info("yf", TensorProto.FLOAT, [1, tokens, 8]),
              helper.make_tensor_value_info("yg", TensorProto.FLOAT, [tokens, weights[0][0].shape[1]])]
-    graph = helper.make_graph(nodes, "siblings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])],
-                              outs, inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, k])
+    graph = helper.make_graph(nodes, "siblings", [x], outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
