@@ -227,10 +227,6 @@ class _Rewrite(_Graph):
         self.floats = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT}
         self.dropped: set[str] = set()       # nodes (by first output) folded into a rewrite
         self.supplied = supplied
-        self.all_readers: dict[str, list] = {}      # value -> the nodes reading it, in graph order
-        for n in model.graph.node:
-            for x in dict.fromkeys(n.input):
-                self.all_readers.setdefault(x, []).append(n)
 
     def supply(self, name: str, array: np.ndarray) -> str:
         """A new initializer `name` holding `array`: with a `supplied` dict, a one-element placeholder in the
@@ -697,11 +693,12 @@ def _siblings(node, match: tuple, r: _Rewrite, matcher, alike=lambda a, b: True)
     and `alike` pairs with `match` (each with its match): linears to run as one over their weights side by
     side, their output split (`_split`). On the exports that is a GDN layer's four input projections and an
     attention layer's q, k and v; x is then quantized once and the weights streamed in one parallel pass
-    instead of one a linear (the GDN gates' projections are 16 wide). A Gemm (the MoE router, the shared
-    expert) stays its own: the MoE rewrite folds those."""
+    instead of one a linear (the GDN gates' projections are 16 wide). Gemms (the MoE router, the shared
+    expert) stay their own: the int4 MoE rewrite folds those, and grouping them measured no gain at fp32 or
+    int8 (RESULTS, thirteenth pass)."""
     linears = [(node, match)]
     if node.op_type == "MatMul":
-        for other in r.all_readers.get(match[0], []):
+        for other in r.readers.get(match[0], []):
             if other is node or other.op_type != "MatMul" or other.output[0] in r.dropped:
                 continue
             found = matcher(other, r)
@@ -710,14 +707,12 @@ def _siblings(node, match: tuple, r: _Rewrite, matcher, alike=lambda a, b: True)
     return linears
 
 
-def _split(linears: list[tuple], y: str, p: str, r: _Rewrite, widths: list[int] | None = None) -> list:
-    """Nodes splitting `y`, the outputs of `linears` (`_siblings`) side by side (`widths`; default: each match's
-    [K, N] weight's N), into each one's output; the others' MatMuls are marked folded. None for one linear
-    (its node gives its output itself)."""
+def _split(linears: list[tuple], widths: list[int], y: str, p: str, r: _Rewrite) -> list:
+    """Nodes splitting `y`, the outputs of `linears` (`_siblings`) side by side (`widths` wide), into each one's
+    output; the others' MatMuls are marked folded. None for one linear (its node gives its output itself)."""
     if len(linears) == 1:
         return []
     r.dropped.update(other.output[0] for other, _ in linears[1:])
-    widths = widths or [m[3].dims[1] for _, m in linears]
     return [helper.make_node("Constant", [], [f"{p}/widths"], name=f"{p}/widths",
                              value=helper.make_tensor(f"{p}/widths", TensorProto.INT64, [len(widths)], widths)),
             helper.make_node("Split", [y, f"{p}/widths"], [node.output[0] for node, _ in linears], name=f"{p}/split",
@@ -739,6 +734,7 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
         return None
     linears = _siblings(node, match, r, _int8_match, alike=lambda a, b: a[5] == b[5])
     x, block, k = match[0], match[5], match[3].dims[0]
+    widths = [m[3].dims[1] for _, m in linears]
     p = f"{node.name or node.output[0]}/cpu_kernel"
     rows = [to_rows(r.array(dq.input[0]), r.array(dq.input[1]), block) for _, (_, _, dq, *_) in linears]
     for _, (_, w, dq, *_) in linears:
@@ -749,9 +745,9 @@ def _int8_linear_behind_if(node, r: _Rewrite) -> list | None:
     y = node.output[0] if len(linears) == 1 else f"{p}/y_all"
     ours = helper.make_node(INT8_OP, [x, *weights], [f"{p}/y"], name=f"{p}/int8", domain=CPU_DOMAIN, block_size=block)
     theirs = helper.make_node("MatMulNBits", [x, *weights], [f"{p}/y_ort"], name=f"{p}/nbits",
-                              domain=MS_DOMAIN, K=k, N=sum(m[3].dims[1] for _, m in linears), bits=8,
-                              block_size=block, accuracy_level=ACCURACY_LEVEL)
-    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs) + _split(linears, y, p, r)
+                              domain=MS_DOMAIN, K=k, N=sum(widths), bits=8, block_size=block,
+                              accuracy_level=ACCURACY_LEVEL)
+    return _decode_or_prefill(r, x, KERNEL_MAX_TOKENS * k, y, p, ours, theirs) + _split(linears, widths, y, p, r)
 
 
 def _int4_linear(node, r: _Rewrite) -> list | None:
@@ -774,7 +770,7 @@ def _int4_linear(node, r: _Rewrite) -> list | None:
     y = node.output[0] if len(linears) == 1 else f"{p}/y_all"
     inputs = [match[0], r.supply(f"{p}/w", np.concatenate(weights)), r.supply(f"{p}/scales", np.concatenate(scales))]
     return [helper.make_node(INT4_LINEAR_OP, inputs, [y], name=f"{p}/int4", domain=CPU_DOMAIN),
-            *_split(linears, y, p, r)]
+            *_split(linears, [m[3].dims[1] for _, m in linears], y, p, r)]
 
 
 def _int4_match(node, r: _Rewrite) -> tuple | None:
@@ -817,7 +813,7 @@ def _float_linears(node, r: _Rewrite) -> list | None:
         parts.append(f"{p}/w{i}" if transposed else init)
     return [*nodes, helper.make_node("Concat", parts, [f"{p}/w"], name=f"{p}/weights", axis=1),
             helper.make_node("MatMul", [match[0], f"{p}/w"], [f"{p}/y_all"], name=f"{p}/matmul"),
-            *_split(linears, f"{p}/y_all", p, r, [m[2][1] for _, m in linears])]
+            *_split(linears, [m[2][1] for _, m in linears], f"{p}/y_all", p, r)]
 
 
 def _linear(node, r: _Rewrite) -> list | None:

@@ -45,11 +45,12 @@ class _Graph:
         self.inits = {t.name: t for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
         self.users: dict[str, int] = {}
-        self.readers = {}                    # value -> a node reading it (the last one)
+        self.readers: dict[str, list] = {}   # value -> the nodes reading it, in graph order (each once)
         for n in graph.node:
             for x in n.input:
                 self.users[x] = self.users.get(x, 0) + 1
-                self.readers[x] = n
+            for x in dict.fromkeys(n.input):
+                self.readers.setdefault(x, []).append(n)
         self.outputs = {o.name for o in graph.output}
         typed = list(graph.value_info) + list(graph.input) + list(graph.output)
         self.shapes = {v.name: v.type.tensor_type.shape for v in typed}      # where the graph records them
@@ -62,7 +63,7 @@ class _Graph:
         """The one node that reads `value` when exactly one does and it is not a graph output; else None."""
         if self.users.get(value) != 1 or value in self.outputs:
             return None
-        return self.readers.get(value)
+        return self.readers[value][0]
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` when it is an inline initializer or a Constant node's; else None."""
