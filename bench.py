@@ -254,11 +254,12 @@ def decode_bytes(export: Path, batch: int = 1) -> int:
     s = man.model
     item = dtype(man.dtype).itemsize
     qm = quant_mode(man.quant) if man.quant else None
+    scale = dtype(qm.scale_dtype(man.dtype)).itemsize if qm else item
 
-    def per_param(quantized: bool) -> float:
-        return qm.bits / 8 + item / (man.quant_block or qm.block) if qm and quantized else item
+    def per_param(quantized: bool, bits: int | None = None) -> float:
+        return (bits or qm.bits) / 8 + scale / (man.quant_block or qm.block) if qm and quantized else item
 
-    n = s.hidden_size * (per_param(bool(qm and qm.experts)) + item)      # embedding row, final norm
+    n = s.hidden_size * (per_param(bool(qm and qm.experts), qm and qm.embedding_bits) + item)  # embedding row, norm
     n += s.vocab_size * s.hidden_size * per_param(True)                  # LM head
     for i in range(s.num_layers):
         for name, shape in expected_layer_shapes(s, i).items():

@@ -2,9 +2,12 @@
 
 A weight is replaced by ``DequantizeLinear(W_q, scale[, zero_point])`` with ONNX blockwise
 quantization (opset 21: ``axis`` + ``block_size``), symmetric (``scale = max|w| / (2^(bits-1)-1)``
-per block, rounded to the export dtype, ``q = clip(round(w / scale))``). This is the portable form
-kept on disk; ONNX Runtime fuses or rewrites it at load (``runtime.backends.ort_quant``). Three
-roles, each with the layout its fused kernel reads:
+per block, searched a little below that, ``q = clip(round(w / scale))``). Scales are stored in the
+export dtype, except over float32: float16, as llama.cpp's Q8_0 / Q4_0 store theirs, where float16
+holds them (``QuantMode.scale_dtype``, ``stored_scale_dtype``); a ``Cast`` then widens the
+DequantizeLinear's float16 product. This is the portable form kept on disk; ONNX Runtime widens the
+scales and fuses or rewrites it at load (``runtime.backends.ort_quant``). Four roles, each with the
+layout its fused kernel reads:
 
 * **linears** (every mode) -- a 2-D weight feeding the B input of a MatMul (or Gemm), directly or
   through a 2-D Transpose, stored ``[K, N]`` (a Transpose is folded into the layout and removed),
@@ -16,7 +19,9 @@ roles, each with the layout its fused kernel reads:
   stored unsigned (UINT4/UINT8) with the mid zero point (8 / 128): byte for byte what ONNX Runtime's
   QMoE reads, so its rewrite points at the same bytes.
 * **embeddings** (int8 / int4) -- the table of a Gather, blocks along the hidden axis, unsigned as
-  the experts (GatherBlockQuantized's uint8 form).
+  the experts (GatherBlockQuantized's uint8 form), at ``QuantMode.embedding_bits`` (8 in both).
+* **routers** (int8 / int4) -- the linear giving a MoEDispatch its logits: a linear, at
+  ``QuantMode.router_bits`` (8 in both).
 
 Block size: the mode's (or ``--block``), or the largest of 128 / 64 / 32 under it that divides K; a
 weight whose K none divides stays in float, and so does a weight that is one block in all (K =
@@ -46,7 +51,7 @@ BLOCK_SIZES = QUANT_BLOCKS
 MIN_OPSET = 21           # DequantizeLinear-21: blockwise (block_size) and INT4
 QMIN, QMAX = -8, 7       # int4
 ALIGN = 64               # byte alignment of tensors in the rewritten external-data file
-LINEAR, EXPERTS, EMBEDDING = "linear", "experts", "embedding"
+LINEAR, EXPERTS, EMBEDDING, ROUTER = "linear", "experts", "embedding", "router"
 
 
 def block_size_for(k: int, largest: int = 128) -> int | None:
@@ -177,7 +182,16 @@ class _Plan:
 
     @property
     def axis(self) -> int:
-        return {LINEAR: 0, EXPERTS: 2, EMBEDDING: 1}[self.role]
+        return {LINEAR: 0, ROUTER: 0, EXPERTS: 2, EMBEDDING: 1}[self.role]
+
+    def bits(self, qm) -> int:
+        """The role's bits under mode `qm`."""
+        return {EMBEDDING: qm.embedding_bits, ROUTER: qm.router_bits}.get(self.role, qm.bits)
+
+    @property
+    def signed(self) -> bool:
+        """Signed without zero point (the linears), or unsigned with the mid one (QMoE's, GatherBlockQuantized's)."""
+        return self.role in (LINEAR, ROUTER)
 
 
 def _consumers(graph) -> dict[str, list[tuple[object, int]]]:
@@ -230,6 +244,21 @@ def _moe_blocks(graph, inits: dict, largest: int) -> dict[str, int | None]:
     return out
 
 
+def _routers(graph) -> set[str]:
+    """The weights (initializers, or a Transpose's input) of the linears giving a MoEDispatch its logits."""
+    producer = {o: n for n in graph.node for o in n.output}
+    out = set()
+    for node in graph.node:
+        if node.domain != MOE_DOMAIN or node.op_type != MOE_OP or len(node.input) < 2:
+            continue
+        linear = producer.get(node.input[1])
+        if linear is None or linear.op_type not in ("MatMul", "Gemm") or len(linear.input) < 2:
+            continue
+        weight = producer.get(linear.input[1])
+        out.add(weight.input[0] if weight is not None and weight.op_type == "Transpose" else linear.input[1])
+    return out
+
+
 def plan_weights(model, largest: int = 128, experts: bool = False) -> tuple[list[_Plan], list[tuple[str, str]]]:
     """(weights to quantize, [(initializer, why it stays)] for float weights of a quantizable role
     left as they are). `largest`: the block size to use where K allows; `experts`: also the MoE
@@ -240,6 +269,7 @@ def plan_weights(model, largest: int = 128, experts: bool = False) -> tuple[list
     floats = FLOAT_ONNX_TYPES
     inits = {t.name: t for t in graph.initializer}
     moe = _moe_blocks(graph, inits, largest) if experts else {}
+    routers = _routers(graph) if experts else set()
     plans, skipped = [], []
     for t in graph.initializer:
         if t.data_type not in floats or t.name in outputs:
@@ -288,7 +318,7 @@ def plan_weights(model, largest: int = 128, experts: bool = False) -> tuple[list
             # blockwise DequantizeLinear whose scale has one element ("ScaleMode is illegal")
             skipped.append((t.name, f"a single {k} x 1 block"))
             continue
-        plans.append(_Plan(t.name, out, transpose, drop, block))
+        plans.append(_Plan(t.name, out, transpose, drop, block, ROUTER if t.name in routers else LINEAR))
     return plans, skipped
 
 
@@ -305,21 +335,50 @@ def _read(data, t, fallback_dtype) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
+def _pieces(w: np.ndarray, p: _Plan) -> tuple[list[np.ndarray], int]:
+    """`w` as stored, in storage order (one expert at a time for the experts), and the blocked axis of a piece."""
+    if p.role == EXPERTS:
+        return [w[e] for e in range(w.shape[0])], p.axis - 1
+    return [w.T if p.transpose else w], p.axis
+
+
 def _quantized_chunks(w: np.ndarray, p: _Plan, bits: int, sdt):
     """(q, scale) pieces of `w` in storage order: one expert at a time for the experts."""
-    if p.role == EXPERTS:
-        for e in range(w.shape[0]):
-            q, scale = quantize_blockwise(w[e], p.axis - 1, p.block, bits, sdt)
-            yield q, scale
-    else:
-        yield quantize_blockwise(w.T if p.transpose else w, p.axis, p.block, bits, sdt)
+    pieces, axis = _pieces(w, p)
+    for piece in pieces:
+        yield quantize_blockwise(piece, axis, p.block, bits, sdt)
+
+
+# A float32 export stores its scales in float16 (`QuantMode.scale_dtype`): half a bit a weight less at
+# blocks of 32 (int4: 5 -> 4.5 bits, Q4_0's). The portable form's DequantizeLinear gives the float16
+# product to a Cast; ONNX Runtime's loader widens the scales instead (`ort_quant.widen_scales`), so
+# q * scale is computed in float32 and the only loss is the scale's rounding to 11 bits.
+_HALF_MIN, _HALF_MAX = 2.0 ** -14, 65504.0      # float16's normal range
+
+
+def stored_scale_dtype(w: np.ndarray, p: _Plan, qm, bits: int) -> np.dtype:
+    """`qm`'s scale dtype over `w`'s dtype; float16 only where every scale the search can pick is a normal
+    float16, else `w`'s dtype (scales that small or large would lose bits or overflow)."""
+    if dtypes.numpy_dtype(qm.scale_dtype(w.dtype.name)) != np.float16 or w.dtype == np.float16:
+        return w.dtype
+    pieces, axis = _pieces(w, p)
+    lo, hi = np.inf, 0.0
+    for piece in pieces:
+        moved = np.moveaxis(piece, axis, -1)
+        amax = np.abs(moved.reshape(*moved.shape[:-1], -1, p.block)).max(-1)
+        nonzero = amax[amax > 0]
+        if nonzero.size:
+            lo, hi = min(lo, float(nonzero.min())), max(hi, float(nonzero.max()))
+    q = qmax(bits)
+    fits = lo * min(SCALE_SEARCH) / q >= _HALF_MIN and hi * max(SCALE_SEARCH) / q <= _HALF_MAX
+    return np.dtype(np.float16) if fits else w.dtype
 
 
 def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block: int | None = None) -> dict:
     """Quantize the block graph at `path` in place (graph and its external data) in `mode`, blocks of
     at most `block` (default: the mode's); returns {"quantized": {name: block}, "skipped": {name: reason}}."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     qm = quant_mode(mode)
     largest = block or qm.block
@@ -352,7 +411,7 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
     tmp_graph = path.with_name(path.name + ".quant-tmp")
 
     new_inits: list = []
-    new_nodes: dict[int, object] = {}    # id(Transpose node) -> its DequantizeLinear replacement
+    new_nodes: dict[int, list] = {}      # id(Transpose node) -> its DequantizeLinear (and Cast) replacement
     first_nodes: list = []               # DequantizeLinear of weights fed straight to their consumer
     src = open(data_path, "rb") if data_path.is_file() else None
     try:
@@ -376,19 +435,20 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
                     new_inits.append(t)
                     continue
                 w = _read(src, t, None)
-                sdt = w.dtype
-                enc = Encoding(qm.bits, signed=p.role == LINEAR)
+                bits = p.bits(qm)
+                sdt = stored_scale_dtype(w, p, qm, bits)
+                enc = Encoding(bits, signed=p.signed)
                 dims = list(w.shape[::-1] if p.transpose else w.shape)
                 sdims = list(dims)
                 sdims[p.axis] //= p.block
                 qt = onnx.TensorProto(name=f"{t.name}.{enc.suffix}", data_type=enc.onnx_type, dims=dims)
-                st = onnx.TensorProto(name=f"{t.name}.scale", data_type=t.data_type, dims=sdims)
+                st = onnx.TensorProto(name=f"{t.name}.scale", data_type=dtypes.dtype(sdt.name).onnx, dims=sdims)
                 scales = []
                 # the quantized values go out piece by piece; the scales (1/block of the size) after them
                 pad = (-dst.tell()) % ALIGN
                 dst.write(b"\0" * pad)
                 offset = dst.tell()
-                for q, scale in _quantized_chunks(w, p, qm.bits, sdt):
+                for q, scale in _quantized_chunks(w, p, bits, sdt):
                     dst.write(enc.encode(q))
                     scales.append(np.ascontiguousarray(scale).tobytes())
                     del q
@@ -403,12 +463,15 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
                     put(zt, enc.encode(np.zeros(n, np.int8)))
                     new_inits.append(zt)
                     ins.append(zt.name)
-                dq = helper.make_node("DequantizeLinear", ins, [p.out], name=f"{t.name}.dequantize",
-                                      axis=p.axis, block_size=p.block)
+                widen = st.data_type != t.data_type      # float16 scales of a float32 weight
+                dq = [helper.make_node("DequantizeLinear", ins, [f"{p.out}.{sdt.name}" if widen else p.out],
+                                       name=f"{t.name}.dequantize", axis=p.axis, block_size=p.block)]
+                if widen:
+                    dq.append(helper.make_node("Cast", dq[0].output, [p.out], name=f"{t.name}.widen", to=t.data_type))
                 if p.drop is not None:
                     new_nodes[id(p.drop)] = dq
                 else:
-                    first_nodes.append(dq)
+                    first_nodes += dq
                     if p.transpose:       # Gemm transB=1 reading the now [K, N] weight
                         (node, _), = _consumers(graph)[t.name]
                         for a in node.attribute:
@@ -430,7 +493,7 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
         keep = [v for v in field if v.name not in gone]
         del field[:]
         field.extend(keep)
-    nodes = first_nodes + [new_nodes.get(id(n), n) for n in graph.node]
+    nodes = first_nodes + [m for n in graph.node for m in new_nodes.get(id(n), [n])]
     del graph.node[:]
     graph.node.extend(nodes)
     # value_info of a removed Transpose output stays valid: DequantizeLinear produces the same value

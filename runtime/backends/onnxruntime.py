@@ -283,11 +283,12 @@ class OrtBackend:
 
         from dualbrain.runtime.backends.ort_fusions import fuse_rms_norm
         from dualbrain.runtime.backends.ort_kernels import use_cpu_kernels
-        from dualbrain.runtime.backends.ort_quant import fuse_quantized
+        from dualbrain.runtime.backends.ort_quant import fuse_quantized, widen_scales
 
         model = self._read(name, file)
         with _load_errors(name, file):
-            rewritten = fuse_quantized(model, self.model_dir) + fuse_rms_norm(model)
+            rewritten = widen_scales(model, self.model_dir)       # first: the rewrites below read float32 scales
+            rewritten += fuse_quantized(model, self.model_dir) + fuse_rms_norm(model)
             if self.convert_bf16:
                 onnx.load_external_data_for_model(model, str(self.model_dir))
                 bf16_to_fp32(model)

@@ -161,6 +161,37 @@ def _is_mid_zero_point(raw: bytes, dims: list[int], bits: int) -> bool:
     return arr.size > 0 and bool(np.all(arr == want))
 
 
+def widen_scales(model, model_dir) -> int:
+    """``Cast(DequantizeLinear(q, float16 scale), to=float32)`` -> ``DequantizeLinear(q, float32 scale)``:
+    the scales a float32 export stores in float16 (`exporter.quantize.stored_scale_dtype`) widened once
+    at load, so every rewrite after this one (and ONNX Runtime's own DequantizeLinear -> MatMulNBits
+    fusion, which mistypes a float16 scale under a float32 MatMul) sees the float32 form; the product is
+    the same, q * scale in float32. Returns how many were widened."""
+    g = _Graph(model.graph, model_dir)
+    replace: dict[int, object] = {}
+    for cast in model.graph.node:
+        if cast.op_type != "Cast" or cast.domain not in _ONNX or _attrs(cast).get("to") != TensorProto.FLOAT:
+            continue
+        dq = g.producer.get(cast.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX or len(dq.input) < 2 \
+                or g.only_user(cast.input[0]) is not cast:
+            continue
+        scale = g.inits.get(dq.input[1])
+        if scale is None or scale.data_type != TensorProto.FLOAT16 or g.users.get(scale.name) != 1:
+            continue
+        external = scale.data_location == TensorProto.EXTERNAL
+        half = np.frombuffer(g.raw(scale), np.float16) if external or scale.raw_data else numpy_helper.to_array(scale)
+        g.drop_inits.add(scale.name)
+        g.add_inits.append(numpy_helper.from_array(half.astype(np.float32).reshape(tuple(scale.dims)), scale.name))
+        widened = helper.make_node("DequantizeLinear", list(dq.input), list(cast.output), name=dq.name)
+        widened.attribute.extend(a for a in dq.attribute if a.name != "output_dtype")
+        replace[id(dq)] = widened
+        g.drop_nodes.add(id(cast))
+    if replace:
+        g.commit(replace)
+    return len(replace)
+
+
 def fuse_quantized(model, model_dir) -> int:
     """Rewrite the quantized experts to QMoE and quantized embedding lookups to GatherBlockQuantized
     (`model_dir`: where its external data lives); returns how many nodes were rewritten."""
