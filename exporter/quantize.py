@@ -359,7 +359,7 @@ _HALF_MIN, _HALF_MAX = 2.0 ** -14, 65504.0      # float16's normal range
 def stored_scale_dtype(w: np.ndarray, p: _Plan, qm, bits: int) -> np.dtype:
     """`qm`'s scale dtype over `w`'s dtype; float16 only where every scale the search can pick is a normal
     float16, else `w`'s dtype (scales that small or large would lose bits or overflow)."""
-    if dtypes.numpy_dtype(qm.scale_dtype(w.dtype.name)) != np.float16 or w.dtype == np.float16:
+    if qm.scale_dtype(w.dtype.name) == w.dtype.name:
         return w.dtype
     pieces, axis = _pieces(w, p)
     lo, hi = np.inf, 0.0

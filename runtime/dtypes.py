@@ -44,6 +44,10 @@ BY_NAME = {d.name: d for d in TABLE}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
+# A float export dtype -> the dtype its quantization scales are stored in, where not its own
+HALF_SCALES = {"float32": "float16"}
+
+
 @dataclass(frozen=True)
 class QuantMode:
     """A blockwise weight quantization on top of a float export dtype (`export --quant`, manifest `quant`).
@@ -72,7 +76,6 @@ class QuantMode:
         return HALF_SCALES.get(base, base)
 
 
-HALF_SCALES = {"float32": "float16"}
 INT8, INT4 = "int8", "int4"
 # The TensorRT form: linear weights only, int4, scales in fp16/bf16; before int8/int4 it was the only one.
 INT4_WEIGHT_ONLY = "int4-weight-only"
