@@ -259,8 +259,9 @@ def decode_bytes(export: Path, batch: int = 1) -> int:
     def per_param(quantized: bool, bits: int | None = None) -> float:
         return (bits or qm.bits) / 8 + scale / (man.quant_block or qm.block) if qm and quantized else item
 
+    linear = qm and qm.experts and qm.linear_bits          # the roles' bits where a mode sets them
     n = s.hidden_size * (per_param(bool(qm and qm.experts), qm and qm.embedding_bits) + item)  # embedding row, norm
-    n += s.vocab_size * s.hidden_size * per_param(True)                  # LM head
+    n += s.vocab_size * s.hidden_size * per_param(True, linear)          # LM head
     for i in range(s.num_layers):
         for name, shape in expected_layer_shapes(s, i).items():
             p = math.prod(shape)
@@ -268,7 +269,8 @@ def decode_bytes(export: Path, batch: int = 1) -> int:
                 n += p * experts_touched(s.num_experts, s.num_experts_per_tok, batch) / s.num_experts \
                     * per_param(bool(qm and qm.experts))
             else:
-                n += p * per_param(len(shape) == 2 and "conv" not in name and min(shape) > 1)
+                router = name.endswith("mlp.gate.weight") and qm and qm.experts and qm.router_bits
+                n += p * per_param(len(shape) == 2 and "conv" not in name and min(shape) > 1, router or linear)
     return int(n)
 
 

@@ -66,7 +66,9 @@ def main(ctx, debug):
                    "the MoE experts and the embeddings, on any --dtype (the embeddings and the MoE router "
                    "at 8 bits in int4 too; scales in float16 over float32, as Q8_0 / Q4_0 store theirs); "
                    "ONNX Runtime runs them as MatMulNBits / QMoE / GatherBlockQuantized with int8 "
-                   "activations, as llama.cpp's Q8_0 / Q4_0 do. int4-weight-only: the TensorRT form "
+                   "activations, as llama.cpp's Q8_0 / Q4_0 do. int4-experts: the MoE experts at 4 bits and "
+                   "every other weight at 8 (larger and slower than int4, closer to float). "
+                   "int4-weight-only: the TensorRT form "
                    "(linears only, --dtype float16 or bfloat16). Norms, convs and the MTP head stay in --dtype.")
 @click.option("--block", "quant_block", type=click.Choice(["32", "64", "128"]), default=None,
               help="Quantization block size along the input features (default: 32 for int8/int4, 128 for "

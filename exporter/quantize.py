@@ -13,7 +13,7 @@ layout its fused kernel reads:
   through a 2-D Transpose, stored ``[K, N]`` (a Transpose is folded into the layout and removed),
   signed INT4/INT8 without zero point, blocks along K (``axis=0``): ONNX Runtime fuses it with the
   MatMul into MatMulNBits (int8 activations, accuracy level 4) and TensorRT into its int4 GEMM. The
-  LM head is one of them.
+  LM head is one of them. At ``QuantMode.linear_bits`` where a mode sets it (int4-experts: 8).
 * **experts** (int8 / int4) -- the ``fc1`` [E, 2I, H] and ``fc2`` [E, H, I] inputs of
   ``dualbrain::MoEDispatch``, blocks along the last axis (one block size for both, as QMoE needs),
   stored unsigned (UINT4/UINT8) with the mid zero point (8 / 128): byte for byte what ONNX Runtime's
@@ -186,7 +186,7 @@ class _Plan:
 
     def bits(self, qm) -> int:
         """The role's bits under mode `qm`."""
-        return {EMBEDDING: qm.embedding_bits, ROUTER: qm.router_bits}.get(self.role, qm.bits)
+        return {EMBEDDING: qm.embedding_bits, ROUTER: qm.router_bits, LINEAR: qm.linear_bits}.get(self.role) or qm.bits
 
     @property
     def signed(self) -> bool:

@@ -69,6 +69,9 @@ class QuantMode:
     # The MoE router's bits (with `experts`): at 4 bits its rounding flips top-k choices (the trained pair:
     # 4 points of top-1 agreement); llama.cpp keeps it in float. [H, E]: a small matrix.
     router_bits: int = 8
+    # The other linears' bits (None: `bits`). int4-experts keeps them at 8: on a small model their 4-bit
+    # rounding is most of what int4 loses (RESULTS, "Fourteenth pass"); the experts hold most of the bytes.
+    linear_bits: int | None = None
 
     def scale_dtype(self, base: str) -> str:
         """The dtype scales are stored in over a `base` export: float16 over float32, as llama.cpp's Q8_0 /
@@ -76,12 +79,13 @@ class QuantMode:
         return HALF_SCALES.get(base, base)
 
 
-INT8, INT4 = "int8", "int4"
+INT8, INT4, INT4_EXPERTS = "int8", "int4", "int4-experts"
 # The TensorRT form: linear weights only, int4, scales in fp16/bf16; before int8/int4 it was the only one.
 INT4_WEIGHT_ONLY = "int4-weight-only"
 QUANTS = {q.name: q for q in (
     QuantMode(INT8, 8, 32, True, FLOAT_DTYPES, False),
     QuantMode(INT4, 4, 32, True, FLOAT_DTYPES, False),
+    QuantMode(INT4_EXPERTS, 4, 32, True, FLOAT_DTYPES, False, linear_bits=8),
     QuantMode(INT4_WEIGHT_ONLY, 4, 128, False, ("float16", "bfloat16"), True),
 )}
 QUANT_MODES = tuple(QUANTS)

@@ -16,7 +16,7 @@ both engines on the same text and the same positions:
              blocks of 32 as Q8_0/Q4_0 have (`--blocks 32,64,128`: int4 at each block size too)
 
     python tests/benchmarks/llama_agreement.py WORK --llama-bin LLAMA/build/bin \
-        --convert LLAMA/convert_hf_to_gguf.py [--hidden 64] [--chunks 16] [--blocks 32] [--json]
+        --convert LLAMA/convert_hf_to_gguf.py [--hidden 64] [--chunks 16] [--blocks 32] [--modes M,..] [--json]
 
 llama.cpp is a peer, built here from the llama-cpp-python sdist (tests/benchmarks/RESULTS.md says how;
 the converter needs the dualbrain tokenizer's pre-tokenizer named `qwen35` and the perplexity tool's
@@ -106,7 +106,8 @@ def _perplexity(cmd: list[str], summary: str) -> re.Match:
     raise SystemExit(f"no {summary!r} in llama-perplexity's output:\n{log[-3000:]}")
 
 
-def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int, blocks: list[int]) -> dict:
+def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int, blocks: list[int],
+                        modes: tuple[str, ...] = ()) -> dict:
     from dualbrain.exporter.export import export_checkpoint
     from dualbrain.runtime.agreement import CONFIDENT, teacher_forced_log_probs
     from dualbrain.runtime.model import Model
@@ -114,6 +115,7 @@ def dualbrain_agreement(work: Path, ids: list[int], chunks: int, ctx: int, block
     # name -> (quant, block); "int8" and "int4" are blocks of 32, as Q8_0 and Q4_0
     wanted = {"fp32": (None, None), "int8": ("int8", 32), "int4": ("int4", 32)}
     wanted.update({f"int4/{b}": ("int4", b) for b in blocks if b != 32})
+    wanted.update({m: (m, 32) for m in modes})
     exports = {}
     for name, (quant, block) in wanted.items():
         d = work / f"exp-{name.replace('/', '-b')}"
@@ -149,6 +151,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--blocks", default="32", help="int4 block sizes to score (32 always)")
+    ap.add_argument("--modes", default="", help="other --quant modes to score too, at blocks of 32 (int4-experts)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -165,7 +168,8 @@ def main() -> None:
     result = {"hidden": a.hidden, "chunks": a.chunks, "ctx": a.ctx,
               "llama.cpp": llama_same_top(a.work, a.llama_bin, a.convert, a.work / "text.txt", a.chunks, a.ctx),
               "dualbrain": dualbrain_agreement(a.work, ids, a.chunks, a.ctx,
-                                               [int(b) for b in a.blocks.split(",")])}
+                                               [int(b) for b in a.blocks.split(",")],
+                                               tuple(m for m in a.modes.split(",") if m))}
     # the two agreements compare only if both engines read the same tokens through the same model
     theirs, ours = result["llama.cpp"]["f32_ppl"], result["dualbrain"]["fp32_ppl"]
     if abs(theirs - ours) > 1e-3 * ours:
