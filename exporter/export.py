@@ -239,7 +239,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     Resumable: after an interruption, `OUT.partial/` keeps the finished blocks, and the same
     command reuses those whose files still match their recorded sha256.
 
-    `quant` ("int8", "int4" or "int4-weight-only") quantizes every block but the MTP head after
+    `quant` ("int8", "int4", "int4-experts" or "int4-weight-only") quantizes every block but the MTP head after
     export, in blocks of at most `quant_block` (see `exporter.quantize`; "int4-weight-only", the
     TensorRT form, needs dtype float16 or bfloat16).
 

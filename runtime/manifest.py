@@ -62,7 +62,7 @@ class Manifest:
     linked: str | None = None                 # optional whole-model graph
     linked_window: str | None = None          # the same, linked from the blocks' window variants
     source: dict[str, Any] = field(default_factory=dict)
-    quant: str | None = None                  # int8 | int4 | int4-weight-only (dtypes.QUANTS), rest in dtype
+    quant: str | None = None                  # int8 | int4 | int4-experts | int4-weight-only (dtypes.QUANTS)
     quant_block: int | None = None            # the largest quantization block used (smaller where K needs it)
 
     def to_json(self) -> dict[str, Any]:

@@ -244,13 +244,6 @@ class _Rewrite(_Graph):
         """The node being rewritten no longer reads `names`: drop those it was the only reader of."""
         self.drop_inits.update(n for n in names if self.users.get(n) == 1 and n not in self.outputs)
 
-    def array(self, name: str) -> np.ndarray:
-        """Initializer `name` as an array (its bytes read through `raw`, external data included)."""
-        t = self.inits[name]
-        if t.data_location != TensorProto.EXTERNAL and not t.raw_data:
-            return numpy_helper.to_array(t)          # stored in the typed fields, not as bytes
-        return np.frombuffer(self.raw(t), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
-
     def made(self, value: str, *ops: str, readers: int | None = 1, reads: str | None = None, domains=_ONNX):
         """The node giving `value` when it is one of `ops` (in `domains`), `value` has `readers` readers (None: any
         number) and is not a graph output, and the node reads `reads` first (when given); else None."""
@@ -694,8 +687,8 @@ def _siblings(node, match: tuple, r: _Rewrite, matcher, alike=lambda a, b: True)
     side, their output split (`_split`). On the exports that is a GDN layer's four input projections and an
     attention layer's q, k and v; x is then quantized once and the weights streamed in one parallel pass
     instead of one a linear (the GDN gates' projections are 16 wide). Gemms (the MoE router, the shared
-    expert) stay their own: the int4 MoE rewrite folds those, and grouping them measured no gain at fp32 or
-    int8 (RESULTS, thirteenth pass)."""
+    expert) stay their own: the int4 MoE rewrite folds the shared expert, the quantized modes keep the router
+    at 8 bits, and grouping them measured no gain at fp32 or int8 (RESULTS, thirteenth pass)."""
     linears = [(node, match)]
     if node.op_type == "MatMul":
         for other in r.readers.get(match[0], []):

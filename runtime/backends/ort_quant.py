@@ -11,6 +11,8 @@ roles, which this module rewrites in the graph handed to the session:
 * ``Gather(DQ(table), ids)`` -> ``com.microsoft.GatherBlockQuantized``, so the embedding lookup
   reads its rows quantized instead of dequantizing the whole table each call.
 
+Before both, ``widen_scales`` turns a float32 export's float16 scales (``DQ -> Cast``) into float32 ones.
+
 Both kernels read unsigned values with the implicit mid zero point (8 / 128), which is the layout
 the exporter stores these roles in: the rewritten tensors point at the same bytes of the export's
 external data (packed UINT4 read as uint8), so nothing is copied or loaded twice. A pattern that
@@ -118,6 +120,13 @@ class _Graph:
             f.seek(int(ext.get("offset", 0)))
             return f.read(int(ext["length"])) if "length" in ext else f.read()
 
+    def array(self, name: str) -> np.ndarray:
+        """Initializer `name` as an array (its bytes read through `raw`, external data included)."""
+        t = self.inits[name]
+        if t.data_location != TensorProto.EXTERNAL and not t.raw_data:
+            return numpy_helper.to_array(t)          # stored in the typed fields, not as bytes
+        return np.frombuffer(self.raw(t), helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+
     def as_uint8(self, q, bits: int):
         """A uint8 [.., K * bits / 8] initializer over `q`'s bytes (UINT4 packs two values per byte)."""
         dims = list(q.dims)
@@ -168,7 +177,6 @@ def widen_scales(model, model_dir) -> int:
     fusion, which mistypes a float16 scale under a float32 MatMul) sees the float32 form; the product is
     the same, q * scale in float32. Returns how many were widened."""
     g = _Graph(model.graph, model_dir)
-    replace: dict[int, object] = {}
     for cast in model.graph.node:
         if cast.op_type != "Cast" or cast.domain not in _ONNX or _attrs(cast).get("to") != TensorProto.FLOAT:
             continue
@@ -179,17 +187,13 @@ def widen_scales(model, model_dir) -> int:
         scale = g.inits.get(dq.input[1])
         if scale is None or scale.data_type != TensorProto.FLOAT16 or g.users.get(scale.name) != 1:
             continue
-        external = scale.data_location == TensorProto.EXTERNAL
-        half = np.frombuffer(g.raw(scale), np.float16) if external or scale.raw_data else numpy_helper.to_array(scale)
         g.drop_inits.add(scale.name)
-        g.add_inits.append(numpy_helper.from_array(half.astype(np.float32).reshape(tuple(scale.dims)), scale.name))
-        widened = helper.make_node("DequantizeLinear", list(dq.input), list(cast.output), name=dq.name)
-        widened.attribute.extend(a for a in dq.attribute if a.name != "output_dtype")
-        replace[id(dq)] = widened
+        g.add_inits.append(numpy_helper.from_array(g.array(scale.name).astype(np.float32), scale.name))
+        dq.output[0] = cast.output[0]          # with float32 scales the DequantizeLinear gives the Cast's value
         g.drop_nodes.add(id(cast))
-    if replace:
-        g.commit(replace)
-    return len(replace)
+    if g.drop_nodes:
+        g.commit({})
+    return len(g.drop_nodes)
 
 
 def fuse_quantized(model, model_dir) -> int:
