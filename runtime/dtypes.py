@@ -52,7 +52,7 @@ HALF_SCALES = {"float32": "float16"}
 class QuantMode:
     """A blockwise weight quantization on top of a float export dtype (`export --quant`, manifest `quant`).
 
-    Symmetric: q = round(w / scale), scale = max|w| / (2^(bits-1) - 1) per block of `block` input
+    Symmetric: q = round(w / scale), scale about max|w| / (2^(bits-1) - 1) per block of `block` input
     features (smaller blocks where the input dimension needs it). On disk every quantized weight is
     an ONNX DequantizeLinear-21 (the portable form); ONNX Runtime runs the linears as MatMulNBits
     and, at load, the experts as QMoE and the embeddings as GatherBlockQuantized."""
@@ -72,6 +72,11 @@ class QuantMode:
     # The other linears' bits (None: `bits`). int4-experts keeps them at 8: on a small model their 4-bit
     # rounding is most of what int4 loses (RESULTS, "Fourteenth pass"); the experts hold most of the bytes.
     linear_bits: int | None = None
+    # Whether an expert block's scale may be negative, so that its largest |w| can take the grid's longer end
+    # (-8 at 4 bits: exporter.quantize.quantize_blockwise); measured to lift the experts' agreement on three
+    # trained models, and to cost the pair's 4-bit dense linears (RESULTS, "Fifteenth pass"). QMoE and our
+    # kernels multiply by the scale as it is; the TensorRT form (no experts) keeps positive scales.
+    negative_scales: bool = True
 
     def scale_dtype(self, base: str) -> str:
         """The dtype scales are stored in over a `base` export: float16 over float32, as llama.cpp's Q8_0 /
@@ -86,7 +91,7 @@ QUANTS = {q.name: q for q in (
     QuantMode(INT8, 8, 32, True, FLOAT_DTYPES, False),
     QuantMode(INT4, 4, 32, True, FLOAT_DTYPES, False),
     QuantMode(INT4_EXPERTS, 4, 32, True, FLOAT_DTYPES, False, linear_bits=8),
-    QuantMode(INT4_WEIGHT_ONLY, 4, 128, False, ("float16", "bfloat16"), True),
+    QuantMode(INT4_WEIGHT_ONLY, 4, 128, False, ("float16", "bfloat16"), True, negative_scales=False),
 )}
 QUANT_MODES = tuple(QUANTS)
 QUANT_BLOCKS = (128, 64, 32)

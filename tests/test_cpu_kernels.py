@@ -768,13 +768,14 @@ def test_rewrite_uses_our_kernel_for_decode_and_onnxruntime_for_prefill(library,
 
 def _qmoe_model(n_experts, inter, hidden, top_k, *, bits=4, block=32, seed=0):
     """A com.microsoft.QMoE node as ort_quant.fuse_quantized writes it, over experts quantized from random
-    normal weights (unsigned, mid zero point), and those experts dequantized for the numpy reference."""
+    normal weights (unsigned, mid zero point; negative scales as the exporter's experts have), and those
+    experts dequantized for the numpy reference."""
     rng = np.random.default_rng(seed)
     f32 = {"fc1": rng.standard_normal((n_experts, 2 * inter, hidden)) * 0.1,
            "fc2": rng.standard_normal((n_experts, hidden, inter)) * 0.1}
     inits, dense = [], {}
     for name, w in f32.items():
-        q, scale = quantize_blockwise(w.astype(np.float32), 2, block, bits, np.float32)
+        q, scale = quantize_blockwise(w.astype(np.float32), 2, block, bits, np.float32, negative_scales=True)
         dense[name] = dequantize_blockwise(q, scale, 2, block)
         u = (q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
         if bits == 4:

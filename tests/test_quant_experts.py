@@ -50,6 +50,43 @@ def test_blockwise_along_the_last_axis_beats_the_plain_scale(bits):
     assert np.all(np.abs(dq - w) <= np.repeat(plain, 32, -1) * 1.5 + 1e-7)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_negative_scales_put_the_largest_weight_on_the_longer_end(bits):
+    """negative_scales: a block whose largest |w| is positive can take a negative scale, so that weight lands on
+    -2^(bits-1) (a finer step); never a worse block than the positive-only search, and the same q * scale
+    contract (DequantizeLinear and every kernel multiply by the scale as stored)."""
+    rng = np.random.default_rng(10 + bits)
+    w = (rng.standard_normal((4, 64, 128)) * 0.05).astype(np.float32)
+    lim = 2 ** (bits - 1)
+    q0, s0 = quantize_blockwise(w, 2, 32, bits, np.float16)
+    q1, s1 = quantize_blockwise(w, 2, 32, bits, np.float16, negative_scales=True)
+    assert np.all(s0 >= 0) and (s1 < 0).mean() > 0.2            # measured: ~40 % of the blocks at 4 bits
+    err = [np.square(dequantize_blockwise(q, s.astype(np.float32), 2, 32) - w).reshape(4, 64, 4, 32).sum(-1)
+           for q, s in ((q0, s0), (q1, s1))]
+    assert np.all(err[1] <= err[0] * (1 + 1e-6) + 1e-12) and err[1].sum() < err[0].sum() * (0.95 if bits == 4 else 1)
+    # where the scale is negative, the block's largest |w| is positive and sits on (or was clipped to) -lim
+    blocks = w.reshape(4, 64, 4, 32)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    qpeak = np.take_along_axis(q1.reshape(4, 64, 4, 32), np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    neg = s1 < 0
+    assert np.all(peak[neg] > 0) and np.all(qpeak[neg] == -lim) and q1.min() >= -lim and q1.max() < lim
+
+
+def test_exporter_uses_negative_scales_for_the_experts_only(tmp_path):
+    """The ONNX Runtime modes search negative scales for the experts (QuantMode.negative_scales, _Plan); the
+    other roles keep positive ones, and so does the TensorRT form."""
+    from dualbrain.runtime.dtypes import quant_mode
+
+    path, w = _moe_graph(tmp_path)
+    quantize_block(path, "int4", 32)
+    model = onnx.load(str(path))
+    scales = {t.name.rsplit(".", 1)[0]: numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.name.endswith(".scale")}
+    assert (scales["fc1"] < 0).any() and (scales["fc2"] < 0).any()
+    assert all((scales[n] >= 0).all() for n in ("table", "router"))
+    assert quant_mode("int4").negative_scales and not quant_mode("int4-weight-only").negative_scales
+
+
 def test_unsigned_storage_is_the_mid_zero_point_layout():
     q = np.random.default_rng(0).integers(-8, 8, (4, 64)).astype(np.int8)
     assert Encoding(4, False).encode(q) == pack_int4(q + 8)
@@ -119,7 +156,8 @@ def test_experts_and_embeddings_quantized_and_fused(tmp_path, mode, bits, monkey
     # form's float16 product (DequantizeLinear's output type) and the loader's float32 one
     portable_w, loaded_w = {}, {}
     for name, axis in (("table", 1), ("router", 0), ("fc1", 2), ("fc2", 2)):
-        q, s = quantize_blockwise(w[name], axis, 32, 8 if name in ("table", "router") else bits, np.float16)
+        q, s = quantize_blockwise(w[name], axis, 32, 8 if name in ("table", "router") else bits, np.float16,
+                                  negative_scales=name in ("fc1", "fc2"))      # the experts' search (_Plan)
         portable_w[name] = dequantize_blockwise(q, s, axis, 32).astype(np.float32)
         loaded_w[name] = dequantize_blockwise(q, s.astype(np.float32), axis, 32)
     ids = np.array([3, 0, 39, 7, 7, 21, 12], np.int64)
@@ -252,12 +290,14 @@ def test_trained_pair_agreement():
         assert {"uint4", "int8"} <= stored and "int4" not in stored
         assert decode_bytes(outs[1]) < decode_bytes(outs[2]) < decode_bytes(outs[0])
     assert int8.positions == 256 and int8.confident_positions > 100
-    # measured: int8 99.6 % with the CPU kernels' float-activation linears (98.8 % with MatMulNBits'
-    # int8 activations, when no compiler builds them); int4 96.1 % (100 % where fp32 is sure), 91.8 % with
-    # the embeddings and the router at 4 bits too (QuantMode.embedding_bits, router_bits); int4-experts 96.5 %
-    assert int8.rate >= (0.99 if ort_kernels.library() else 0.95) and int8.confident_rate >= 0.99
-    assert int4.rate >= 0.95 and int4.confident_rate >= 0.98
-    assert int4x.rate >= 0.95 and int4x.confident_rate >= 0.98
+    # measured: int8 99.2 % with the CPU kernels' float-activation linears (98.8 % with MatMulNBits'
+    # int8 activations, when no compiler builds them); int4 95.3 % (99.4 % where fp32 is sure), 91.8 % with
+    # the embeddings and the router at 4 bits too (QuantMode.embedding_bits, router_bits); int4-experts
+    # 98.0 % (96.5 % with MatMulNBits; 96.5 % too before the experts' negative scales: RESULTS, fifteenth pass)
+    kernels = ort_kernels.library() is not None
+    assert int8.rate >= (0.99 if kernels else 0.95) and int8.confident_rate >= 0.99
+    assert int4.rate >= 0.94 and int4.confident_rate >= 0.98
+    assert int4x.rate >= (0.97 if kernels else 0.95) and int4x.confident_rate >= 0.99
 
 
 # --- the command line ------------------------------------------------------------------------------
