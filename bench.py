@@ -247,7 +247,7 @@ def decode_bytes(export: Path, batch: int = 1) -> int:
     those the ones the step touches (`experts_touched`). A quantized export counts its quantized
     matrices at bits/8 plus one scale per block."""
     from dualbrain.exporter.checkpoint import expected_layer_shapes
-    from dualbrain.runtime.dtypes import dtype, quant_mode
+    from dualbrain.runtime.dtypes import EMBEDDING, EXPERTS, LINEAR, ROUTER, dtype, quant_mode
     from dualbrain.runtime.manifest import load_manifest
 
     man = load_manifest(export)
@@ -256,21 +256,24 @@ def decode_bytes(export: Path, batch: int = 1) -> int:
     qm = quant_mode(man.quant) if man.quant else None
     scale = dtype(qm.scale_dtype(man.dtype)).itemsize if qm else item
 
-    def per_param(quantized: bool, bits: int | None = None) -> float:
-        return (bits or qm.bits) / 8 + scale / (man.quant_block or qm.block) if qm and quantized else item
+    def per_param(quantized: bool, bits: int | None) -> float:
+        return bits / 8 + scale / (man.quant_block or qm.block) if qm and quantized else item
 
-    linear = qm and qm.experts and qm.linear_bits          # the roles' bits where a mode sets them
-    n = s.hidden_size * (per_param(bool(qm and qm.experts), qm and qm.embedding_bits) + item)  # embedding row, norm
-    n += s.vocab_size * s.hidden_size * per_param(True, linear)          # LM head
+    def bits(role: str) -> int | None:
+        return qm.role_bits(role) if qm else None
+
+    experts = bool(qm and qm.experts)          # the modes that quantize the experts, router and embeddings
+    n = s.hidden_size * (per_param(experts, bits(EMBEDDING)) + item)      # embedding row, norm
+    n += s.vocab_size * s.hidden_size * per_param(True, bits(LINEAR))    # LM head
     for i in range(s.num_layers):
         for name, shape in expected_layer_shapes(s, i).items():
             p = math.prod(shape)
             if ".experts." in name:
                 n += p * experts_touched(s.num_experts, s.num_experts_per_tok, batch) / s.num_experts \
-                    * per_param(bool(qm and qm.experts))
+                    * per_param(experts, bits(EXPERTS))
             else:
-                router = name.endswith("mlp.gate.weight") and qm and qm.experts and qm.router_bits
-                n += p * per_param(len(shape) == 2 and "conv" not in name and min(shape) > 1, router or linear)
+                role = ROUTER if experts and name.endswith("mlp.gate.weight") else LINEAR
+                n += p * per_param(len(shape) == 2 and "conv" not in name and min(shape) > 1, bits(role))
     return int(n)
 
 

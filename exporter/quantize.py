@@ -47,13 +47,12 @@ import numpy as np
 from dualbrain.errors import DualbrainError
 from dualbrain.plugins.moe_dispatch.reference import DOMAIN as MOE_DOMAIN, OP_TYPE as MOE_OP
 from dualbrain.runtime import dtypes
-from dualbrain.runtime.dtypes import INT4_WEIGHT_ONLY, QUANT_BLOCKS, quant_mode
+from dualbrain.runtime.dtypes import EMBEDDING, EXPERTS, INT4_WEIGHT_ONLY, LINEAR, QUANT_BLOCKS, ROUTER, quant_mode
 
 BLOCK_SIZES = QUANT_BLOCKS
 MIN_OPSET = 21           # DequantizeLinear-21: blockwise (block_size) and INT4
 QMIN, QMAX = -8, 7       # int4
 ALIGN = 64               # byte alignment of tensors in the rewritten external-data file
-LINEAR, EXPERTS, EMBEDDING, ROUTER = "linear", "experts", "embedding", "router"
 
 
 def block_size_for(k: int, largest: int = 128) -> int | None:
@@ -197,7 +196,7 @@ class _Plan:
 
     def bits(self, qm) -> int:
         """The role's bits under mode `qm`."""
-        return {EMBEDDING: qm.embedding_bits, ROUTER: qm.router_bits, LINEAR: qm.linear_bits}.get(self.role) or qm.bits
+        return qm.role_bits(self.role)
 
     def negative_scales(self, qm) -> bool:
         """Whether the scale search may pick negative scales (`quantize_blockwise`): the experts, where `qm` allows."""

@@ -46,6 +46,8 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 # A float export dtype -> the dtype its quantization scales are stored in, where not its own
 HALF_SCALES = {"float32": "float16"}
+# The roles a quantized weight plays: exporter.quantize plans each weight as one, bench counts their bytes
+LINEAR, EXPERTS, EMBEDDING, ROUTER = "linear", "experts", "embedding", "router"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class QuantMode:
     # trained models, and to cost the pair's 4-bit dense linears (RESULTS, "Fifteenth pass"). QMoE and our
     # kernels multiply by the scale as it is; the TensorRT form (no experts) keeps positive scales.
     negative_scales: bool = True
+
+    def role_bits(self, role: str) -> int:
+        """The bits a weight of `role` (LINEAR, EXPERTS, EMBEDDING, ROUTER) is stored at in this mode."""
+        by_role = {EMBEDDING: self.embedding_bits, ROUTER: self.router_bits, LINEAR: self.linear_bits}
+        return by_role.get(role) or self.bits
 
     def scale_dtype(self, base: str) -> str:
         """The dtype scales are stored in over a `base` export: float16 over float32, as llama.cpp's Q8_0 /

@@ -77,7 +77,7 @@ def test_exporter_uses_negative_scales_for_the_experts_only(tmp_path):
     other roles keep positive ones, and so does the TensorRT form."""
     from dualbrain.runtime.dtypes import quant_mode
 
-    path, w = _moe_graph(tmp_path)
+    path, _ = _moe_graph(tmp_path)
     quantize_block(path, "int4", 32)
     model = onnx.load(str(path))
     scales = {t.name.rsplit(".", 1)[0]: numpy_helper.to_array(t) for t in model.graph.initializer

@@ -4,6 +4,9 @@
  * one token, eight rows interleaved, K = 1024. The codebook is stored +128 so vpdpbusd reads it as
  * unsigned; the activations' zero-point term is then 128 x their sum instead of 8 x.
  *
+ * Measured before the kernels' next-group prefetch (tests/benchmarks/RESULTS.md, fifteenth pass), which both
+ * loops now have.
+ *
  * First the codebook loop against a scalar reference (max relative error), then GB/s of weights and
  * scales for both loops: GROUPS groups of eight rows (8: in L1, the compute rate; 40000: 205 MB, from
  * memory), REPS passes. Needs AVX-512 VNNI with VL.
@@ -21,6 +24,10 @@ static const int8_t NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 2
 /* group_dot_tokens(4, ...) with the nibbles mapped through the codebook (stored +128, unsigned) */
 static inline __attribute__((always_inline)) void group_dot_nl(const uint8_t *w, const float *s8, const int8_t *x,
     const float *xs, const int32_t *xc, int64_t k, int64_t blocks, int count, float *out) {
+  /* as group_dot_tokens: the next group's bytes first, so the lookup is the only difference */
+  const char *next_w = (const char *)(w + 128 * blocks), *next_s = (const char *)(s8 + 8 * blocks);
+  for (int64_t o = 0; o < 128 * blocks; o += 64) _mm_prefetch(next_w + o, _MM_HINT_T0);
+  for (int64_t o = 0; o < 32 * blocks; o += 64) _mm_prefetch(next_s + o, _MM_HINT_T0);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m128i t16 = _mm_loadu_si128((const __m128i *)NL);
   const __m256i lut = _mm256_add_epi8(_mm256_broadcastsi128_si256(t16), _mm256_set1_epi8((char)128));
