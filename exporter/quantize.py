@@ -19,7 +19,10 @@ layout its fused kernel reads:
 * **experts** (int8 / int4) -- the ``fc1`` [E, 2I, H] and ``fc2`` [E, H, I] inputs of
   ``dualbrain::MoEDispatch``, blocks along the last axis (one block size for both, as QMoE needs),
   stored unsigned (UINT4/UINT8) with the mid zero point (8 / 128): byte for byte what ONNX Runtime's
-  QMoE reads, so its rewrite points at the same bytes.
+  QMoE reads, so its rewrite points at the same bytes. The zero point is not stored: two nodes make
+  it from the scales' shape (``Encoding.zero_point_nodes``), which ONNX Runtime folds at load and its
+  rewrites read as the fused kernels' implicit one. (Earlier exports stored it as a tensor, a quarter
+  of the float16 scales' bytes at 4 bits; they still load.)
 * **embeddings** (int8 / int4) -- the table of a Gather, blocks along the hidden axis, unsigned as
   the experts (GatherBlockQuantized's uint8 form), at ``QuantMode.embedding_bits`` (8 in both).
 * **routers** (int8 / int4) -- the linear giving a MoEDispatch its logits: a linear, at
@@ -178,6 +181,20 @@ class Encoding:
     def encode(self, q: np.ndarray) -> bytes:
         v = q if self.signed else q.astype(np.int16) + self.zero_point
         return pack_int4(v) if self.bits == 4 else v.astype(np.int8 if self.signed else np.uint8).tobytes()
+
+    def zero_point_nodes(self, name: str, dims: list[int]) -> tuple[list, list]:
+        """(nodes, initializers) giving value `name`: the unsigned zero point of scales `dims`, every element
+        the mid value, made as ``Cast(ConstantOfShape(dims, uint8 mid), to=UINT4)`` (ONNX Runtime has no
+        4-bit ConstantOfShape; at 8 bits the ConstantOfShape alone), so that it costs 3 int64s on disk."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        shape = numpy_helper.from_array(np.asarray(dims, np.int64), f"{name}.shape")
+        mid = helper.make_tensor(f"{name}.value", TensorProto.UINT8, [1], [self.zero_point])
+        made = name if self.bits == 8 else f"{name}.uint8"
+        nodes = [helper.make_node("ConstantOfShape", [shape.name], [made], name=f"{name}.fill", value=mid)]
+        if self.bits != 8:
+            nodes.append(helper.make_node("Cast", [made], [name], name=f"{name}.cast", to=self.onnx_type))
+        return nodes, [shape]
 
 
 @dataclass
@@ -470,18 +487,16 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
                 _point(qt, data_name, offset, dst.tell() - offset)
                 put(st, *scales)
                 new_inits += [qt, st]
-                ins = [qt.name, st.name]
+                ins, dq = [qt.name, st.name], []
                 if not enc.signed:
-                    zt = onnx.TensorProto(name=f"{t.name}.zero_point", data_type=enc.onnx_type, dims=sdims)
-                    n = int(np.prod(sdims))
-                    put(zt, enc.encode(np.zeros(n, np.int8)))
-                    new_inits.append(zt)
-                    ins.append(zt.name)
+                    dq, zp_inits = enc.zero_point_nodes(f"{t.name}.zero_point", sdims)
+                    new_inits += zp_inits
+                    ins.append(dq[-1].output[0])
                 widen = st.data_type != t.data_type      # float16 scales of a float32 weight
-                dq = [helper.make_node("DequantizeLinear", ins, [f"{p.out}.{sdt.name}" if widen else p.out],
-                                       name=f"{t.name}.dequantize", axis=p.axis, block_size=p.block)]
+                dq.append(helper.make_node("DequantizeLinear", ins, [f"{p.out}.{sdt.name}" if widen else p.out],
+                                           name=f"{t.name}.dequantize", axis=p.axis, block_size=p.block))
                 if widen:
-                    dq.append(helper.make_node("Cast", dq[0].output, [p.out], name=f"{t.name}.widen", to=t.data_type))
+                    dq.append(helper.make_node("Cast", dq[-1].output, [p.out], name=f"{t.name}.widen", to=t.data_type))
                 if p.drop is not None:
                     new_nodes[id(p.drop)] = dq
                 else:

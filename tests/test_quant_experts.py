@@ -96,6 +96,30 @@ def test_unsigned_storage_is_the_mid_zero_point_layout():
     assert Encoding(8, True).encode(q8) == q8.tobytes()
 
 
+@pytest.mark.parametrize("bits,dims", [(4, [3, 5, 2]), (4, [7, 3]), (8, [2, 9])])
+def test_zero_point_nodes_make_the_mid_zero_point(bits, dims):
+    """The zero point the exporter does not store: its nodes, run by ONNX Runtime, give 2^(bits-1) in the
+    values' type and the scales' shape (an odd count at 4 bits included)."""
+    import onnxruntime as ort
+
+    enc = Encoding(bits, False)
+    nodes, inits = enc.zero_point_nodes("zp", dims)
+    assert sum(t.ByteSize() for t in inits) < 100
+    # DequantizeLinear of a known value reads the zero point back: (q - zp) * 1
+    q = np.random.default_rng(bits).integers(0, 2 ** bits, dims)
+    qt = helper.make_tensor("q", enc.onnx_type, dims, pack_int4(q) if bits == 4 else q.astype(np.uint8).tobytes(),
+                            raw=True)
+    one = numpy_helper.from_array(np.ones([1] * len(dims), np.float32), "one")
+    dq = helper.make_node("DequantizeLinear", ["q", "one_full", "zp"], ["w"], axis=len(dims) - 1, block_size=1)
+    expand = helper.make_node("Expand", ["one", "zp.shape"], ["one_full"])
+    g = helper.make_graph(nodes + [expand, dq], "zp", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, dims)],
+                          inits + [qt, one])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    w = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(w, q - 2 ** (bits - 1))
+
+
 # --- the pass and the rewrite on a hand-built MoE graph -------------------------------------------
 
 def _moe_graph(tmp_path, router_std: float = 0.3):
@@ -119,6 +143,33 @@ def _moe_graph(tmp_path, router_std: float = 0.3):
     return path, w
 
 
+def _stored_zero_points(path) -> None:
+    """Rewrite a quantized export's zero points as earlier exports stored them: a tensor of the scales' shape
+    holding the mid value, in place of the nodes that make it now."""
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    made = set()
+    for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3]:
+        q = next(t for t in model.graph.initializer if t.name == node.input[0])
+        zp = node.input[2]
+        chain = [producer[zp]] + ([producer[producer[zp].input[0]]] if producer[zp].op_type == "Cast" else [])
+        made.update(id(n) for n in chain)
+        dims = list(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == chain[-1].input[0])))
+        bits = 4 if q.data_type == TensorProto.UINT4 else 8
+        mid = np.full(int(np.prod(dims)), 2 ** (bits - 1))
+        model.graph.initializer.append(helper.make_tensor(
+            zp, q.data_type, dims, pack_int4(mid) if bits == 4 else mid.astype(np.uint8).tobytes(), raw=True))
+    shapes = {n.input[0] for n in model.graph.node if id(n) in made and n.op_type == "ConstantOfShape"}
+    keep = [n for n in model.graph.node if id(n) not in made]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    inits = [t for t in model.graph.initializer if t.name not in shapes]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=0)
+
+
 def _run(path, ids, fuse: bool, level: int):
     import onnxruntime as ort
 
@@ -133,14 +184,25 @@ def _run(path, ids, fuse: bool, level: int):
     return sess.run(["y"], {"ids": ids})[0], model, rewritten
 
 
+@pytest.mark.parametrize("zero_points", ["made", "stored"])
 @pytest.mark.parametrize("mode,bits", [("int4", 4), ("int8", 8)])
-def test_experts_and_embeddings_quantized_and_fused(tmp_path, mode, bits, monkeypatch):
+def test_experts_and_embeddings_quantized_and_fused(tmp_path, mode, bits, zero_points, monkeypatch):
+    """The experts' and table's zero points as the exporter makes them (nodes) and as earlier exports stored
+    them (`stored`): the portable form and the fused kernels against numpy on the same quantized weights."""
     path, w = _moe_graph(tmp_path)
     res = quantize_block(path, mode, 32)
     assert res["quantized"] == {"table": 32, "router": 32, "fc1": 32, "fc2": 32}
-    onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
+    # no zero point on disk but three int64s a weight: the nodes make it
+    assert not any("zero_point" in n and not n.endswith(".zero_point.shape") for n in inits)
+    assert sum(n.op_type == "ConstantOfShape" for n in model.graph.node) == 3
+    if zero_points == "stored":
+        _stored_zero_points(path)
+        model = onnx.load(str(path), load_external_data=False)
+        inits = {t.name: t for t in model.graph.initializer}
+        assert {inits[f"{n}.zero_point"].data_type for n in ("fc1", "table")} >= {TensorProto.UINT8}
+    onnx.checker.check_model(str(path), full_check=True)
     unsigned = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
     assert {inits[f"{n}.uint{bits}"].data_type for n in ("fc1", "fc2")} == {unsigned}
     # the embeddings and the router at 8 bits in either mode (QuantMode.embedding_bits, router_bits)
@@ -179,6 +241,9 @@ def test_experts_and_embeddings_quantized_and_fused(tmp_path, mode, bits, monkey
     assert ("com.microsoft", "QMoE") in ops and ("com.microsoft", "GatherBlockQuantized") in ops
     assert (DOMAIN, OP_TYPE) not in ops
     assert [x.output[0] for x in fused_model.graph.node if x.op_type == "DequantizeLinear"] == ["router"]
+    # the zero points went with their DequantizeLinears
+    assert not any(x.op_type in ("ConstantOfShape", "Cast") for x in fused_model.graph.node)
+    assert not any("zero_point" in t.name for t in fused_model.graph.initializer)
     # int8 experts always quantize activations to int8 (ORT has no fp32 kernel for them)
     np.testing.assert_allclose(exact, want, rtol=0, atol=(1e-5 if bits == 4 else 2e-2) * scale)
     monkeypatch.setattr(ort_quant, "ACCURACY_LEVEL", 4)
@@ -287,7 +352,7 @@ def test_trained_pair_agreement():
         # int4-experts: the experts at 4 bits, every linear at 8 (what a decode step reads lies between)
         layer = onnx.load(str(outs[2] / "layer_000.onnx"), load_external_data=False)
         stored = {t.name.rsplit(".", 1)[1] for t in layer.graph.initializer if "." in t.name}
-        assert {"uint4", "int8"} <= stored and "int4" not in stored
+        assert {"uint4", "int8"} <= stored and "int4" not in stored and "zero_point" not in stored
         assert decode_bytes(outs[1]) < decode_bytes(outs[2]) < decode_bytes(outs[0])
     assert int8.positions == 256 and int8.confident_positions > 100
     # measured: int8 99.2 % with the CPU kernels' float-activation linears (and with MatMulNBits'

@@ -15,11 +15,15 @@ Before both, ``widen_scales`` turns a float32 export's float16 scales (``DQ -> C
 
 Both kernels read unsigned values with the implicit mid zero point (8 / 128), which is the layout
 the exporter stores these roles in: the rewritten tensors point at the same bytes of the export's
-external data (packed UINT4 read as uint8), so nothing is copied or loaded twice. A pattern that
+external data (packed UINT4 read as uint8), so nothing is copied or loaded twice. The zero point is
+the exporter's nodes making it (or an earlier export's stored tensor): dropped with the
+DequantizeLinear. A pattern that
 does not match exactly is left as it is: ONNX Runtime then runs the DequantizeLinear itself,
 slower, with the same result.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -38,6 +42,16 @@ _CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value
 
 def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Quantized(NamedTuple):
+    """An unsigned blockwise DequantizeLinear with the mid zero point, as a fused kernel reads it."""
+    dq: object                  # the node
+    q: object                   # its values (an initializer)
+    scale: str
+    bits: int
+    block: int
+    zero_point_nodes: list      # the nodes making its zero point ([] for a stored one)
 
 
 class _Graph:
@@ -90,24 +104,45 @@ class _Graph:
             return None
         return float(value.reshape(-1)[0])
 
-    def dequantized(self, value: str, rank: int, axis: int):
-        """(DQ node, quantized initializer, scale name, bits, block) when `value` is the only use of an
-        unsigned blockwise DequantizeLinear of a rank-`rank` initializer along `axis` with the mid
-        zero point; else None."""
+    def dequantized(self, value: str, rank: int, axis: int) -> _Quantized | None:
+        """The DequantizeLinear giving `value` when `value` is the only use of an unsigned blockwise DequantizeLinear of a rank-`rank` initializer along `axis` with
+        the mid zero point (`mid_zero_point`); else None."""
         dq = self.producer.get(value)
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") \
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX \
                 or len(dq.input) != 3 or self.users.get(value, 0) != 1:
             return None
-        q, zp = self.inits.get(dq.input[0]), self.inits.get(dq.input[2])
+        q, scale = self.inits.get(dq.input[0]), self.inits.get(dq.input[1])
         a = _attrs(dq)
-        if q is None or zp is None or q.data_type not in _UNSIGNED_BITS or len(q.dims) != rank \
-                or a.get("axis") != axis or not a.get("block_size") or dq.input[1] not in self.inits:
+        if q is None or scale is None or q.data_type not in _UNSIGNED_BITS or len(q.dims) != rank \
+                or a.get("axis") != axis or not a.get("block_size"):
             return None
-        # the zero point must be the implicit one of the fused kernels: every nibble / byte the mid value
-        bits = _UNSIGNED_BITS[q.data_type]
-        if not _is_mid_zero_point(self.raw(zp), list(zp.dims), bits):
+        made = self.mid_zero_point(dq.input[2], q.data_type, list(scale.dims))
+        if made is None:
             return None
-        return dq, q, dq.input[1], bits, int(a["block_size"])
+        return _Quantized(dq, q, scale.name, _UNSIGNED_BITS[q.data_type], int(a["block_size"]), made)
+
+    def mid_zero_point(self, name: str, data_type: int, dims: list[int]) -> list | None:
+        """When value `name` is the fused kernels' implicit zero point, 2^(bits-1) everywhere, of type `data_type`
+        and shape `dims`: the nodes making it as the exporter does (`exporter.quantize.Encoding.zero_point_nodes`:
+        [Cast of] a ConstantOfShape of a constant shape), or [] for an earlier export's stored tensor; else None."""
+        bits = _UNSIGNED_BITS[data_type]
+        t = self.inits.get(name)
+        if t is not None:
+            ok = t.data_type == data_type and list(t.dims) == dims and _is_mid_zero_point(self.raw(t), dims, bits)
+            return [] if ok else None
+        made, node = [], self.producer.get(name)
+        if node is not None and node.op_type == "Cast" and node.domain in _ONNX and _attrs(node).get("to") == data_type:
+            made, node = [node], self.producer.get(node.input[0])
+        if node is None or node.op_type != "ConstantOfShape" or node.domain not in _ONNX:
+            return None
+        value, shape = _attrs(node).get("value"), self.constant(node.input[0])
+        if value is None or shape is None or shape.tolist() != dims:
+            return None
+        value = numpy_helper.to_array(value)
+        if value.dtype != np.uint8 or value.reshape(-1).tolist() != [2 ** (bits - 1)] \
+                or (not made and data_type != TensorProto.UINT8):
+            return None
+        return made + [node]
 
     def raw(self, t) -> bytes:
         """The bytes of initializer `t` (inline, or read from its external-data file)."""
@@ -140,12 +175,18 @@ class _Graph:
         self.add_inits.append(t)
         return t.name
 
-    def drop_dq(self, dq) -> None:
-        """Remove `dq` and its values and zero point (the fused node reads the scales and the bytes)."""
+    def drop_dq(self, quantized: _Quantized) -> None:
+        """Remove `quantized`'s DequantizeLinear, its values and its zero point (stored, or the nodes making it);
+        the fused node reads the scales and the bytes, and the zero point as its implicit one."""
+        dq = quantized.dq
         self.drop_nodes.add(id(dq))
         for x in (dq.input[0], dq.input[2]):
             if self.users.get(x, 0) == 1:
                 self.drop_inits.add(x)
+        if self.users.get(dq.input[2], 0) == 1:
+            for node in quantized.zero_point_nodes:
+                self.drop_nodes.add(id(node))
+                self.drop_inits.update(x for x in node.input if self.users.get(x, 0) == 1 and x in self.inits)
 
     def commit(self, replace: dict[int, object]) -> None:
         g = self.graph
@@ -204,28 +245,26 @@ def fuse_quantized(model, model_dir) -> int:
     for node in model.graph.node:
         if node.domain == MOE_DOMAIN and node.op_type == MOE_OP and len(node.input) == 4:
             fc1, fc2 = g.dequantized(node.input[2], 3, 2), g.dequantized(node.input[3], 3, 2)
-            if fc1 is None or fc2 is None or fc1[3:] != fc2[3:]:
+            if fc1 is None or fc2 is None or (fc1.bits, fc1.block) != (fc2.bits, fc2.block):
                 continue
-            bits, block = fc1[3], fc1[4]
             a = _attrs(node)
             qmoe = helper.make_node(
-                "QMoE", [node.input[0], node.input[1], g.as_uint8(fc1[1], bits), fc1[2], "",
-                         g.as_uint8(fc2[1], bits), fc2[2]], list(node.output), name=f"{node.name}/qmoe",
+                "QMoE", [node.input[0], node.input[1], g.as_uint8(fc1.q, fc1.bits), fc1.scale, "",
+                         g.as_uint8(fc2.q, fc2.bits), fc2.scale], list(node.output), name=f"{node.name}/qmoe",
                 domain=MS_DOMAIN, k=int(a["top_k"]), normalize_routing_weights=int(a.get("normalize", 1)),
-                **QMOE_SWIGLU, expert_weight_bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
-            g.drop_dq(fc1[0])
-            g.drop_dq(fc2[0])
+                **QMOE_SWIGLU, expert_weight_bits=fc1.bits, block_size=fc1.block, accuracy_level=ACCURACY_LEVEL)
+            g.drop_dq(fc1)
+            g.drop_dq(fc2)
             replace[id(node)] = qmoe
-        elif node.domain in ("", "ai.onnx") and node.op_type == "Gather" and _attrs(node).get("axis", 0) == 0:
+        elif node.domain in _ONNX and node.op_type == "Gather" and _attrs(node).get("axis", 0) == 0:
             table = g.dequantized(node.input[0], 2, 1)
             if table is None:
                 continue
-            dq, q, scale, bits, block = table
             replace[id(node)] = helper.make_node(
-                "GatherBlockQuantized", [g.as_uint8(q, bits), node.input[1], scale], list(node.output),
-                name=f"{node.name}/gather_block_quantized", domain=MS_DOMAIN, bits=bits, block_size=block,
-                quantize_axis=1, gather_axis=0)
-            g.drop_dq(dq)
+                "GatherBlockQuantized", [g.as_uint8(table.q, table.bits), node.input[1], table.scale],
+                list(node.output), name=f"{node.name}/gather_block_quantized", domain=MS_DOMAIN, bits=table.bits,
+                block_size=table.block, quantize_axis=1, gather_axis=0)
+            g.drop_dq(table)
     if replace:
         g.commit(replace)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
