@@ -211,10 +211,6 @@ class _Plan:
     def axis(self) -> int:
         return {LINEAR: 0, ROUTER: 0, EXPERTS: 2, EMBEDDING: 1}[self.role]
 
-    def bits(self, qm) -> int:
-        """The role's bits under mode `qm`."""
-        return qm.role_bits(self.role)
-
     def negative_scales(self, qm) -> bool:
         """Whether the scale search may pick negative scales (`quantize_blockwise`): the experts, where `qm` allows."""
         return qm.negative_scales and self.role == EXPERTS
@@ -466,7 +462,7 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
                     new_inits.append(t)
                     continue
                 w = _read(src, t, None)
-                bits = p.bits(qm)
+                bits = qm.role_bits(p.role)
                 sdt = stored_scale_dtype(w, p, qm, bits)
                 enc = Encoding(bits, signed=p.signed)
                 dims = list(w.shape[::-1] if p.transpose else w.shape)
@@ -487,11 +483,12 @@ def quantize_block(path: str | os.PathLike, mode: str = INT4_WEIGHT_ONLY, block:
                 _point(qt, data_name, offset, dst.tell() - offset)
                 put(st, *scales)
                 new_inits += [qt, st]
-                ins, dq = [qt.name, st.name], []
+                ins, dq = [qt.name, st.name], []      # dq: the nodes replacing the weight, in order
                 if not enc.signed:
-                    dq, zp_inits = enc.zero_point_nodes(f"{t.name}.zero_point", sdims)
+                    zero_point = f"{t.name}.zero_point"
+                    dq, zp_inits = enc.zero_point_nodes(zero_point, sdims)
                     new_inits += zp_inits
-                    ins.append(dq[-1].output[0])
+                    ins.append(zero_point)
                 widen = st.data_type != t.data_type      # float16 scales of a float32 weight
                 dq.append(helper.make_node("DequantizeLinear", ins, [f"{p.out}.{sdt.name}" if widen else p.out],
                                            name=f"{t.name}.dequantize", axis=p.axis, block_size=p.block))

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dualbrain.exporter.quantize import quantize_blockwise
+from dualbrain.exporter.quantize import dequantize_blockwise, quantize_blockwise
 
 BLOCK = 32
 # llama.cpp's kvalues_iq4nl (ggml-common.h): the IQ4_NL codebook, in units of the block's scale
@@ -53,7 +53,7 @@ CODEBOOK_FRACTIONS = np.linspace(0.85, 1.15, 13)
 def uniform(w: np.ndarray, axis: int, bits: int, negative_scales: bool = False) -> np.ndarray:
     """The exporter's rounding (symmetric, float16 scales, its scale search), dequantized."""
     q, s = quantize_blockwise(w, axis, BLOCK, bits, np.float16, negative_scales)
-    return q.astype(np.float32) * np.repeat(s.astype(np.float32), BLOCK, axis=axis)
+    return dequantize_blockwise(q, s.astype(np.float32), axis, BLOCK)
 
 
 def experts_uniform(w: np.ndarray, axis: int, bits: int) -> np.ndarray:
