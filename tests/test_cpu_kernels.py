@@ -332,6 +332,32 @@ def test_gated_delta_mixer_reference_is_the_exporters_mixer():
         np.testing.assert_allclose(x, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dv", [64, 24])
+def test_gated_delta_kernels_give_a_prompt_the_same_bits_at_once_or_token_by_token(library, dv):
+    """The kernels keep S in a buffer of their own and write a call's last S straight to new_state (streamed
+    where it can be): a prompt fed in one call and fed a position a call must still agree to the bit, outputs
+    and states, whichever way each position's S was stored (dv 64: the vector path; 24: the plain loop)."""
+    b, t, hk, hv, dk, kw = 2, 5, 2, 4, 16, 4
+    rng = np.random.default_rng(dv)
+    gdn = dict(zip(GDN_INPUTS, gdn_ref.random_inputs(rng, b, t, hk, hv, dk, dv)))
+    mixer = _mixer_inputs(rng, b, t, hk, hv, dk, dv, kw, raw_gates=True)
+    per_position = {"q": 1, "k": 1, "v": 1, "g": 1, "beta": 1, "qkv": 1, "z": 1}
+    carried = {"gdn": {"state": 1}, "mixer": {"conv_state": 1, "state": 2}}    # input -> the output that feeds it
+    for name, sess, feeds in (("gdn", _session(_gdn_model(hk, hv, dk, dv), library), gdn),
+                              ("mixer", _session(_mixer_model(hk, raw_gates=True), library), mixer)):
+        at_once = sess.run(None, feeds)
+        step = dict(feeds)
+        outs = []
+        for i in range(t):
+            step |= {n: np.ascontiguousarray(feeds[n][:, i:i + 1]) for n in per_position if n in feeds}
+            got = sess.run(None, step)
+            outs.append(got[0])
+            step |= {n: got[j] for n, j in carried[name].items()}
+        np.testing.assert_array_equal(np.concatenate(outs, axis=1), at_once[0])
+        for n, j in carried[name].items():
+            np.testing.assert_array_equal(step[n], at_once[j])
+
+
 def test_gated_delta_mixer_kernel_refuses_bad_shapes(library):
     feeds = _mixer_inputs(np.random.default_rng(1), 1, 2, 2, 4, 8, 8, 4)
     feeds["qkv"] = feeds["qkv"][..., :-1]               # one channel short of 2 Hk dk + Hv dv
@@ -685,6 +711,26 @@ def test_int4_matmul_kernel_matches_the_reference(library, x_shape, n):
     assert (np.abs(y - ref) <= _int4_activation_bound(x, dense) * 1.001 + 1e-5).all()
 
 
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
+def test_int4_matmul_gives_a_row_and_a_token_the_same_bits_whatever_is_beside_them(library):
+    """The kernel dots two groups of eight rows (one at an odd end) with up to eight tokens per unpacked block:
+    a token's output must not depend on the tokens beside it, nor a row's on the group it is paired with."""
+    rng = np.random.default_rng(5)
+    k, n, m = 160, 24, 13                   # three groups: a pair and a single; 13 tokens: eight and five
+    q, scale = quantize_blockwise((rng.standard_normal((k, n)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+
+    def run(cols, xs):
+        w, scales = int4_ref.interleave_linear(pack_int4(np.ascontiguousarray(q[:, cols])), scale[:, cols])
+        return _session(_linear_op_model(int4_ref.OP_TYPE, [None, k], w, scales), library).run(None, {"x": xs})[0]
+
+    together = run(slice(None), x)
+    for t in (0, 7, 8, 12):
+        np.testing.assert_array_equal(run(slice(None), x[t:t + 1])[0], together[t])
+    np.testing.assert_array_equal(run(slice(0, 8), x), together[:, :8])      # group 0 alone, not in a pair
+    np.testing.assert_array_equal(run(slice(8, 24), x), together[:, 8:])     # group 1 paired with 2, not 0
+
+
 def test_int4_linear_layout_refuses_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 8"):
         int4_ref.interleave_linear(bytes(32 * 12 // 2), np.ones((1, 12), np.float32))
@@ -890,16 +936,17 @@ def test_quant_moe_rewrite_matches_qmoe_and_the_reference(library, tmp_path, n, 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quant_moe_kernel_gives_a_token_the_same_bits_alone_or_in_a_batch(library, bits):
-    """The kernel dots up to four of an expert's tokens per unpacked block; a token's output must not depend
-    on how many others share its experts (16 experts, top 8 of them, 9 tokens: most experts get several)."""
+    """The kernel dots up to eight of an expert's tokens per unpacked block; a token's output must not depend
+    on how many others share its experts (16 experts, top 8 of them, 20 tokens: most experts get several, some
+    more than eight)."""
     model, _ = _qmoe_model(16, 64, 96, 8, bits=bits, seed=7)
     assert use_cpu_kernels(model) == 1
     sess = _session(model, library)
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((9, 96)).astype(np.float32)
-    logits = rng.standard_normal((9, 16)).astype(np.float32)
+    x = rng.standard_normal((20, 96)).astype(np.float32)
+    logits = rng.standard_normal((20, 16)).astype(np.float32)
     together = sess.run(None, {"x": x, "logits": logits})[0]
-    for t in range(9):
+    for t in range(20):
         alone = sess.run(None, {"x": x[t:t + 1], "logits": logits[t:t + 1]})[0]
         np.testing.assert_array_equal(alone[0], together[t])
 

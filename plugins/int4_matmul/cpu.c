@@ -18,7 +18,8 @@
 #include "quant_blocks.h"
 #include "ort_kernel.h"
 
-#define GROUPS_PER_ITEM 8   /* eight rows a group: 64 output rows a work item (32 KB of weights at K 1024) */
+#define GROUPS_PER_ITEM 8   /* eight rows a group: 64 output rows a work item (32 KB of weights at K 1024); even,
+                             * as the kernel takes groups two at a time */
 #define TOKENS_PER_TILE 64  /* prefill: the tokens one item's weights are reused for while in cache */
 
 typedef struct {
@@ -31,28 +32,21 @@ typedef struct {
   int64_t m, k, n, groups_per_item;
 } Linear;
 
-static inline __attribute__((always_inline)) void tokens(const Linear *p, int64_t g, int64_t t, int count) {
-  int64_t blocks = p->k / INT4_BLOCK;
-  float o[32];
-  group_dot_tokens(4, p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k, p->xs + t * blocks,
-                   p->xc + t * blocks, p->k, blocks, count, o);
-  for (int j = 0; j < count; j++) memcpy(p->y + (t + j) * p->n + 8 * g, o + 8 * j, 8 * sizeof(float));
-}
-
 static void rows(void *user, size_t item) {
   const Linear *p = user;
-  int64_t groups = p->n / 8, g0 = (int64_t)item * p->groups_per_item;
+  int64_t groups = p->n / 8, blocks = p->k / INT4_BLOCK, g0 = (int64_t)item * p->groups_per_item;
   int64_t g1 = g0 + p->groups_per_item < groups ? g0 + p->groups_per_item : groups;
+  float o[128];
   for (int64_t t0 = 0; t0 < p->m; t0 += TOKENS_PER_TILE) {
     int64_t t1 = t0 + TOKENS_PER_TILE < p->m ? t0 + TOKENS_PER_TILE : p->m;
-    for (int64_t g = g0; g < g1; g++) {
-      int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) tokens(p, g, t, 4);
-      switch (t1 - t) {
-        case 3: tokens(p, g, t, 3); break;
-        case 2: tokens(p, g, t, 2); break;
-        case 1: tokens(p, g, t, 1); break;
-        default: break;
+    for (int64_t g = g0; g < g1; g += 2) {  /* two groups a call (one where an item ends on an odd count) */
+      int pair = g + 1 < g1 ? 2 : 1;
+      for (int64_t t = t0; t < t1; t += 8) {
+        int count = t1 - t < 8 ? (int)(t1 - t) : 8;
+        groups_dot_some(4, pair, p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k,
+                        p->xs + t * blocks, p->xc + t * blocks, p->k, count, o);
+        for (int j = 0; j < count; j++)
+          memcpy(p->y + (t + j) * p->n + 8 * g, o + 8 * pair * j, 8 * (size_t)pair * sizeof(float));
       }
     }
   }

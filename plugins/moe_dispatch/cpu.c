@@ -280,19 +280,20 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t chunks = (groups + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
   int64_t u = (int64_t)item / chunks, g0 = (int64_t)item % chunks * IN_GROUPS_PER_ITEM, e = p->used[u];
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
-  float o[32];
+  float o[128];
   const uint8_t *w1;
   const float *s1;
   expert_blocks(z, 1, e, groups, blocks, &w1, &s1);
-  for (int64_t g = g0; g < g1; g++) {
+  for (int64_t g = g0; g < g1; g += 2) {  /* two groups (eight gate/up pairs) a call, one at an odd end */
+    int pair = g + 1 < g1 ? 2 : 1;
     const uint8_t *w = w1 + g * blocks * 32 * z->bits;
     const float *s = s1 + g * blocks * 8;
-    for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 4) {
-      int count = p->start[u + 1] - q < 4 ? (int)(p->start[u + 1] - q) : 4;
-      group_dot_some(z->bits, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o);
+    for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 8) {
+      int count = p->start[u + 1] - q < 8 ? (int)(p->start[u + 1] - q) : 8;
+      groups_dot_some(z->bits, pair, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o);
       for (int t = 0; t < count; t++)
-        for (int j = 0; j < 4; j++)
-          p->act[(q + t) * p->i + 4 * g + j] = silu_mul(o[8 * t + 2 * j], o[8 * t + 2 * j + 1]);
+        for (int j = 0; j < 4 * pair; j++)
+          p->act[(q + t) * p->i + 4 * g + j] = silu_mul(o[8 * pair * t + 2 * j], o[8 * pair * t + 2 * j + 1]);
     }
   }
 }
@@ -302,21 +303,22 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   const Plan *p = z->p;
   int64_t groups = p->h / 8, blocks = p->i / INT4_BLOCK;
   int64_t g0 = (int64_t)item * OUT_GROUPS_PER_ITEM, g1 = g0 + OUT_GROUPS_PER_ITEM < groups ? g0 + OUT_GROUPS_PER_ITEM : groups;
-  float o[32];
+  float o[128];
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
   for (int64_t u = 0; u < p->n_used; u++) {
     const uint8_t *w2;
     const float *s2;
     expert_blocks(z, 2, p->used[u], groups, blocks, &w2, &s2);
-    for (int64_t g = g0; g < g1; g++) {
+    for (int64_t g = g0; g < g1; g += 2) {
+      int pair = g + 1 < g1 ? 2 : 1;
       const uint8_t *w = w2 + g * blocks * 32 * z->bits;
       const float *s = s2 + g * blocks * 8;
-      for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 4) {
-        int count = p->start[u + 1] - q < 4 ? (int)(p->start[u + 1] - q) : 4;
-        group_dot_some(z->bits, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o);
+      for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 8) {
+        int count = p->start[u + 1] - q < 8 ? (int)(p->start[u + 1] - q) : 8;
+        groups_dot_some(z->bits, pair, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o);
         for (int t = 0; t < count; t++) {
           float *y = p->y + (int64_t)p->tok[q + t] * p->h + 8 * g;
-          for (int r = 0; r < 8; r++) y[r] += p->w[q + t] * o[8 * t + r];
+          for (int r = 0; r < 8 * pair; r++) y[r] += p->w[q + t] * o[8 * pair * t + r];
         }
       }
     }

@@ -1,5 +1,6 @@
-/* The int4 kernels' block dot (group_dot_tokens, plugins/quant_blocks.h) against the same loop with each
- * nibble mapped through a 16-value codebook first (llama.cpp's IQ4_NL values, one vpshufb a register):
+/* The int4 kernels' block dot (groups_dot_tokens, one group, plugins/quant_blocks.h) against the sixteenth
+ * pass's form of it with each nibble mapped through a 16-value codebook first (llama.cpp's IQ4_NL values,
+ * one vpshufb a register):
  * what a codebook for the experts (tests/benchmarks/int4_codebook.py) would cost the decode. One core,
  * one token, eight rows interleaved, K = 1024. The codebook is stored +128 so vpdpbusd reads it as
  * unsigned; the activations' zero-point term is then 128 x their sum instead of 8 x.
@@ -21,10 +22,11 @@
 #include <time.h>
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 static const int8_t NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-/* group_dot_tokens(4, ...) with the nibbles mapped through the codebook (stored +128, unsigned) */
+/* the sixteenth pass's group_dot_tokens(4, ...) (one group; two integer and two float sums a token) with the
+ * nibbles mapped through the codebook (stored +128, unsigned) */
 static inline __attribute__((always_inline)) void group_dot_nl(const uint8_t *w, const float *s8, const int8_t *x,
     const float *xs, const int32_t *xc, int64_t k, int64_t blocks, int count, float *out) {
-  /* as group_dot_tokens: the next group's bytes first, so the lookup is the only difference */
+  /* as the kernel: the next group's bytes first, so the lookup is the only difference */
   const char *next_w = (const char *)(w + 128 * blocks), *next_s = (const char *)(s8 + 8 * blocks);
   for (int64_t o = 0; o < 128 * blocks; o += 64) _mm_prefetch(next_w + o, _MM_HINT_T0);
   for (int64_t o = 0; o < 32 * blocks; o += 64) _mm_prefetch(next_s + o, _MM_HINT_T0);
@@ -80,7 +82,7 @@ int main(int argc, char **argv) {
   volatile float sink = 0;
   for (int round = 0; round < 3; round++) {
     double t0 = now();
-    for (int r = 0; r < reps; r++) for (size_t g = 0; g < groups; g++) { group_dot_tokens(4, w + g * BLOCKS * 128, s + g * BLOCKS * 8, xq, xs, xc8, K, BLOCKS, 1, o); sink += o[g & 7]; }
+    for (int r = 0; r < reps; r++) for (size_t g = 0; g < groups; g++) { groups_dot_tokens(4, 1, w + g * BLOCKS * 128, s + g * BLOCKS * 8, xq, xs, xc8, K, BLOCKS, 1, o); sink += o[g & 7]; }
     double t1 = now();
     for (int r = 0; r < reps; r++) for (size_t g = 0; g < groups; g++) { group_dot_nl(w + g * BLOCKS * 128, s + g * BLOCKS * 8, xq, xs, xc128, K, BLOCKS, 1, o); sink += o[g & 7]; }
     double t2 = now();

@@ -6,7 +6,7 @@
  *   int8 rows    one row at a time, int8 activations per block (VNNI vpdpbusd): llama.cpp's Q4_0 x Q8_0
  *   int8 x8      eight rows interleaved, int8 activations (vpdpbusd): each i32 lane is one row, so the
  *                per-block scale, convert and FMA serve eight rows at once (llama.cpp's Q4_0x8 repack).
- *                This is the int4 kernels' own row loop (group_dot_some, from plugins/quant_blocks.h).
+ *                This is the int4 kernels' own row loop (groups_dot_some, one group, from plugins/quant_blocks.h).
  *
  * Each variant reads the same bytes per row (K/2 of nibbles, K/32 float scales) from a few rows kept in
  * L1, so the figure is the compute rate, not the memory's. Needs AVX-512 VNNI with VL (Zen 4, Ice Lake+).
@@ -90,7 +90,7 @@ int main(void) {
     double b = now() - t;
     float out[8];
     t = now();
-    for (int i = 0; i < CALLS / 8; i++) group_dot_some(4, q, s, x8, xs, xc, INT4_BLOCK * BLOCKS, 1, out), sink += out[i % 8];
+    for (int i = 0; i < CALLS / 8; i++) groups_dot_some(4, 1, q, s, x8, xs, xc, INT4_BLOCK * BLOCKS, 1, out), sink += out[i % 8];
     double c = now() - t;
     printf("int16 rows %5.1f   int8 rows %5.1f   int8 x8 %5.1f\n", bytes / a / 1e9, bytes / b / 1e9, bytes / c / 1e9);
   }
