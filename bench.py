@@ -225,15 +225,37 @@ def _run_worker(name: str, export: Path, ckpt: Path | None, cfg: BenchConfig, wo
 
 
 def gemv_bandwidth(seconds: float = 1.0) -> float:
-    """Bytes/s of a 256 MiB fp32 matrix-vector product (numpy), best of several."""
-    a = np.random.default_rng(0).standard_normal((4096, 16384), dtype=np.float32)
-    x = np.ones(16384, np.float32)
+    """Bytes/s of an fp32 matrix-vector product (numpy), best of several, over a matrix of at least 1 GiB and
+    four times the last-level cache: a decode step streams its weights from memory, and a matrix the cache
+    holds in part measures the cache. On the 2-core Intel host with a 300 MiB L3 of the seventeenth pass, a
+    256 MiB matrix (this probe before) gave 27-47 GB/s by run and 1 GiB 25-27 (tests/benchmarks/RESULTS.md)."""
+    cols = 16384
+    a = np.full((roofline_matrix_bytes(last_level_cache_bytes()) // (4 * cols), cols), 0.5, np.float32)
+    x = np.ones(cols, np.float32)
     best, t_end = math.inf, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t = time.perf_counter()
         a @ x
         best = min(best, time.perf_counter() - t)
     return a.nbytes / best
+
+
+def roofline_matrix_bytes(last_level_cache: int) -> int:
+    """The size of gemv_bandwidth's matrix: at least 1 GiB and four times the last-level cache."""
+    return max(2 ** 30, 4 * last_level_cache)
+
+
+def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache's size, from sysfs (0 where it cannot be read)."""
+    sizes = []
+    for f in caches.glob("index*/size"):
+        text = f.read_text().strip().upper()
+        unit = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except ValueError:
+            continue
+    return max(sizes, default=0)
 
 
 def experts_touched(num_experts: int, top_k: int, batch: int) -> float:

@@ -109,6 +109,22 @@ def test_rounds_give_medians_and_per_round_ratios():
     assert merge_rounds(ours[:1]) is ours[0]                                # one round: as measured
 
 
+def test_the_roofline_probe_sizes_its_matrix_past_the_last_level_cache(tmp_path):
+    """The GEMV that sets the roofline must stream from memory: its matrix is at least 1 GiB and four times the
+    largest cache sysfs lists (a 256 MiB matrix sat in part in a 300 MiB L3 and read 27-47 GB/s, 1 GiB 25-27)."""
+    from dualbrain.bench import last_level_cache_bytes, roofline_matrix_bytes
+
+    assert roofline_matrix_bytes(300 * 2 ** 20) == 1200 * 2 ** 20 and roofline_matrix_bytes(0) == 2 ** 30
+
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "300M"), ("index1", "32K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 300 * 2 ** 20
+    (tmp_path / "index3" / "size").write_text("unknown\n")
+    assert last_level_cache_bytes(tmp_path) == 2048 * 2 ** 10                  # an unreadable size is skipped
+    assert last_level_cache_bytes(tmp_path / "absent") == 0
+
+
 def test_run_order_puts_each_export_beside_its_gguf():
     from dualbrain.bench import run_order
 
