@@ -20,6 +20,9 @@
 #endif
 
 #define INT4_BLOCK 32
+#define DOT_MAX_GROUPS 2   /* groups of eight rows a groups_dot_tokens call takes */
+#define DOT_MAX_TOKENS 8   /* tokens a call takes */
+#define DOT_OUT_FLOATS (8 * DOT_MAX_GROUPS * DOT_MAX_TOKENS)  /* its output, at most */
 
 /* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and zero_point x the sums (the weights' mid
  * zero point's share of each block's dot product: 8 for 4-bit weights, 128 for 8-bit) */
@@ -76,11 +79,11 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
 #define LOAD_ROWS(a) (groups == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a))), \
                                                        _mm256_loadu_si256((const __m256i *)((a) + group_w)), 1)        \
                                   : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(a))))
-  __m512 acc[8];
+  __m512 acc[DOT_MAX_TOKENS];
   for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; b++) {
     const uint8_t *wb = w + 32 * bits * b;
-    __m512i sum[8];
+    __m512i sum[DOT_MAX_TOKENS];
     for (int t = 0; t < count; t++) sum[t] = _mm512_setzero_si512();
     for (int c = 0; c < 4; c++) {
       /* two sets of four values a lane (row): where they are, and where their activations start */
@@ -136,6 +139,11 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
   }
 #endif
 }
+
+/* The groups (two, or one at an odd end) and tokens (up to eight) of a call starting at group g and token t,
+ * where the caller's ranges end at g1 and t1 */
+static inline int dot_groups(int64_t g, int64_t g1) { return g + 1 < g1 ? DOT_MAX_GROUPS : 1; }
+static inline int dot_tokens(int64_t t, int64_t t1) { return t1 - t < DOT_MAX_TOKENS ? (int)(t1 - t) : DOT_MAX_TOKENS; }
 
 /* groups_dot_tokens with `bits` (4 or 8), `groups` (1 or 2) and `count` (1..8) known only at run time: counts
  * 1-4 and 8 inlined once for each bits and groups, 5-7 as four and the rest. Tokens t at x + t k (an expert's

@@ -36,13 +36,13 @@ static void rows(void *user, size_t item) {
   const Linear *p = user;
   int64_t groups = p->n / 8, blocks = p->k / INT4_BLOCK, g0 = (int64_t)item * p->groups_per_item;
   int64_t g1 = g0 + p->groups_per_item < groups ? g0 + p->groups_per_item : groups;
-  float o[128];
+  float o[DOT_OUT_FLOATS];
   for (int64_t t0 = 0; t0 < p->m; t0 += TOKENS_PER_TILE) {
     int64_t t1 = t0 + TOKENS_PER_TILE < p->m ? t0 + TOKENS_PER_TILE : p->m;
-    for (int64_t g = g0; g < g1; g += 2) {  /* two groups a call (one where an item ends on an odd count) */
-      int pair = g + 1 < g1 ? 2 : 1;
-      for (int64_t t = t0; t < t1; t += 8) {
-        int count = t1 - t < 8 ? (int)(t1 - t) : 8;
+    for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {
+      int pair = dot_groups(g, g1);
+      for (int64_t t = t0; t < t1; t += DOT_MAX_TOKENS) {
+        int count = dot_tokens(t, t1);
         groups_dot_some(4, pair, p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k,
                         p->xs + t * blocks, p->xc + t * blocks, p->k, count, o);
         for (int j = 0; j < count; j++)

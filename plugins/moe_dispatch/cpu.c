@@ -280,16 +280,16 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t chunks = (groups + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
   int64_t u = (int64_t)item / chunks, g0 = (int64_t)item % chunks * IN_GROUPS_PER_ITEM, e = p->used[u];
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
-  float o[128];
+  float o[DOT_OUT_FLOATS];
   const uint8_t *w1;
   const float *s1;
   expert_blocks(z, 1, e, groups, blocks, &w1, &s1);
-  for (int64_t g = g0; g < g1; g += 2) {  /* two groups (eight gate/up pairs) a call, one at an odd end */
-    int pair = g + 1 < g1 ? 2 : 1;
+  for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {  /* two groups (eight gate/up pairs) a call */
+    int pair = dot_groups(g, g1);
     const uint8_t *w = w1 + g * blocks * 32 * z->bits;
     const float *s = s1 + g * blocks * 8;
-    for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 8) {
-      int count = p->start[u + 1] - q < 8 ? (int)(p->start[u + 1] - q) : 8;
+    for (int64_t q = p->start[u]; q < p->start[u + 1]; q += DOT_MAX_TOKENS) {
+      int count = dot_tokens(q, p->start[u + 1]);
       groups_dot_some(z->bits, pair, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o);
       for (int t = 0; t < count; t++)
         for (int j = 0; j < 4 * pair; j++)
@@ -303,18 +303,18 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   const Plan *p = z->p;
   int64_t groups = p->h / 8, blocks = p->i / INT4_BLOCK;
   int64_t g0 = (int64_t)item * OUT_GROUPS_PER_ITEM, g1 = g0 + OUT_GROUPS_PER_ITEM < groups ? g0 + OUT_GROUPS_PER_ITEM : groups;
-  float o[128];
+  float o[DOT_OUT_FLOATS];
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
   for (int64_t u = 0; u < p->n_used; u++) {
     const uint8_t *w2;
     const float *s2;
     expert_blocks(z, 2, p->used[u], groups, blocks, &w2, &s2);
-    for (int64_t g = g0; g < g1; g += 2) {
-      int pair = g + 1 < g1 ? 2 : 1;
+    for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {
+      int pair = dot_groups(g, g1);
       const uint8_t *w = w2 + g * blocks * 32 * z->bits;
       const float *s = s2 + g * blocks * 8;
-      for (int64_t q = p->start[u]; q < p->start[u + 1]; q += 8) {
-        int count = p->start[u + 1] - q < 8 ? (int)(p->start[u + 1] - q) : 8;
+      for (int64_t q = p->start[u]; q < p->start[u + 1]; q += DOT_MAX_TOKENS) {
+        int count = dot_tokens(q, p->start[u + 1]);
         groups_dot_some(z->bits, pair, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o);
         for (int t = 0; t < count; t++) {
           float *y = p->y + (int64_t)p->tok[q + t] * p->h + 8 * g;

@@ -17,9 +17,8 @@ Both kernels read unsigned values with the implicit mid zero point (8 / 128), wh
 the exporter stores these roles in: the rewritten tensors point at the same bytes of the export's
 external data (packed UINT4 read as uint8), so nothing is copied or loaded twice. The zero point is
 the exporter's nodes making it (or an earlier export's stored tensor): dropped with the
-DequantizeLinear. A pattern that
-does not match exactly is left as it is: ONNX Runtime then runs the DequantizeLinear itself,
-slower, with the same result.
+DequantizeLinear. A pattern that does not match exactly is left as it is: ONNX Runtime then runs the
+DequantizeLinear itself, slower, with the same result.
 """
 from __future__ import annotations
 
@@ -105,8 +104,8 @@ class _Graph:
         return float(value.reshape(-1)[0])
 
     def dequantized(self, value: str, rank: int, axis: int) -> _Quantized | None:
-        """The DequantizeLinear giving `value` when `value` is the only use of an unsigned blockwise DequantizeLinear of a rank-`rank` initializer along `axis` with
-        the mid zero point (`mid_zero_point`); else None."""
+        """The DequantizeLinear giving `value` when `value` is its only use and it is unsigned and blockwise, of
+        a rank-`rank` initializer along `axis`, with the mid zero point (`mid_zero_point`); else None."""
         dq = self.producer.get(value)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX \
                 or len(dq.input) != 3 or self.users.get(value, 0) != 1:
