@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -25,15 +25,36 @@
 #define DOT_OUT_FLOATS (8 * DOT_MAX_GROUPS * DOT_MAX_TOKENS)  /* its output, at most */
 
 /* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and zero_point x the sums (the weights' mid
- * zero point's share of each block's dot product: 8 for 4-bit weights, 128 for 8-bit) */
+ * zero point's share of each block's dot product: 8 for 4-bit weights, 128 for 8-bit).
+ *
+ * Vectorised where AVX-512 is, to the same bits as the plain loop (the same multiply, the same rounding to
+ * nearest even, NaN ignored by the max as the plain compare does): it runs on the calling thread alone while
+ * the other threads wait, and as scalar code it took ~37 us for eight tokens of 1024, about 2 ms of a batch-8
+ * int4 decode step of the mid-size MoE over its ~25 linears and 12 MoE layers (tests/benchmarks/RESULTS.md,
+ * eighteenth pass). */
 static inline void int8_blocks(const float *x, int64_t m, int64_t k, int32_t zero_point, int8_t *q, float *s, int32_t *c) {
   for (int64_t b = 0; b < m * k / INT4_BLOCK; b++) {
     const float *r = x + b * INT4_BLOCK;
+#if defined(__AVX512F__)
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    __m512 a0 = _mm512_loadu_ps(r), a1 = _mm512_loadu_ps(r + 16);
+    /* max_ps(a, b) gives b when either is NaN: a NaN |x| leaves the running max as it is */
+    __m512 mv = _mm512_max_ps(_mm512_and_ps(a0, sign), _mm512_max_ps(_mm512_and_ps(a1, sign), _mm512_setzero_ps()));
+    float mx = _mm512_reduce_max_ps(mv);
+    float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
+    __m512 vi = _mm512_set1_ps(inv);
+    __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a0, vi)));
+    __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a1, vi)));
+    _mm_storeu_si128((__m128i *)(q + b * INT4_BLOCK), q0);
+    _mm_storeu_si128((__m128i *)(q + b * INT4_BLOCK + 16), q1);
+    int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
+#else
     float mx = 0.0f;
     for (int i = 0; i < INT4_BLOCK; i++) mx = fabsf(r[i]) > mx ? fabsf(r[i]) : mx;
     float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
     int32_t sum = 0;
     for (int i = 0; i < INT4_BLOCK; i++) sum += q[b * INT4_BLOCK + i] = (int8_t)lrintf(r[i] * inv);
+#endif
     s[b] = sc, c[b] = zero_point * sum;
   }
 }
@@ -67,13 +88,14 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
                                                                     int count, float *out) {
   const int64_t group_w = 32 * bits * blocks, group_s = 8 * blocks;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  /* The next groups' weights and scales (they follow these in every layout that calls this), asked for before
-   * this call's work: from memory, one core streamed the loop at 11.0 GB/s without and 15.0 with (Intel,
-   * AVX-512 VNNI; tests/benchmarks/RESULTS.md, fifteenth pass). A prefetch never faults, so the last groups'
-   * reaching past the end is harmless. */
+  /* The next groups' weights and scales (they follow these in every layout that calls this) are asked for
+   * while this call works, block b of theirs with block b of ours: from memory, one core streamed the loop at
+   * 11.0 GB/s without asking and 15.0 asking for all of them at the call's start (Intel, AVX-512 VNNI;
+   * tests/benchmarks/RESULTS.md, fifteenth pass), and spread out so, 13.4-15.5 GB/s at eight tokens against
+   * 8.3-9.4 all at the start, whose ~160 prefetches waited on the core's few line-fill buffers and held up the
+   * call's own loads behind them (eighteenth pass). A prefetch never faults, so the last groups' reaching past
+   * the end is harmless. */
   const char *next_w = (const char *)(w + groups * group_w), *next_s = (const char *)(s8 + groups * group_s);
-  for (int64_t o = 0; o < groups * group_w; o += 64) _mm_prefetch(next_w + o, _MM_HINT_T0);
-  for (int64_t o = 0; o < groups * 4 * group_s; o += 64) _mm_prefetch(next_s + o, _MM_HINT_T0);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   /* 32 bytes of group 0 at a (+ group 1's at the same offset in the high half) */
 #define LOAD_ROWS(a) (groups == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a))), \
@@ -83,6 +105,10 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
   for (int t = 0; t < count; t++) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; b++) {
     const uint8_t *wb = w + 32 * bits * b;
+    for (int g = 0; g < groups; g++) {
+      for (int o = 0; o < 32 * bits; o += 64) _mm_prefetch(next_w + g * group_w + 32 * bits * b + o, _MM_HINT_T0);
+      _mm_prefetch(next_s + 4 * (g * group_s + 8 * b), _MM_HINT_T0);
+    }
     __m512i sum[DOT_MAX_TOKENS];
     for (int t = 0; t < count; t++) sum[t] = _mm512_setzero_si512();
     for (int c = 0; c < 4; c++) {

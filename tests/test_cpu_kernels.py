@@ -731,6 +731,31 @@ def test_int4_matmul_gives_a_row_and_a_token_the_same_bits_whatever_is_beside_th
     np.testing.assert_array_equal(run(slice(8, 24), x), together[:, 8:])     # group 1 paired with 2, not 0
 
 
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
+def test_int4_matmul_rounds_activations_to_int8_as_the_reference(library):
+    """With one-hot weights of scale 1, Int4MatMul's output is each activation as the kernel rounded it (its int8
+    value times its block's scale, one rounding): checked to the bit against int8_activations, on blocks whose
+    x / scale falls on ties (max 127, halves), blocks of zeros, denormals, a NaN and random ones of every size."""
+    rng = np.random.default_rng(11)
+    m, k = 13, 96
+    x = (rng.standard_normal((m, k)) * 10.0 ** rng.integers(-6, 6, (m, k // 32)).repeat(32, -1)).astype(np.float32)
+    x[0, :32] = rng.integers(-254, 255, 32) / 2                  # halves: ties to even
+    x[0, 7] = 127.0                                              # so the scale is 1
+    x[1, 32:64] = 0.0
+    x[2, 64:] = rng.standard_normal(32) * 1e-41                  # denormals, in a block of a normal scale
+    x[2, 70] = 1e-35
+    x[3, 5] = np.nan
+    q = np.eye(k, dtype=np.int8)                                 # column n reads x[:, n] alone
+    w, scales = int4_ref.interleave_linear(pack_int4(q), np.ones((k // 32, k), np.float32))
+    y = _session(_linear_op_model(int4_ref.OP_TYPE, [None, k], w, scales), library).run(None, {"x": x})[0]
+    xq, xs = int4_ref.int8_activations(x)
+    want = (xs.repeat(32, -1) * xq.astype(np.float32)).astype(np.float32)
+    assert (xq[0, :32] % 2 == 0).sum() > 20 and not want[1, 32:64].any()
+    np.testing.assert_array_equal(y[4:], want[4:])
+    np.testing.assert_array_equal(y[:3], want[:3])
+    np.testing.assert_array_equal(np.delete(y[3], 5), np.delete(want[3], 5))   # the NaN's own column aside
+
+
 def test_int4_linear_layout_refuses_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 8"):
         int4_ref.interleave_linear(bytes(32 * 12 // 2), np.ones((1, 12), np.float32))

@@ -2,7 +2,7 @@
 signed blockwise int4 weight (DequantizeLinear along K, blocks of 32, no zero point), laid out as
 `moe_dispatch.reference.interleave_int4_rows` lays out one expert: w [N/8, K/32, 128] uint8, scales
 [N/8, K/32, 8] float32. Computed in float32; the kernel rounds x to int8 per block of 32 first (as
-MatMulNBits does at accuracy level 4), which this reference does not."""
+MatMulNBits does at accuracy level 4), which `int4_matmul` does not and `int8_activations` does."""
 from __future__ import annotations
 
 import numpy as np
@@ -41,3 +41,17 @@ def interleave_linear(packed: bytes | np.ndarray, scale: np.ndarray) -> tuple[np
 def int4_matmul(x: np.ndarray, w: np.ndarray, scales: np.ndarray) -> np.ndarray:
     weight = int4_rows(np.asarray(w)[None], np.asarray(scales)[None])[0]      # [N, K]
     return (np.asarray(x, np.float32) @ weight.T).astype(np.float32)
+
+
+def int8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., K] -> (q [..., K] int8, scales [..., K/32] float32), as the quantized CPU kernels round their
+    activations (quant_blocks.h's int8_blocks), to the bit: per block of 32, scale max |x| / 127 (1 for a block
+    of zeros; NaN ignored), q = x / scale rounded to the nearest, ties to even, in float32 throughout."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(*x.shape[:-1], -1, INT4_BLOCK)
+    mx = np.fmax.reduce(np.abs(blocks), axis=-1, initial=np.float32(0))     # fmax: NaN ignored
+    scale = np.where(mx > 0, mx / np.float32(127), np.float32(1)).astype(np.float32)
+    inv = (np.float32(1) / scale)[..., None]
+    with np.errstate(invalid="ignore"):
+        q = np.rint(blocks * inv).astype(np.int8).reshape(x.shape)
+    return q, scale
