@@ -334,9 +334,10 @@ def test_gated_delta_mixer_reference_is_the_exporters_mixer():
 
 @pytest.mark.parametrize("dv", [64, 24])
 def test_gated_delta_kernels_give_a_prompt_the_same_bits_at_once_or_token_by_token(library, dv):
-    """The kernels keep S in a buffer of their own and write a call's last S straight to new_state (streamed
-    where it can be): a prompt fed in one call and fed a position a call must still agree to the bit, outputs
-    and states, whichever way each position's S was stored (dv 64: the vector path; 24: the plain loop)."""
+    """The kernels read a call's first S from the input state, keep later ones in a buffer of their own and write
+    the last straight to new_state (streamed where it can be), and the mixer runs a four-tap conv's one-position
+    calls by a path of their own: a prompt fed in one call and fed a position a call must still agree to the bit,
+    outputs and states (dv 64: the vector rule and conv paths; 24: the plain rule loop)."""
     b, t, hk, hv, dk, kw = 2, 5, 2, 4, 16, 4
     rng = np.random.default_rng(dv)
     gdn = dict(zip(GDN_INPUTS, gdn_ref.random_inputs(rng, b, t, hk, hv, dk, dv)))
