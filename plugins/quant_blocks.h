@@ -81,27 +81,21 @@ static inline int32_t stored_weight(int bits, const uint8_t *w, int64_t b, int r
  * with one group and four tokens a pass, and one token's, in cache, 45 GB/s against 35; from memory one
  * token's ran as fast as before (tests/benchmarks/RESULTS.md, seventeenth pass). Each lane's arithmetic is the
  * same whatever G and count (one integer sum a block, one float sum a token, in block order), so a token's
- * result does not depend on the tokens or rows computed beside it.
- *
- * after_w / after_s: where the caller's next call on this thread reads its weights and scales, asked for while
- * this one works; NULL, the groups that follow these. A MoE work item's last call names the next expert's rows
- * (elsewhere in memory): that made the int4 MoE kernel alone ~6 % faster at batch 8 (eighteenth pass). */
+ * result does not depend on the tokens or rows computed beside it. */
 static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, int groups, const uint8_t *w,
                                                                     const float *s8, const int8_t *x, const float *xs,
                                                                     const int32_t *xc, int64_t k, int64_t blocks,
-                                                                    int count, float *out, const uint8_t *after_w,
-                                                                    const float *after_s) {
+                                                                    int count, float *out) {
   const int64_t group_w = 32 * bits * blocks, group_s = 8 * blocks;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  /* The next call's weights and scales (after_w / after_s, or the groups that follow these) are asked for
+  /* The next groups' weights and scales (they follow these in every layout that calls this) are asked for
    * while this call works, block b of theirs with block b of ours: from memory, one core streamed the loop at
    * 11.0 GB/s without asking and 15.0 asking for all of them at the call's start (Intel, AVX-512 VNNI;
    * tests/benchmarks/RESULTS.md, fifteenth pass), and spread out so, 13.4-15.5 GB/s at eight tokens against
    * 8.3-9.4 all at the start, whose ~160 prefetches waited on the core's few line-fill buffers and held up the
    * call's own loads behind them (eighteenth pass). A prefetch never faults, so the last groups' reaching past
    * the end is harmless. */
-  const char *next_w = (const char *)(after_w ? after_w : w + groups * group_w);
-  const char *next_s = (const char *)(after_s ? after_s : s8 + groups * group_s);
+  const char *next_w = (const char *)(w + groups * group_w), *next_s = (const char *)(s8 + groups * group_s);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   /* 32 bytes of group 0 at a (+ group 1's at the same offset in the high half) */
 #define LOAD_ROWS(a) (groups == 2 ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a))), \
@@ -155,7 +149,6 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
     else _mm256_storeu_ps(out + 8 * t, _mm512_castps512_ps256(acc[t]));
   }
 #else
-  (void)after_w, (void)after_s;
   for (int t = 0; t < count; t++) {
     const int8_t *xt = x + t * k;
     float *o = out + 8 * groups * t;
@@ -182,16 +175,15 @@ static inline int dot_tokens(int64_t t, int64_t t1) { return t1 - t < DOT_MAX_TO
  * 1-4 and 8 inlined once for each bits and groups, 5-7 as four and the rest. Tokens t at x + t k (an expert's
  * tokens side by side, in the MoE kernels); out as groups_dot_tokens'. */
 static inline void groups_dot_some(int bits, int groups, const uint8_t *w, const float *s8, const int8_t *x,
-                                   const float *xs, const int32_t *xc, int64_t k, int count, float *out,
-                                   const uint8_t *after_w, const float *after_s) {
+                                   const float *xs, const int32_t *xc, int64_t k, int count, float *out) {
   int64_t blocks = k / INT4_BLOCK;
   if (count > 4 && count < 8) {
-    groups_dot_some(bits, groups, w, s8, x, xs, xc, k, 4, out, after_w, after_s);
+    groups_dot_some(bits, groups, w, s8, x, xs, xc, k, 4, out);
     groups_dot_some(bits, groups, w, s8, x + 4 * k, xs + 4 * blocks, xc + 4 * blocks, k, count - 4,
-                    out + 32 * groups, after_w, after_s);
+                    out + 32 * groups);
     return;
   }
-#define DOT(B, G, C) groups_dot_tokens(B, G, w, s8, x, xs, xc, k, blocks, C, out, after_w, after_s)
+#define DOT(B, G, C) groups_dot_tokens(B, G, w, s8, x, xs, xc, k, blocks, C, out)
 #define COUNTS(B, G)                                                                                 \
   switch (count) {                                                                                   \
     case 8: DOT(B, G, 8); break;                                                                     \

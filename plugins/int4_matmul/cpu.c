@@ -44,7 +44,7 @@ static void rows(void *user, size_t item) {
       for (int64_t t = t0; t < t1; t += DOT_MAX_TOKENS) {
         int count = dot_tokens(t, t1);
         groups_dot_some(4, pair, p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k,
-                        p->xs + t * blocks, p->xc + t * blocks, p->k, count, o, NULL, NULL);
+                        p->xs + t * blocks, p->xc + t * blocks, p->k, count, o);
         for (int j = 0; j < count; j++)
           memcpy(p->y + (t + j) * p->n + 8 * g, o + 8 * pair * j, 8 * (size_t)pair * sizeof(float));
       }

@@ -284,17 +284,13 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   const uint8_t *w1;
   const float *s1;
   expert_blocks(z, 1, e, groups, blocks, &w1, &s1);
-  const uint8_t *after_w = NULL;  /* the next item's first rows: the next chunk's, or after the expert's last */
-  const float *after_s = NULL;    /* chunk, the next expert's first (NULL: the rows that follow these) */
-  if (g1 == groups && u + 1 < p->n_used) expert_blocks(z, 1, p->used[u + 1], groups, blocks, &after_w, &after_s);
   for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {  /* two groups (eight gate/up pairs) a call */
-    int pair = dot_groups(g, g1), last = g + pair >= g1;
+    int pair = dot_groups(g, g1);
     const uint8_t *w = w1 + g * blocks * 32 * z->bits;
     const float *s = s1 + g * blocks * 8;
     for (int64_t q = p->start[u]; q < p->start[u + 1]; q += DOT_MAX_TOKENS) {
       int count = dot_tokens(q, p->start[u + 1]);
-      groups_dot_some(z->bits, pair, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o,
-                      last ? after_w : NULL, last ? after_s : NULL);
+      groups_dot_some(z->bits, pair, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o);
       for (int t = 0; t < count; t++)
         for (int j = 0; j < 4 * pair; j++)
           p->act[(q + t) * p->i + 4 * g + j] = silu_mul(o[8 * pair * t + 2 * j], o[8 * pair * t + 2 * j + 1]);
@@ -313,21 +309,13 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
     const uint8_t *w2;
     const float *s2;
     expert_blocks(z, 2, p->used[u], groups, blocks, &w2, &s2);
-    const uint8_t *after_w = NULL;  /* what the item's last call asks for: the next expert's first rows of it */
-    const float *after_s = NULL;
-    if (u + 1 < p->n_used) {
-      expert_blocks(z, 2, p->used[u + 1], groups, blocks, &after_w, &after_s);
-      after_w += g0 * blocks * 32 * z->bits, after_s += g0 * blocks * 8;
-    }
     for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {
       int pair = dot_groups(g, g1);
       const uint8_t *w = w2 + g * blocks * 32 * z->bits;
       const float *s = s2 + g * blocks * 8;
-      int last = g + pair >= g1;
       for (int64_t q = p->start[u]; q < p->start[u + 1]; q += DOT_MAX_TOKENS) {
         int count = dot_tokens(q, p->start[u + 1]);
-        groups_dot_some(z->bits, pair, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o,
-                        last ? after_w : NULL, last ? after_s : NULL);
+        groups_dot_some(z->bits, pair, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o);
         for (int t = 0; t < count; t++) {
           float *y = p->y + (int64_t)p->tok[q + t] * p->h + 8 * g;
           for (int r = 0; r < 8 * pair; r++) y[r] += p->w[q + t] * o[8 * pair * t + r];
