@@ -493,7 +493,7 @@ def _int8_weight(rng, k, n, block):
 @pytest.mark.parametrize("x_shape,n,block", [
     ((1, 1024), 37, 32),        # one token; N odd
     ((2, 1, 64), 300, 16),      # batch 2 decode step (rank 3)
-    ((3, 5, 256), 20, 128),     # 15 tokens: passes of four plus a remainder of three
+    ((3, 5, 256), 20, 128),     # 15 tokens: passes of eight, four and three
     ((2, 2, 96), 8, 32),
 ])
 def test_int8_matmul_kernel_matches_the_reference(library, x_shape, n, block):
@@ -511,6 +511,20 @@ def test_int8_matmul_kernel_matches_the_reference(library, x_shape, n, block):
     # int16 activations (one scale per token): within 2^-15 of each token's largest value, per weight
     bound = np.abs(dequantize_blockwise(q, scale, 0, block)).sum(0) * np.abs(x).max(-1, keepdims=True) / 32767
     assert (np.abs(y - ref) <= bound + 1e-6).all()
+
+
+def test_int8_matmul_gives_a_token_the_same_bits_whatever_is_beside_it(library):
+    """Int8MatMul widens a row's weights once for up to eight tokens (passes of eight, four and the rest): a
+    token's output must not depend on how many tokens share its pass."""
+    rng = np.random.default_rng(7)
+    k, n, m = 256, 40, 15
+    b, scales = int8_ref.to_rows(*_int8_weight(rng, k, n, 32), 32)
+    sess = _session(_linear_op_model(int8_ref.OP_TYPE, [None, k], b, scales, block_size=32), library)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    together = sess.run(None, {"x": x})[0]
+    for t in (0, 7, 8, 11, 12, 14):
+        np.testing.assert_array_equal(sess.run(None, {"x": x[t:t + 1]})[0][0], together[t])
+    np.testing.assert_array_equal(sess.run(None, {"x": x[3:8]})[0], together[3:8])     # five: four and one
 
 
 def _linear_model(q, scale, block, tokens, *, zero_point=False, bits=8, gemm=None):
