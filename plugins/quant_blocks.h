@@ -15,9 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vector_math.h"  /* abs_max; immintrin.h where AVX-512 is */
 
 #define INT4_BLOCK 32
 #define DOT_MAX_GROUPS 2   /* groups of eight rows a groups_dot_tokens call takes */
@@ -27,31 +25,22 @@
 /* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and zero_point x the sums (the weights' mid
  * zero point's share of each block's dot product: 8 for 4-bit weights, 128 for 8-bit).
  *
- * Vectorised where AVX-512 is, to the same bits as the plain loop (the same multiply, the same rounding to
- * nearest even, NaN ignored by the max as the plain compare does): it runs on the calling thread alone while
- * the other threads wait, and as scalar code it took ~37 us for eight tokens of 1024, about 2 ms of a batch-8
- * int4 decode step of the mid-size MoE over its ~25 linears and 12 MoE layers (tests/benchmarks/RESULTS.md,
+ * Vectorised where AVX-512 is, to the same bits as the plain loop (the same abs_max, multiply and rounding to
+ * nearest even): it runs on the calling thread alone while the other threads wait, and as scalar code it took
+ * ~37 us for eight tokens of 1024, about 2 ms of a batch-8 int4 decode step of the mid-size MoE over its ~25 linears and 12 MoE layers (tests/benchmarks/RESULTS.md,
  * eighteenth pass). */
 static inline void int8_blocks(const float *x, int64_t m, int64_t k, int32_t zero_point, int8_t *q, float *s, int32_t *c) {
   for (int64_t b = 0; b < m * k / INT4_BLOCK; b++) {
     const float *r = x + b * INT4_BLOCK;
+    float mx = abs_max(r, INT4_BLOCK), sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
 #if defined(__AVX512F__)
-    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-    __m512 a0 = _mm512_loadu_ps(r), a1 = _mm512_loadu_ps(r + 16);
-    /* max_ps(a, b) gives b when either is NaN: a NaN |x| leaves the running max as it is */
-    __m512 mv = _mm512_max_ps(_mm512_and_ps(a0, sign), _mm512_max_ps(_mm512_and_ps(a1, sign), _mm512_setzero_ps()));
-    float mx = _mm512_reduce_max_ps(mv);
-    float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
     __m512 vi = _mm512_set1_ps(inv);
-    __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a0, vi)));
-    __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a1, vi)));
+    __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r), vi)));
+    __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r + 16), vi)));
     _mm_storeu_si128((__m128i *)(q + b * INT4_BLOCK), q0);
     _mm_storeu_si128((__m128i *)(q + b * INT4_BLOCK + 16), q1);
     int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_cvtepi8_epi32(q0), _mm512_cvtepi8_epi32(q1)));
 #else
-    float mx = 0.0f;
-    for (int i = 0; i < INT4_BLOCK; i++) mx = fabsf(r[i]) > mx ? fabsf(r[i]) : mx;
-    float sc = mx > 0.0f ? mx / 127.0f : 1.0f, inv = 1.0f / sc;
     int32_t sum = 0;
     for (int i = 0; i < INT4_BLOCK; i++) sum += q[b * INT4_BLOCK + i] = (int8_t)lrintf(r[i] * inv);
 #endif

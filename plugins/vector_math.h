@@ -3,8 +3,13 @@
 #ifndef DUALBRAIN_VECTOR_MATH_H
 #define DUALBRAIN_VECTOR_MATH_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* e^x to within 1e-7 relative (Cephes' expf: Cody-Waite reduction, degree-6 polynomial), written so that a
  * loop of them vectorises: glibc's expf is a call per value (silu's was the fused op's largest cost), and
@@ -21,6 +26,23 @@ static inline float exp_approx(float x) {
   float scale;
   memcpy(&scale, &bits, sizeof scale);
   return (e * r * r + r + 1.0f) * scale;
+}
+
+/* max |x| over n floats, NaN ignored (0 for none): the activations' scale of the quantized kernels
+ * (quant_blocks.h's int8_blocks, Int8MatMul's int16 tokens), which run it on the calling thread alone. With
+ * AVX-512, 16 at a time: max_ps(a, b) gives b where either is NaN, so a NaN |x| leaves the running max as the
+ * plain compare does, and the max is the same whatever the order. */
+static inline float abs_max(const float *x, int64_t n) {
+  float mx = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 mv = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(x + i), magnitude), mv);
+  mx = _mm512_reduce_max_ps(mv);
+#endif
+  for (; i < n; i++) mx = fabsf(x[i]) > mx ? fabsf(x[i]) : mx;
+  return mx;
 }
 
 /* eight floats in GCC's vector extension (one AVX2 register) */

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "ort_kernel.h"
+#include "vector_math.h"
 
 #define ROWS_PER_ITEM 16
 
@@ -36,23 +37,14 @@ typedef struct {
 
 /* x -> int16 with one scale per token (max |x| / 32767): 2^-15 of the row's largest value, where
  * MatMulNBits' int8 activations keep 2^-7 of each block's. Vectorised where AVX-512 is, to the plain loop's
- * bits (the same multiply and rounding to nearest even; a NaN ignored by the max as the plain compare does): it
+ * bits (the same multiply and rounding to nearest even, the same abs_max): it
  * runs on the calling thread alone, ~4 us a token of 1024 as scalar code (quant_blocks.h's int8_blocks did the
  * same; tests/benchmarks/RESULTS.md, eighteenth pass). */
 static void quantize_tokens(const float *x, int64_t m, int64_t k, int16_t *xq, float *xs) {
   for (int64_t t = 0; t < m; t++) {
     const float *r = x + t * k;
-    float mx = 0.0f;
+    float mx = abs_max(r, k), s = mx > 0.0f ? mx / 32767.0f : 1.0f, inv = 1.0f / s;
     int64_t i = 0;
-#if defined(__AVX512F__)
-    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-    __m512 mv = _mm512_setzero_ps();
-    for (; i + 16 <= k; i += 16) mv = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(r + i), magnitude), mv);
-    mx = _mm512_reduce_max_ps(mv);
-#endif
-    for (; i < k; i++) mx = fabsf(r[i]) > mx ? fabsf(r[i]) : mx;
-    float s = mx > 0.0f ? mx / 32767.0f : 1.0f, inv = 1.0f / s;
-    i = 0;
 #if defined(__AVX512F__)
     for (__m512 vi = _mm512_set1_ps(inv); i + 16 <= k; i += 16)
       _mm256_storeu_si256((__m256i *)(xq + t * k + i),

@@ -6,7 +6,7 @@
  *     cc -O3 -march=native -Iplugins -DDUALBRAIN_CPU_DOMAIN='"x"' tests/benchmarks/gated_delta_mixer_steps.c -lm \
  *         -lpthread -o /tmp/gdn_steps && /tmp/gdn_steps 8 40
  */
-#include "../../tests/benchmarks/kernel_steps.h"
+#include "kernel_steps.h"
 #include "gated_delta/cpu.c"
 
 int main(int argc, char **argv) {

@@ -6,7 +6,7 @@
  *         -o /tmp/moe_steps && /tmp/moe_steps 8 60
  *
  * For an A/B, build it from each tree and alternate the binaries a few times (tests/benchmarks/RESULTS.md). */
-#include "../../tests/benchmarks/kernel_steps.h"
+#include "kernel_steps.h"
 #include "moe_dispatch/cpu.c"
 
 int main(int argc, char **argv) {
