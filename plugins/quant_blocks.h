@@ -22,8 +22,10 @@
 #define DOT_MAX_TOKENS 8   /* tokens a call takes */
 #define DOT_OUT_FLOATS (8 * DOT_MAX_GROUPS * DOT_MAX_TOKENS)  /* its output, at most */
 
-/* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and zero_point x the sums (the weights' mid
- * zero point's share of each block's dot product: 8 for 4-bit weights, 128 for 8-bit).
+/* x [m, k] -> int8 per block of 32 (max |x| / 127), the scales and -zero_point x the sums: what each block's
+ * integer dot product starts from, taking off the weights' mid zero point's share (8 for 4-bit weights, 128 for
+ * 8-bit). Why negated: groups_dot_tokens starts its sums there by a broadcast from memory, which costs none of
+ * the two vector ports that its eight-token loop is bound by (an integer subtraction a token and block did).
  *
  * Vectorised where AVX-512 is, to the same bits as the plain loop (the same abs_max, multiply and rounding to
  * nearest even): it runs on the calling thread alone while the other threads wait, and as scalar code it took
@@ -44,7 +46,7 @@ static inline void int8_blocks(const float *x, int64_t m, int64_t k, int32_t zer
     int32_t sum = 0;
     for (int i = 0; i < INT4_BLOCK; i++) sum += q[b * INT4_BLOCK + i] = (int8_t)lrintf(r[i] * inv);
 #endif
-    s[b] = sc, c[b] = zero_point * sum;
+    s[b] = sc, c[b] = -zero_point * sum;
   }
 }
 
@@ -98,8 +100,8 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
       for (int o = 0; o < 32 * bits; o += 64) _mm_prefetch(next_w + g * group_w + 32 * bits * b + o, _MM_HINT_T0);
       _mm_prefetch(next_s + 4 * (g * group_s + 8 * b), _MM_HINT_T0);
     }
-    __m512i sum[DOT_MAX_TOKENS];
-    for (int t = 0; t < count; t++) sum[t] = _mm512_setzero_si512();
+    __m512i sum[DOT_MAX_TOKENS];  /* from xc, without the zero point's share (int8_blocks) */
+    for (int t = 0; t < count; t++) sum[t] = _mm512_set1_epi32(xc[t * (k / INT4_BLOCK) + b]);
     for (int c = 0; c < 4; c++) {
       /* two sets of four values a lane (row): where they are, and where their activations start */
       __m512i va, vb;
@@ -129,7 +131,7 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
       /* one FMA, written out: left to the compiler, whether the multiply and add fused depended on how many
        * tokens were inlined, and the results of one token's dot then differed in the last bits by count */
       __m512 scale = _mm512_mul_ps(sc, _mm512_set1_ps(xs[tb]));
-      __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[t], _mm512_set1_epi32(xc[tb])));
+      __m512 f = _mm512_cvtepi32_ps(sum[t]);
       acc[t] = _mm512_fmadd_ps(scale, f, acc[t]);
     }
   }
@@ -146,9 +148,9 @@ static inline __attribute__((always_inline)) void groups_dot_tokens(int bits, in
       int64_t tb = t * (k / INT4_BLOCK) + b;
       for (int r = 0; r < 8 * groups; r++) {
         const uint8_t *wg = w + r / 8 * group_w;
-        int32_t sum = 0;
+        int32_t sum = xc[tb];
         for (int j = 0; j < INT4_BLOCK; j++) sum += stored_weight(bits, wg, b, r % 8, j) * xt[INT4_BLOCK * b + j];
-        o[r] += s8[r / 8 * group_s + 8 * b + r % 8] * xs[tb] * (float)(sum - xc[tb]);
+        o[r] += s8[r / 8 * group_s + 8 * b + r % 8] * xs[tb] * (float)sum;
       }
     }
   }

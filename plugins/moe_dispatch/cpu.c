@@ -248,7 +248,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 
 /* ---- Int4MoEDispatch / Int8MoEDispatch: 4- or 8-bit experts, eight rows interleaved ------------- */
 
-#define IN_GROUPS_PER_ITEM 8      /* fc1: groups of eight rows (four gate/up pairs) per work item: 40 KB */
+#define IN_GROUPS_PER_ITEM 8      /* fc1: groups of eight rows (four gate/up pairs) per work item: 40 KB; so an
+                                   * item makes one block of 32 activations of each of its pairs */
+_Static_assert(4 * IN_GROUPS_PER_ITEM == INT4_BLOCK, "a fc1 item rounds whole blocks of its activations");
 #define OUT_GROUPS_PER_ITEM 32    /* fc2: per item, 256 output rows of every chosen expert (8 KB each) */
 
 typedef struct {
@@ -258,9 +260,13 @@ typedef struct {
   const float *s1, *s2;           /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8] */
   const uint8_t *sw1, *sw2;       /* the shared expert (expert E): [1, ...] as w1, w2 */
   const float *ss1, *ss2;
-  const int8_t *pq, *aq;          /* each pair's token [pairs, H] and activations [pairs, I] as int8, in pair order */
-  const float *ps, *as;           /* their scale per block of 32 */
-  const int32_t *pc, *ac;         /* the mid zero point x their sum per block (its share of the dot) */
+  const int8_t *pq;               /* each pair's token [pairs, H] as int8, in pair order */
+  const float *ps;                /* its scale per block of 32 */
+  const int32_t *pc;              /* -(the mid zero point x its sum) per block (int8_blocks) */
+  int8_t *aq;                     /* each pair's activations [pairs, I] as int8, their scales and sums: as pq */
+  float *as;
+  int32_t *ac;
+  int32_t zero_point;
 } QuantPlan;
 
 /* Expert e's fc1 (`fc` 1) or fc2 (2) blocks and scales: a routed expert's, or the shared one's (e == E), each
@@ -295,6 +301,13 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
         for (int j = 0; j < 4 * pair; j++)
           p->act[(q + t) * p->i + 4 * g + j] = silu_mul(o[8 * pair * t + 2 * j], o[8 * pair * t + 2 * j + 1]);
     }
+  }
+  /* This item's activations, one block of each pair, rounded to int8 for fc2 here, on every thread: rounded on
+   * the calling thread between the passes, all pairs' took ~8 us a layer at batch 8 while the others waited. */
+  int64_t a0 = 4 * g0;
+  for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
+    int64_t at = q * p->i + a0;
+    int8_blocks(p->act + at, 1, 4 * (g1 - g0), z->zero_point, z->aq + at, z->as + at / INT4_BLOCK, z->ac + at / INT4_BLOCK);
   }
 }
 
@@ -345,8 +358,7 @@ static OrtStatus *quant_shared(OrtKernelContext *ctx, QuantPlan *z, const int64_
 static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits, int shared) {
   int64_t f1[4], s1[4], f2[4], s2[4];
   Plan p = {0};
-  QuantPlan z = {.p = &p, .bits = bits};
-  int32_t zero_point = 1 << (bits - 1);
+  QuantPlan z = {.p = &p, .bits = bits, .zero_point = 1 << (bits - 1)};
   void *mem;
   OrtStatus *st;
   if ((st = dualbrain_input_of(ctx, 2, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z.w1, f1)) ||
@@ -378,7 +390,7 @@ static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits, i
   int32_t *xc = (int32_t *)(as + ab), *pc = xc + xb, *ac = pc + pb;
   int8_t *xq = (int8_t *)(ac + ab), *pq = xq + p.n * p.h, *aq = pq + pairs * p.h;
   z.pq = pq, z.aq = aq, z.ps = ps, z.as = as, z.pc = pc, z.ac = ac;
-  int8_blocks(p.x, p.n, p.h, zero_point, xq, xs, xc);
+  int8_blocks(p.x, p.n, p.h, z.zero_point, xq, xs, xc);
   for (int64_t q = 0; q < pairs; q++) {  /* each expert's tokens side by side, so that fc1 reads them as fc2 does */
     int64_t t = p.tok[q];
     memcpy(pq + q * p.h, xq + t * p.h, (size_t)p.h);
@@ -387,10 +399,8 @@ static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits, i
   }
   int64_t in_chunks = (2 * p.i / 8 + IN_GROUPS_PER_ITEM - 1) / IN_GROUPS_PER_ITEM;
   st = dualbrain_parallel(ctx, quant_expert_inputs, (size_t)(p.n_used * in_chunks), &z);
-  if (!st) {
-    int8_blocks(p.act, pairs, p.i, zero_point, aq, as, ac);
+  if (!st)
     st = dualbrain_parallel(ctx, quant_expert_outputs, (size_t)((p.h / 8 + OUT_GROUPS_PER_ITEM - 1) / OUT_GROUPS_PER_ITEM), &z);
-  }
   free(buf);
   free(mem);
   return st;

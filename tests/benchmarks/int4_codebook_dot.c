@@ -53,7 +53,7 @@ static inline __attribute__((always_inline)) void group_dot_nl(const uint8_t *w,
     __m256 sc = _mm256_loadu_ps(s8 + 8 * b);
     for (int t = 0; t < count; t++) {
       int64_t tb = t * (k / INT4_BLOCK) + b;
-      __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(lo[t], hi[t]), _mm256_set1_epi32(xc[tb]));
+      __m256i sum = _mm256_add_epi32(_mm256_add_epi32(lo[t], hi[t]), _mm256_set1_epi32(xc[tb]));
       __m256 scale = _mm256_mul_ps(sc, _mm256_set1_ps(xs[tb])), f = _mm256_cvtepi32_ps(sum);
       if (b & 1) odd[t] = _mm256_fmadd_ps(scale, f, odd[t]); else even[t] = _mm256_fmadd_ps(scale, f, even[t]);
     }

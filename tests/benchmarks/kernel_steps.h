@@ -5,6 +5,7 @@
  *
  * Why: end to end, a change worth 5 % of one kernel is below this host's noise (decode A/Bs of the same library
  * differ by up to 10 %); run alone, without Python or ONNX Runtime, the kernels repeat to within a few %. */
+#include <malloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -70,6 +71,12 @@ OrtStatus *dualbrain_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t),
 }
 static void pool_begin(void) {
   pthread_t th;
+  /* The kernels malloc and free their scratch (~100-200 KB at batch 8) every call. In ONNX Runtime's process
+   * glibc has by then raised its trim threshold (a freed mmap'd block of ours or ORT's does that), so the
+   * scratch's pages stay mapped: ~5 page faults a batch-8 decode step of the mid-size MoE. Here nothing raises
+   * it, the heap's top was given back every call and faulted in again (~13 faults a MoE layer, 0.4 ms a
+   * batch-8 step of 12 layers), which is not what a decode step pays; so raise it as that process has. */
+  mallopt(M_TRIM_THRESHOLD, 64 << 20), mallopt(M_MMAP_THRESHOLD, 32 << 20);
   pthread_barrier_init(&pool_start, NULL, 2), pthread_barrier_init(&pool_end, NULL, 2);
   pthread_create(&th, NULL, pool_worker, NULL);
 }
