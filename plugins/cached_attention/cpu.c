@@ -70,89 +70,30 @@ static inline void ask_ahead(Ahead *a, int64_t bytes) {
   for (int64_t i = 0; i < bytes && a->v < a->v_end; i += 64, a->v += 64) __builtin_prefetch(a->v, 0, 2);
 }
 
-/* The query heads that share a K/V head are taken up to HEADS_AT_ONCE at a time: each K and V row is then
- * loaded once for all of them, and its eight floats at a time feed one FMA a head. A head at a time (a dot
- * product a head and key, reduced across the register each time, and an accumulation a head over the same V
- * rows), the kernel was bound by that work rather than by the cache's bytes: at batch 8 and 164 positions, the
- * mid-size MoE's three layers took ~0.65 ms with the cache in L3 (tests/benchmarks/attention_steps.c,
- * tests/benchmarks/RESULTS.md). */
-#define HEADS_AT_ONCE 4
-
-/* out[r * out_stride] = scale x (q + r q_stride) . k over d floats, for the `heads` query heads of one key row */
-static inline __attribute__((always_inline)) void dots_heads(const float *q, int64_t q_stride, const float *k,
-                                                             int64_t d, float scale, float *out, int64_t out_stride,
-                                                             int heads) {
-  v8 s[HEADS_AT_ONCE][2];
-  for (int r = 0; r < heads; r++) s[r][0] = s[r][1] = (v8){0};
-  int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {  /* two sums a head in flight, over the FMA latency */
-    v8 k0 = load8(k + i), k1 = load8(k + i + 8);
-    for (int r = 0; r < heads; r++)
-      s[r][0] += k0 * load8(q + r * q_stride + i), s[r][1] += k1 * load8(q + r * q_stride + i + 8);
-  }
-  for (; i + 8 <= d; i += 8) {
-    v8 k0 = load8(k + i);
-    for (int r = 0; r < heads; r++) s[r][0] += k0 * load8(q + r * q_stride + i);
-  }
-  for (int r = 0; r < heads; r++) {
-    float v = hsum(s[r][0] + s[r][1]);
-    for (int64_t t = i; t < d; t++) v += q[r * q_stride + t] * k[t];
-    out[r * out_stride] = v * scale;
-  }
-}
-
-/* acc[r] += sum_j w[r][j] values[j] over n rows, for `heads` heads: 32 floats of each acc in registers at a time */
-static inline __attribute__((always_inline)) void accumulate_heads(float *const *acc, const float *const *w,
-                                                                   const float *const *values, int64_t n,
-                                                                   int64_t d, int heads) {
+/* acc += sum_j w[j] values[j] over n rows: 64 floats of acc in registers at a time, eight sums in flight to
+ * cover the FMA latency (with four, the loop waited on it) */
+static void accumulate(float *restrict acc, const float *restrict w, const float *const *values, int64_t n,
+                       int64_t d) {
   int64_t i0 = 0;
-  for (; i0 + 32 <= d; i0 += 32) {
-    v8 tile[HEADS_AT_ONCE][4];
-    for (int r = 0; r < heads; r++)
-      for (int c = 0; c < 4; c++) tile[r][c] = load8(acc[r] + i0 + 8 * c);
-    for (int64_t j = 0; j < n; j++) {
-      v8 v[4];
-      for (int c = 0; c < 4; c++) v[c] = load8(values[j] + i0 + 8 * c);
-      for (int r = 0; r < heads; r++)
-        for (int c = 0; c < 4; c++) tile[r][c] += w[r][j] * v[c];
-    }
-    for (int r = 0; r < heads; r++)
-      for (int c = 0; c < 4; c++) memcpy(acc[r] + i0 + 8 * c, &tile[r][c], sizeof(v8));
+  for (; i0 + 64 <= d; i0 += 64) {
+    v8 tile[8];
+    for (int k = 0; k < 8; k++) tile[k] = load8(acc + i0 + 8 * k);
+    for (int64_t j = 0; j < n; j++)
+      for (int k = 0; k < 8; k++) tile[k] += w[j] * load8(values[j] + i0 + 8 * k);
+    memcpy(acc + i0, tile, sizeof tile);
   }
-  for (; i0 + 8 <= d; i0 += 8)
-    for (int r = 0; r < heads; r++) {
-      v8 tile = load8(acc[r] + i0);
-      for (int64_t j = 0; j < n; j++) tile += w[r][j] * load8(values[j] + i0);
-      memcpy(acc[r] + i0, &tile, sizeof tile);
-    }
+  for (; i0 + 8 <= d; i0 += 8) {
+    v8 tile = load8(acc + i0);
+    for (int64_t j = 0; j < n; j++) tile += w[j] * load8(values[j] + i0);
+    memcpy(acc + i0, &tile, sizeof tile);
+  }
   for (; i0 < d; i0++)
-    for (int r = 0; r < heads; r++)
-      for (int64_t j = 0; j < n; j++) acc[r][i0] += w[r][j] * values[j][i0];
+    for (int64_t j = 0; j < n; j++) acc[i0] += w[j] * values[j][i0];
 }
 
-/* dots_heads / accumulate_heads with `heads` (1..HEADS_AT_ONCE) known only at run time: each inlined once */
-static void dots_some(const float *q, int64_t q_stride, const float *k, int64_t d, float scale, float *out,
-                      int64_t out_stride, int heads) {
-  switch (heads) {
-    case 4: dots_heads(q, q_stride, k, d, scale, out, out_stride, 4); break;
-    case 3: dots_heads(q, q_stride, k, d, scale, out, out_stride, 3); break;
-    case 2: dots_heads(q, q_stride, k, d, scale, out, out_stride, 2); break;
-    default: dots_heads(q, q_stride, k, d, scale, out, out_stride, 1); break;
-  }
-}
-
-static void accumulate_some(float *const *acc, const float *const *w, const float *const *values, int64_t n,
-                            int64_t d, int heads) {
-  switch (heads) {
-    case 4: accumulate_heads(acc, w, values, n, d, 4); break;
-    case 3: accumulate_heads(acc, w, values, n, d, 3); break;
-    case 2: accumulate_heads(acc, w, values, n, d, 2); break;
-    default: accumulate_heads(acc, w, values, n, d, 1); break;
-  }
-}
-
-/* one query head's n new scores w: rescale acc and the total to the new running max; w becomes the keys' weights */
-static void softmax_update(float *restrict acc, float *top, float *total, float *restrict w, int64_t n, int64_t d) {
+/* one query head over n scored keys: rescale acc and the total to the new running max, add the keys' weights */
+static void online_softmax(float *restrict acc, float *top, float *total, float *restrict w,
+                           const float *const *values, int64_t n, int64_t d) {
   float m = *top;
   for (int64_t j = 0; j < n; j++) m = w[j] > m ? w[j] : m;
   if (m > *top) {
@@ -164,6 +105,7 @@ static void softmax_update(float *restrict acc, float *top, float *total, float 
   float add = 0.0f;
   for (int64_t j = 0; j < n; j++) w[j] = exp_approx(w[j] - m), add += w[j];
   *total += add;
+  accumulate(acc, w, values, n, d);
 }
 
 /* part `part` of query position s for head h of the B * Hq: its acc, and its running max and total */
@@ -215,22 +157,13 @@ static void part_keys(void *user, size_t item) {
           if (!visible[j]) continue;
           const float *k = row(p, p->past_k, p->new_k, j0 + j, b, g);
           ask_ahead(&next, row_bytes);
-          for (int64_t r0 = 0; r0 < rep; r0 += HEADS_AT_ONCE)
-            dots_some(q + r0 * p->s * d, p->s * d, k, d, p->scale, w + r0 * chunk + seen, chunk,
-                      (int)(rep - r0 < HEADS_AT_ONCE ? rep - r0 : HEADS_AT_ONCE));
+          for (int64_t r = 0; r < rep; r++) w[r * chunk + seen] = dot1(q + r * p->s * d, k, d) * p->scale;
           values[seen++] = row(p, p->past_v, p->new_v, j0 + j, b, g);
         }
-        for (int64_t r0 = 0; seen && r0 < rep; r0 += HEADS_AT_ONCE) {
-          int heads = (int)(rep - r0 < HEADS_AT_ONCE ? rep - r0 : HEADS_AT_ONCE);
-          float *accs[HEADS_AT_ONCE];
-          const float *ws[HEADS_AT_ONCE];
-          for (int r = 0; r < heads; r++) {
-            int64_t h = b * p->hq + g * rep + r0 + r;
-            float *stats = stats_of(p, s, part, h);
-            accs[r] = acc_of(p, s, part, h), ws[r] = w + (r0 + r) * chunk;
-            softmax_update(accs[r], stats, stats + 1, w + (r0 + r) * chunk, seen, d);
-          }
-          accumulate_some(accs, ws, values, seen, d, heads);
+        for (int64_t r = 0; seen && r < rep; r++) {
+          int64_t h = b * p->hq + g * rep + r;
+          float *stats = stats_of(p, s, part, h);
+          online_softmax(acc_of(p, s, part, h), stats, stats + 1, w + r * chunk, values, seen, d);
         }
       }
     }
