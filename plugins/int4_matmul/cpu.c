@@ -74,8 +74,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (!mem) return dualbrain_error("Int4MatMul (cpu): out of memory");
   p.xs = (float *)mem, p.xc = (int32_t *)(p.xs + xb), p.xq = (int8_t *)(p.xc + xb);
   int8_blocks(x, p.m, p.k, 8, (int8_t *)p.xq, (float *)p.xs, (int32_t *)p.xc);
-  /* decode: small items so both cores share even a 2048-row linear; prefill: bigger ones, fewer passes */
-  p.groups_per_item = p.m > 4 ? 4 * GROUPS_PER_ITEM : GROUPS_PER_ITEM;
+  /* decode (a pass of up to eight tokens): small items, so that both cores share even a 1024-row linear evenly
+   * (at batch 8, items of 256 rows split the mid-size MoE's 3104-row linears 7 to 6 between two threads; 64-row
+   * ones 25 to 24: 1.03x on the 25 linears of a step, tests/benchmarks/int4_matmul_steps.c); prefill: bigger ones,
+   * fewer passes */
+  p.groups_per_item = p.m > DOT_MAX_TOKENS ? 4 * GROUPS_PER_ITEM : GROUPS_PER_ITEM;
   st = dualbrain_parallel(ctx, rows, (size_t)((p.n / 8 + p.groups_per_item - 1) / p.groups_per_item), &p);
   free(mem);
   return st;
