@@ -61,10 +61,10 @@ static inline int32_t stored_weight(int bits, const uint8_t *w, int64_t b, int r
 
 /* out[8 G t + r] = row r (0 .. 8 G - 1) of G consecutive groups of eight (G 1 or 2; group 1's blocks follow group
  * 0's, as in every layout that calls this) . token t (t < count, count 1..8; token t's values at x + t k, its
- * scales and sums at xs / xc + t k / 32), over `blocks` blocks of the groups' `bits`-bit weights w (32 x bits
- * bytes a block) and scales s8 (8 a block). Always inlined with constant `bits`, `groups` and `count`: a block's
- * weights are loaded (and unpacked) once for all `count` tokens, which is what makes batches and prefill
- * compute-bound rather than unpack-bound.
+ * scales and zero-point shares at xs / xc + t k / 32, as int8_blocks makes them), over `blocks` blocks of the
+ * groups' `bits`-bit weights w (32 x bits bytes a block) and scales s8 (8 a block). Always inlined with constant
+ * `bits`, `groups` and `count`: a block's weights are loaded (and unpacked) once for all `count` tokens, which is
+ * what makes batches and prefill compute-bound rather than unpack-bound.
  *
  * Two groups fill a 512-bit register (one group its low half), so each activation broadcast and each
  * dot-product instruction serves sixteen rows, and eight tokens a pass unpack each block once for a batch of

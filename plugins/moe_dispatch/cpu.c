@@ -307,7 +307,8 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t a0 = 4 * g0;
   for (int64_t q = p->start[u]; q < p->start[u + 1]; q++) {
     int64_t at = q * p->i + a0;
-    int8_blocks(p->act + at, 1, 4 * (g1 - g0), z->zero_point, z->aq + at, z->as + at / INT4_BLOCK, z->ac + at / INT4_BLOCK);
+    int8_blocks(p->act + at, 1, 4 * (g1 - g0), z->zero_point, z->aq + at, z->as + at / INT4_BLOCK,
+                z->ac + at / INT4_BLOCK);
   }
 }
 

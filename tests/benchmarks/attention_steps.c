@@ -10,7 +10,8 @@
 #include "cached_attention/cpu.c"
 
 int main(int argc, char **argv) {
-  int batch = argc > 1 ? atoi(argv[1]) : 8, past = argc > 2 ? atoi(argv[2]) : 164, steps = argc > 3 ? atoi(argv[3]) : 60;
+  int batch = argc > 1 ? atoi(argv[1]) : 8, past = argc > 2 ? atoi(argv[2]) : 164;
+  int steps = argc > 3 ? atoi(argv[3]) : 60;
   enum { LAYERS = 3, HQ = 8, HKV = 2, D = 128, FLUSH = 64 << 20 };
   if (batch < 1 || past < 0 || steps < 1 || steps > 10000)
     return fprintf(stderr, "usage: %s [batch] [past] [steps]\n", argv[0]), 2;
