@@ -9,7 +9,9 @@ with and without the kernels.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -43,6 +45,18 @@ def library() -> Path:
     lib = ort_kernels.library()
     assert lib is not None and lib.is_file(), "the CPU kernels did not build"
     return lib
+
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory) -> Path:
+    """The kernels as ort_kernels builds them where -march=native does not build (its last ARCH_FLAGS): with the
+    compiler's default vector units, so the plain C paths run (quant_blocks.h's dot among them), which a CPU with
+    AVX-512 never runs otherwise."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    out = tmp_path_factory.mktemp("portable") / "libdualbrain_cpu_portable.so"
+    subprocess.run([cc, *ort_kernels.FLAGS, *ort_kernels.ARCH_FLAGS[-1], "-o", str(out),
+                    *map(str, ort_kernels.SOURCES), "-lm"], check=True, capture_output=True, timeout=300)
+    return out
 
 
 def _moe_model(fc1, fc2, *, top_k, normalize=None, domain=CPU_DOMAIN):
@@ -704,6 +718,7 @@ def _int4_activation_bound(x, w):
 
 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="Int4MatMul is used only where the CPU has AVX-512 VNNI")
+@pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("x_shape,n", [
     ((1, 1024), 2048),          # a mid-size decode step's linear
     ((2, 1, 64), 40),           # batch 2 decode step (rank 3)
@@ -711,7 +726,8 @@ def _int4_activation_bound(x, w):
     ((1, 70, 64), 16),          # a prefill longer than a tile of 64 tokens
     ((133, 256), 264),          # tiles, remainders and a work item of fewer groups
 ])
-def test_int4_matmul_kernel_matches_the_reference(library, x_shape, n):
+def test_int4_matmul_kernel_matches_the_reference(request, build, x_shape, n):
+    library = request.getfixturevalue("library" if build == "native" else "portable_library")
     rng = np.random.default_rng(n)
     k = x_shape[-1]
     q, scale = quantize_blockwise((rng.standard_normal((k, n)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
@@ -971,6 +987,22 @@ def test_quant_moe_rewrite_matches_qmoe_and_the_reference(library, tmp_path, n, 
                                atol=(1e-5 if same_sums else 5e-3) * np.abs(want).max())
     ref = moe_ref.moe_dispatch(x, logits, dense["fc1"], dense["fc2"], k)
     np.testing.assert_allclose(y, ref, rtol=0, atol=3e-2 * np.abs(ref).max())     # as test_quant_experts
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,e,i,h,k", [(8, 64, 256, 1024, 8), (5, 7, 64, 96, 3)])
+def test_quant_moe_portable_build_matches_the_native_one(library, portable_library, n, e, i, h, k, bits):
+    """The quantized MoE kernels' plain C dot (the portable build) against the AVX-512 one, which the test above
+    checks against QMoE and the reference: the same integer sums, the float epilogue rounded in another order (a
+    last-bit difference in an fc2 activation can flip its int8 rounding: one step, within the tolerance)."""
+    model, _ = _qmoe_model(e, i, h, k, bits=bits, seed=n + e)
+    assert use_cpu_kernels(model) == 1
+    rng = np.random.default_rng(n + 1)
+    feeds = {"x": rng.standard_normal((n, h)).astype(np.float32), "logits": rng.standard_normal((n, e)).astype(np.float32)}
+    native = _session(model, library).run(None, feeds)[0]
+    portable = _session(model, portable_library).run(None, feeds)[0]
+    np.testing.assert_allclose(portable, native, rtol=0, atol=5e-3 * np.abs(native).max())
 
 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
