@@ -1,5 +1,6 @@
-/* What every dualbrain CPU kernel for ONNX Runtime shares (defined in ort_kernels.c): the OrtApi table,
- * float32 tensor access, attributes, ONNX Runtime's intra-op threads, and the OrtCustomOp boilerplate.
+/* What every dualbrain CPU kernel for ONNX Runtime shares (defined in ort_kernels.c, but for what is inline here):
+ * the OrtApi table, float32 tensor access, attributes, ONNX Runtime's intra-op threads, and the OrtCustomOp
+ * boilerplate.
  * One op per file beside its reference (plugins/<op>/cpu.c); ort_kernels.c registers them all. */
 #ifndef DUALBRAIN_ORT_KERNEL_H
 #define DUALBRAIN_ORT_KERNEL_H
@@ -16,9 +17,14 @@ OrtStatus *dualbrain_input_of(OrtKernelContext *ctx, size_t index, int type, siz
                               const void **data, int64_t *dims);
 OrtStatus *dualbrain_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank, float **data);
 /* a linear's output 0: x's dims `xd` (rank `rank`, changed in place) with the last one `n`; *rows = the
- * product of the others */
-OrtStatus *dualbrain_linear_output(OrtKernelContext *ctx, int64_t *xd, size_t rank, int64_t n, int64_t *rows,
-                                   float **y);
+ * product of the others (inline: built on dualbrain_output, so the step harnesses' stub of it serves too) */
+static inline OrtStatus *dualbrain_linear_output(OrtKernelContext *ctx, int64_t *xd, size_t rank, int64_t n,
+                                                 int64_t *rows, float **y) {
+  *rows = 1;
+  for (size_t i = 0; i + 1 < rank; i++) *rows *= xd[i];
+  xd[rank - 1] = n;
+  return dualbrain_output(ctx, 0, xd, rank, y);
+}
 int64_t dualbrain_attr_int(const OrtKernelInfo *info, const char *name, int64_t fallback);
 /* fn(user, i) for i < total over ONNX Runtime's intra-op threads */
 OrtStatus *dualbrain_parallel(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t total, void *user);

@@ -58,14 +58,6 @@ OrtStatus *dualbrain_output(OrtKernelContext *ctx, size_t index, const int64_t *
   return st ? st : ORT_FN(dualbrain_api, GetTensorMutableData, OrtGetTensorMutableDataFn)(out, (void **)data);
 }
 
-OrtStatus *dualbrain_linear_output(OrtKernelContext *ctx, int64_t *xd, size_t rank, int64_t n, int64_t *rows,
-                                   float **y) {
-  *rows = 1;
-  for (size_t i = 0; i + 1 < rank; i++) *rows *= xd[i];
-  xd[rank - 1] = n;
-  return dualbrain_output(ctx, 0, xd, rank, y);
-}
-
 int64_t dualbrain_attr_int(const OrtKernelInfo *info, const char *name, int64_t fallback) {
   int64_t v;
   OrtStatus *st = ORT_FN(dualbrain_api, KernelInfoGetAttribute_int64, OrtKernelInfoGetAttributeInt64Fn)(info, name, &v);

@@ -29,8 +29,8 @@
  *
  * Vectorised where AVX-512 is, to the same bits as the plain loop (the same abs_max, multiply and rounding to
  * nearest even): it runs on the calling thread alone while the other threads wait, and as scalar code it took
- * ~37 us for eight tokens of 1024, about 2 ms of a batch-8 int4 decode step of the mid-size MoE over its ~25 linears and 12 MoE layers (tests/benchmarks/RESULTS.md,
- * eighteenth pass). */
+ * ~37 us for eight tokens of 1024, about 2 ms of a batch-8 int4 decode step of the mid-size MoE over its ~25
+ * linears and 12 MoE layers (tests/benchmarks/RESULTS.md, eighteenth pass). */
 static inline void int8_blocks(const float *x, int64_t m, int64_t k, int32_t zero_point, int8_t *q, float *s, int32_t *c) {
   for (int64_t b = 0; b < m * k / INT4_BLOCK; b++) {
     const float *r = x + b * INT4_BLOCK;

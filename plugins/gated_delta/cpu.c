@@ -35,7 +35,9 @@ typedef struct {
 /* One position of one head: S' = exp(g) S + k delta^T with delta = beta (v - exp(g) S^T k); o = S'^T q.
  * S is [dk, dv] with dv the contiguous axis, so each update is a row-wise axpy. S is read from `from` and S'
  * written to `to`, which may be the same buffer (each element is read before it is written); `ahead`, when
- * given, is the next head's state, asked for a row at a time while this one works.
+ * given, is the next head's state, asked for while this one works: a line of each 256 bytes, a row at a time
+ * (the hardware fetches the lines between; asking for every one measured no faster, tests/benchmarks/RESULTS.md,
+ * nineteenth pass).
  *
  * Why `from` and `to` apart: a decode step reads S where the op's input holds it and writes S' straight to
  * the op's new_state, with no copy between: the copy of each 16 KB state into a buffer of the thread's own was
@@ -281,17 +283,10 @@ static inline void kw4_conv(const float *restrict st, const float *restrict w_t,
       }
   }
 }
-#endif
 
 /* The decode step of a four-tap conv over channels c0 .. c0+n-1 (kw4_conv) applies */
-static inline int kw4_step(const Mixer *p, int64_t n) {
-#if defined(__AVX512F__)
-  return p->kw == 4 && p->t == 1 && n % 16 == 0;
-#else
-  (void)p, (void)n;
-  return 0;
+static inline int kw4_step(const Mixer *p, int64_t n) { return p->kw == 4 && p->t == 1 && n % 16 == 0; }
 #endif
-}
 
 /* y = silu(causal conv) of channels c0 .. c0+n-1 at position t of row b: output t reads positions t .. t+K-1
  * of the concatenation [conv_state, qkv] along time. w_t is the weight transposed, [K, C]. */

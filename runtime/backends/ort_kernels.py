@@ -118,6 +118,17 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC (default cc), else gcc or clang; None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def compile_library(cc: str, out: Path | str, arch: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Build the kernels' library at `out` with `cc` and the CPU flags `arch` (one of ARCH_FLAGS)."""
+    cmd = [cc, *FLAGS, *arch, "-o", str(out), *map(str, SOURCES), "-lm"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
 @functools.cache
 def library() -> Path | None:
     """The kernels' shared library, built on first use; None when off or not buildable (one warning)."""
@@ -125,7 +136,7 @@ def library() -> Path | None:
         return None
     if sys.platform == "win32":
         return _unavailable("no build for Windows yet")
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    cc = compiler()
     if cc is None:
         return _unavailable("no C compiler found (set CC)")
     try:
@@ -154,9 +165,8 @@ def library() -> Path | None:
     for arch in ARCH_FLAGS:
         fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.part")
         os.close(fd)
-        cmd = [cc, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES), "-lm"]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            r = compile_library(cc, tmp, arch)
             if r.returncode == 0:
                 os.replace(tmp, out)
                 return out

@@ -9,13 +9,6 @@
 #include "kernel_steps.h"
 #include "int4_matmul/cpu.c"
 
-OrtStatus *dualbrain_linear_output(OrtKernelContext *c, int64_t *xd, size_t rank, int64_t n, int64_t *rows, float **y) {
-  *rows = 1;
-  for (size_t i = 0; i + 1 < rank; i++) *rows *= xd[i];
-  xd[rank - 1] = n;
-  return dualbrain_output(c, 0, xd, rank, y);
-}
-
 int main(int argc, char **argv) {
   int batch = argc > 1 ? atoi(argv[1]) : 8, steps = argc > 2 ? atoi(argv[2]) : 60;
   enum { K = 1024, LINEARS = 9 * 2 + 3 * 2 + 1 };
