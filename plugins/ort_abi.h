@@ -28,7 +28,8 @@ typedef struct OrtApiBase {
 } OrtApiBase;
 
 enum { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { ORT_TENSOR_FLOAT = 1, ORT_TENSOR_UINT8 = 2, ORT_TENSOR_BOOL = 9 };   /* ONNXTensorElementDataType */
+/* ONNXTensorElementDataType; an op's input declared UNDEFINED takes any type (the kernel checks it) */
+enum { ORT_TENSOR_UNDEFINED = 0, ORT_TENSOR_FLOAT = 1, ORT_TENSOR_UINT8 = 2, ORT_TENSOR_BOOL = 9, ORT_TENSOR_FLOAT16 = 10 };
 enum { ORT_IO_REQUIRED = 0 };        /* OrtCustomOpInputOutputCharacteristic */
 enum { ORT_MEM_DEFAULT = 0 };        /* OrtMemType */
 

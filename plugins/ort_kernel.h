@@ -15,6 +15,9 @@ OrtStatus *dualbrain_input(OrtKernelContext *ctx, size_t index, size_t rank, con
 /* input `index` of element type `type`: with `rank_out`, any rank up to `rank` (stored there); else exactly `rank` */
 OrtStatus *dualbrain_input_of(OrtKernelContext *ctx, size_t index, int type, size_t rank, size_t *rank_out,
                               const void **data, int64_t *dims);
+/* input `index`, a quantized layout's scales of rank `rank`: float32 or float16 (*half 1) */
+OrtStatus *dualbrain_scales_input(OrtKernelContext *ctx, size_t index, size_t rank, const void **data, int *half,
+                                  int64_t *dims);
 OrtStatus *dualbrain_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t rank, float **data);
 /* a linear's output 0: x's dims `xd` (rank `rank`, changed in place) with the last one `n`; *rows = the
  * product of the others (inline: built on dualbrain_output, so the step harnesses' stub of it serves too) */

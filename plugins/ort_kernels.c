@@ -31,24 +31,43 @@ OrtStatus *dualbrain_input(OrtKernelContext *ctx, size_t index, size_t rank, con
   return dualbrain_input_of(ctx, index, ORT_TENSOR_FLOAT, rank, NULL, (const void **)data, dims);
 }
 
-OrtStatus *dualbrain_input_of(OrtKernelContext *ctx, size_t index, int want, size_t rank, size_t *rank_out,
+/* input `index`: its element type into *type, its rank (at most `rank`) into *got_rank, its dims and data */
+static OrtStatus *input_typed(OrtKernelContext *ctx, size_t index, size_t rank, int *type, size_t *got_rank,
                               const void **data, int64_t *dims) {
   const OrtApi *api = dualbrain_api;
   const OrtValue *v;
   OrtTensorTypeAndShapeInfo *info;
   OrtStatus *st;
-  size_t got_rank;
-  int type;
   if ((st = ORT_FN(api, KernelContext_GetInput, OrtKernelContextGetInputFn)(ctx, index, &v))) return st;
   if ((st = ORT_FN(api, GetTensorTypeAndShape, OrtGetTensorTypeAndShapeFn)(v, &info))) return st;
-  st = ORT_FN(api, GetTensorElementType, OrtGetTensorElementTypeFn)(info, &type);
-  if (!st) st = ORT_FN(api, GetDimensionsCount, OrtGetDimensionsCountFn)(info, &got_rank);
-  if (!st && (type != want || (rank_out ? got_rank > rank : got_rank != rank)))
-    st = dualbrain_error("dualbrain CPU kernel: an input is not of the expected element type and rank");
-  if (!st && rank_out) *rank_out = got_rank;
-  if (!st) st = ORT_FN(api, GetDimensions, OrtGetDimensionsFn)(info, dims, got_rank);
+  st = ORT_FN(api, GetTensorElementType, OrtGetTensorElementTypeFn)(info, type);
+  if (!st) st = ORT_FN(api, GetDimensionsCount, OrtGetDimensionsCountFn)(info, got_rank);
+  if (!st && *got_rank > rank) st = dualbrain_error("dualbrain CPU kernel: an input has more dimensions than it takes");
+  if (!st) st = ORT_FN(api, GetDimensions, OrtGetDimensionsFn)(info, dims, *got_rank);
   ORT_FN(api, ReleaseTensorTypeAndShapeInfo, OrtReleaseTensorTypeAndShapeInfoFn)(info);
   if (!st) st = ORT_FN(api, GetTensorMutableData, OrtGetTensorMutableDataFn)((OrtValue *)v, (void **)data);
+  return st;
+}
+
+OrtStatus *dualbrain_input_of(OrtKernelContext *ctx, size_t index, int want, size_t rank, size_t *rank_out,
+                              const void **data, int64_t *dims) {
+  size_t got_rank;
+  int type;
+  OrtStatus *st = input_typed(ctx, index, rank, &type, &got_rank, data, dims);
+  if (!st && (type != want || (!rank_out && got_rank != rank)))
+    st = dualbrain_error("dualbrain CPU kernel: an input is not of the expected element type and rank");
+  if (!st && rank_out) *rank_out = got_rank;
+  return st;
+}
+
+OrtStatus *dualbrain_scales_input(OrtKernelContext *ctx, size_t index, size_t rank, const void **data, int *half,
+                                  int64_t *dims) {
+  size_t got_rank;
+  int type = ORT_TENSOR_UNDEFINED;
+  OrtStatus *st = input_typed(ctx, index, rank, &type, &got_rank, data, dims);
+  if (!st && ((type != ORT_TENSOR_FLOAT && type != ORT_TENSOR_FLOAT16) || got_rank != rank))
+    st = dualbrain_error("dualbrain CPU kernel: scales must be float32 or float16, of the layout's rank");
+  *half = type == ORT_TENSOR_FLOAT16;
   return st;
 }
 

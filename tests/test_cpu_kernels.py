@@ -1026,14 +1026,15 @@ def test_quant_moe_kernel_gives_a_token_the_same_bits_alone_or_in_a_batch(librar
 
 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("block,n", [(64, 1), (128, 9), (64, 70)])
-def test_int4_moe_rewrite_takes_larger_blocks(library, block, n):
-    """int4 experts exported in blocks of 64 or 128: the kernel reads their scales repeated per 32 values."""
+def test_quant_moe_rewrite_takes_larger_blocks(library, bits, block, n):
+    """int4 / int8 experts exported in blocks of 64 or 128: the kernel reads their scales repeated per 32 values."""
     e, i, h, k = 6, 128, 256, 2
-    model, dense = _qmoe_model(e, i, h, k, bits=4, block=block, seed=block + n)
+    model, dense = _qmoe_model(e, i, h, k, bits=bits, block=block, seed=block + n)
     qmoe = _session(model, library)
     assert use_cpu_kernels(model) == 1
-    assert {nd.op_type for nd in model.graph.node} == {moe_ref.INT4_OP_TYPE}
+    assert {nd.op_type for nd in model.graph.node} == {moe_ref.INT4_OP_TYPE if bits == 4 else moe_ref.INT8_OP_TYPE}
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, h)).astype(np.float32)
     logits = rng.standard_normal((n, e)).astype(np.float32)
@@ -1047,10 +1048,68 @@ def test_int4_moe_rewrite_takes_larger_blocks(library, block, n):
     assert error(y) <= max(1.25 * error(want), 1e-3) and error(y) <= 3e-2
 
 
+def _float16_scales(model):
+    """`model` with every float32 scale rounded to a float16 (as the exporter stores them; the loader widens them
+    back to float32), a few of them float16 subnormals, so that the rewrite lays them out in float16."""
+    rng = np.random.default_rng(3)
+    for t in model.graph.initializer:
+        if "scale" in t.name and t.data_type == TensorProto.FLOAT:
+            s = numpy_helper.to_array(t).astype(np.float16)
+            tiny = rng.random(s.shape) < 0.05                                          # 2^-20 .. 2^-15
+            s[tiny] = np.sign(s[tiny]) * rng.integers(1, 32, tiny.sum()) * np.float16(2.0 ** -20)
+            t.CopyFrom(numpy_helper.from_array(s.astype(np.float32), t.name))
+    return model
+
+
+def _quant_models():
+    """Each quantized kernel's rewrite source: (name, model, inputs)."""
+    rng = np.random.default_rng(9)
+    models = {}
+    for bits in (4, 8):
+        models[f"moe int{bits}"] = _qmoe_model(12, 64, 96, 4, bits=bits, seed=bits)[0]
+    models["moe int4 + shared"] = _with_shared_expert(_qmoe_model(6, 64, 96, 2, seed=1)[0], 64, bits=4, seed=2)[0]
+    q, scale = quantize_blockwise((rng.standard_normal((160, 48)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
+    models["linear int4"] = _linear_model(q, scale, 32, 11, bits=4)
+    for name, model in models.items():
+        x = rng.standard_normal((1, 11, 160) if name.startswith("linear") else (11, 96)).astype(np.float32)
+        yield name, model, {"x": x} if name.startswith("linear") else {"x": x, "logits": rng.standard_normal(
+            (11, 12 if "shared" not in name else 6)).astype(np.float32)}
+
+
+@pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("which", ["moe int4", "moe int8", "moe int4 + shared", "linear int4"])
+def test_quantized_kernels_give_the_same_bits_from_float16_scales(request, build, which):
+    """Scales that are all exactly float16 are laid out in float16 (a tenth less of a 4-bit layout to read), the
+    kernels widen them exactly: the same outputs, to the bit, as from the same scales in float32 (subnormal
+    float16s included), in the AVX-512 loop and in the portable build's plain C."""
+    library = request.getfixturevalue("library" if build == "native" else "portable_library")
+    _, model, feeds = next(m for m in _quant_models() if m[0] == which)
+    model, arrays = _float16_scales(model), {}
+    assert use_cpu_kernels(model, supplied=arrays) == 1
+    scales = {name: a for name, a in arrays.items() if name.endswith("scales")}
+    assert scales and all(a.dtype == np.float16 for a in scales.values())
+    widened = {name: a.astype(np.float32) if name in scales else a for name, a in arrays.items()}
+    half = _session(model, library, supplied=arrays).run(None, feeds)[0]
+    single = _session(model, library, supplied=widened).run(None, feeds)[0]
+    np.testing.assert_array_equal(half, single)
+    assert np.abs(half).max() > 0
+
+
+def test_layouts_keep_float16_scales_only_where_exact():
+    s = np.array([[[0.5, -3.0, 2.0 ** -20]] * 8], np.float32)                       # [1, 8, 3]: exact in float16
+    assert moe_ref.interleave_scales(s).dtype == np.float16
+    for odd in (1 / 3, 1e-7, 7e4):                # more bits than float16 has; under its subnormals; over its range
+        t = s.copy()
+        t[0, 5, 1] = odd
+        got = moe_ref.interleave_scales(t)
+        assert got.dtype == np.float32 and got[0, 0, 1, 5] == np.float32(odd)
+
+
 def test_quant_moe_rewrite_leaves_other_experts_alone():
     assert use_cpu_kernels(_qmoe_model(4, 64, 128, 2, block=16)[0]) == 0           # blocks of 16
     assert use_cpu_kernels(_qmoe_model(4, 64, 128, 2, bits=8, block=16)[0]) == 0   # 8-bit, blocks of 16
-    assert use_cpu_kernels(_qmoe_model(4, 128, 128, 2, bits=8, block=128)[0]) == 0  # 8-bit, blocks of 128
+    assert use_cpu_kernels(_qmoe_model(4, 256, 256, 2, bits=8, block=256)[0]) == 0  # 8-bit, blocks of 256
     model = _qmoe_model(4, 32, 64, 2)[0]
     model.graph.node[0].attribute.append(helper.make_attribute("swiglu_limit", 7.0))
     for a in model.graph.node[0].attribute:

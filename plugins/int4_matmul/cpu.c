@@ -8,7 +8,7 @@
  * reads), so a block's scale and FMA serve eight rows; in prefill a block's nibbles are unpacked once
  * for four tokens.
  *
- * x [..., K] float32, w [N/8, K/32, 128] uint8, scales [N/8, K/32, 8] float32 -> y [..., N]: as
+ * x [..., K] float32, w [N/8, K/32, 128] uint8, scales [N/8, K/32, 8] float16 or float32 -> y [..., N]: as
  * reference.py, with x rounded to int8 per block of 32 (MatMulNBits at accuracy level 4 does the same).
  * Registered by ../ort_kernels.c; built by dualbrain.runtime.backends.ort_kernels.
  */
@@ -24,7 +24,7 @@
 
 typedef struct {
   const uint8_t *w;
-  const float *s;
+  Scales s;
   const int8_t *xq;    /* the activations as int8 per block of 32, their scales and 8 x their sums */
   const float *xs;
   const int32_t *xc;
@@ -43,7 +43,7 @@ static void rows(void *user, size_t item) {
       int pair = dot_groups(g, g1);
       for (int64_t t = t0; t < t1; t += DOT_MAX_TOKENS) {
         int count = dot_tokens(t, t1);
-        groups_dot_some(4, pair, p->w + g * blocks * 128, p->s + g * blocks * 8, p->xq + t * p->k,
+        groups_dot_some(4, pair, p->w + g * blocks * 128, scales_from(p->s, g * blocks * 8), p->xq + t * p->k,
                         p->xs + t * blocks, p->xc + t * blocks, p->k, count, o);
         for (int j = 0; j < count; j++)
           memcpy(p->y + (t + j) * p->n + 8 * g, o + 8 * pair * j, 8 * (size_t)pair * sizeof(float));
@@ -61,7 +61,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   OrtStatus *st;
   if ((st = dualbrain_input_of(ctx, 0, ORT_TENSOR_FLOAT, 8, &rank, (const void **)&x, xd)) ||
       (st = dualbrain_input_of(ctx, 1, ORT_TENSOR_UINT8, 3, NULL, (const void **)&p.w, wd)) ||
-      (st = dualbrain_input(ctx, 2, 3, &p.s, sd)))
+      (st = dualbrain_scales_input(ctx, 2, 3, &p.s.at, &p.s.half, sd)))
     return st;
   p.n = wd[0] * 8, p.k = wd[1] * INT4_BLOCK;
   if (rank < 1 || xd[rank - 1] != p.k || wd[2] != 128 || sd[0] != wd[0] || sd[1] != wd[1] || sd[2] != 8)
@@ -86,7 +86,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 
 static int input_type(const OrtCustomOp *op, size_t index) {
   (void)op;
-  return index == 1 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
+  return index == 1 ? ORT_TENSOR_UINT8 : index == 2 ? ORT_TENSOR_UNDEFINED : ORT_TENSOR_FLOAT;  /* scales: 16 or 32 bits */
 }
 
 DUALBRAIN_CPU_OP(dualbrain_int4_matmul_op, "Int4MatMul", 3, 1, input_type, dualbrain_no_settings, compute,

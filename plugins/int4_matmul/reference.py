@@ -1,8 +1,9 @@
 """NumPy reference of ``dualbrain.cpu::Int4MatMul``: y[..., N] = x[..., K] @ W, W [K, N] the export's
 signed blockwise int4 weight (DequantizeLinear along K, blocks of 32, no zero point), laid out as
 `moe_dispatch.reference.interleave_int4_rows` lays out one expert: w [N/8, K/32, 128] uint8, scales
-[N/8, K/32, 8] float32. Computed in float32; the kernel rounds x to int8 per block of 32 first (as
-MatMulNBits does at accuracy level 4), which `int4_matmul` does not and `int8_activations` does."""
+[N/8, K/32, 8] float16 or float32 (`interleave_scales`). Computed in float32; the kernel rounds x to int8 per
+block of 32 first (as MatMulNBits does at accuracy level 4), which `int4_matmul` does not and `int8_activations`
+does."""
 from __future__ import annotations
 
 import numpy as np

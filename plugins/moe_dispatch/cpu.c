@@ -257,9 +257,9 @@ typedef struct {
   Plan *p;
   int bits;                       /* 4 or 8: 32 x bits bytes a block of eight rows */
   const uint8_t *w1, *w2;         /* [E, 2I/8, H/32, 32 bits], [E, H/8, I/32, 32 bits] */
-  const float *s1, *s2;           /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8] */
+  Scales s1, s2;                  /* [E, 2I/8, H/32, 8], [E, H/8, I/32, 8], float16 or float32 */
   const uint8_t *sw1, *sw2;       /* the shared expert (expert E): [1, ...] as w1, w2 */
-  const float *ss1, *ss2;
+  Scales ss1, ss2;
   const int8_t *pq;               /* each pair's token [pairs, H] as int8, in pair order */
   const float *ps;                /* its scale per block of 32 */
   const int32_t *pc;              /* -(the mid zero point x its sum) per block (int8_blocks) */
@@ -272,11 +272,11 @@ typedef struct {
 /* Expert e's fc1 (`fc` 1) or fc2 (2) blocks and scales: a routed expert's, or the shared one's (e == E), each
  * `groups` x `blocks` blocks of eight rows */
 static inline void expert_blocks(const QuantPlan *z, int fc, int64_t e, int64_t groups, int64_t blocks,
-                                 const uint8_t **w, const float **s) {
+                                 const uint8_t **w, Scales *s) {
   int shared = e == z->p->e_count;
   int64_t at = shared ? 0 : e * groups * blocks;  /* the shared expert's tensors hold it alone */
   *w = (fc == 1 ? (shared ? z->sw1 : z->w1) : (shared ? z->sw2 : z->w2)) + at * 32 * z->bits;
-  *s = (fc == 1 ? (shared ? z->ss1 : z->s1) : (shared ? z->ss2 : z->s2)) + at * 8;
+  *s = scales_from(fc == 1 ? (shared ? z->ss1 : z->s1) : (shared ? z->ss2 : z->s2), at * 8);
 }
 
 static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) * up, four units a group */
@@ -288,12 +288,12 @@ static void quant_expert_inputs(void *user, size_t item) {  /* act = silu(gate) 
   int64_t g1 = g0 + IN_GROUPS_PER_ITEM < groups ? g0 + IN_GROUPS_PER_ITEM : groups;
   float o[DOT_OUT_FLOATS];
   const uint8_t *w1;
-  const float *s1;
+  Scales s1;
   expert_blocks(z, 1, e, groups, blocks, &w1, &s1);
   for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {  /* two groups (eight gate/up pairs) a call */
     int pair = dot_groups(g, g1);
     const uint8_t *w = w1 + g * blocks * 32 * z->bits;
-    const float *s = s1 + g * blocks * 8;
+    Scales s = scales_from(s1, g * blocks * 8);
     for (int64_t q = p->start[u]; q < p->start[u + 1]; q += DOT_MAX_TOKENS) {
       int count = dot_tokens(q, p->start[u + 1]);
       groups_dot_some(z->bits, pair, w, s, z->pq + q * p->h, z->ps + q * blocks, z->pc + q * blocks, p->h, count, o);
@@ -321,12 +321,12 @@ static void quant_expert_outputs(void *user, size_t item) {  /* y[:, rows] = sum
   for (int64_t t = 0; t < p->n; t++) memset(p->y + t * p->h + 8 * g0, 0, sizeof(float) * 8 * (size_t)(g1 - g0));
   for (int64_t u = 0; u < p->n_used; u++) {
     const uint8_t *w2;
-    const float *s2;
+    Scales s2;
     expert_blocks(z, 2, p->used[u], groups, blocks, &w2, &s2);
     for (int64_t g = g0; g < g1; g += DOT_MAX_GROUPS) {
       int pair = dot_groups(g, g1);
       const uint8_t *w = w2 + g * blocks * 32 * z->bits;
-      const float *s = s2 + g * blocks * 8;
+      Scales s = scales_from(s2, g * blocks * 8);
       for (int64_t q = p->start[u]; q < p->start[u + 1]; q += DOT_MAX_TOKENS) {
         int count = dot_tokens(q, p->start[u + 1]);
         groups_dot_some(z->bits, pair, w, s, z->aq + q * p->i, z->as + q * blocks, z->ac + q * blocks, p->i, count, o);
@@ -344,9 +344,9 @@ static OrtStatus *quant_shared(OrtKernelContext *ctx, QuantPlan *z, const int64_
   int64_t d[4][4];
   OrtStatus *st;
   if ((st = dualbrain_input_of(ctx, 6, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z->sw1, d[0])) ||
-      (st = dualbrain_input(ctx, 7, 4, &z->ss1, d[1])) ||
+      (st = dualbrain_scales_input(ctx, 7, 4, &z->ss1.at, &z->ss1.half, d[1])) ||
       (st = dualbrain_input_of(ctx, 8, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z->sw2, d[2])) ||
-      (st = dualbrain_input(ctx, 9, 4, &z->ss2, d[3])))
+      (st = dualbrain_scales_input(ctx, 9, 4, &z->ss2.at, &z->ss2.half, d[3])))
     return st;
   const int64_t *want[4] = {f1, f1, f2, f2};
   for (int t = 0; t < 4; t++)
@@ -363,9 +363,9 @@ static OrtStatus *quant_compute(void *kernel, OrtKernelContext *ctx, int bits, i
   void *mem;
   OrtStatus *st;
   if ((st = dualbrain_input_of(ctx, 2, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z.w1, f1)) ||
-      (st = dualbrain_input(ctx, 3, 4, &z.s1, s1)) ||
+      (st = dualbrain_scales_input(ctx, 3, 4, &z.s1.at, &z.s1.half, s1)) ||
       (st = dualbrain_input_of(ctx, 4, ORT_TENSOR_UINT8, 4, NULL, (const void **)&z.w2, f2)) ||
-      (st = dualbrain_input(ctx, 5, 4, &z.s2, s2)))
+      (st = dualbrain_scales_input(ctx, 5, 4, &z.s2.at, &z.s2.half, s2)))
     return st;
   p.h = f2[1] * 8, p.i = f1[1] * 4;
   if (f1[0] != f2[0] || f1[2] * INT4_BLOCK != p.h || f2[2] * INT4_BLOCK != p.i || f1[3] != 32 * bits || f2[3] != 32 * bits ||
@@ -426,6 +426,7 @@ static OrtStatus *infer(const OrtCustomOp *op, OrtShapeInferContext *ctx) { (voi
 
 static int quant_input_type(const OrtCustomOp *op, size_t index) {
   (void)op;
+  if (index == 3 || index == 5 || index == 7 || index == 9) return ORT_TENSOR_UNDEFINED;  /* scales: 16 or 32 bits */
   return index == 2 || index == 4 || index == 6 || index == 8 ? ORT_TENSOR_UINT8 : ORT_TENSOR_FLOAT;
 }
 

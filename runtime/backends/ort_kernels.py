@@ -360,10 +360,11 @@ _QMOE_SWIGLU_READ = {a: v.encode() if isinstance(v, str) else v for a, v in QMOE
 
 _QUANT_MOE = {4: INT4_OP_TYPE, 8: INT8_OP_TYPE}           # expert bits -> our op type
 # Weight bits -> the export's block sizes the interleaved kernels take. Their layouts hold a scale per 32
-# values, so a larger block's scales are repeated at load (`_per_32`). For 4 bits that still beat QMoE (int4
-# blocks of 64: 1.03x at batch 1, 1.12x at batch 8, peak RSS 551 against 571 MiB); for 8 bits it did not
-# (blocks of 128: 1.00x, 0.98x, and 55 MiB more), so 8-bit experts in larger blocks stay with QMoE.
-KERNEL_BLOCKS = {4: (32, 64, 128), 8: (32,)}
+# values, so a larger block's scales are repeated at load (`_per_32`; float16 where the export's are, 16 bytes a
+# block of eight rows). That still beats QMoE: int4 in blocks of 64 1.03x at batch 1, 1.12x at batch 8 (peak RSS
+# 551 against 571 MiB); int8 in blocks of 128 1.32x and 1.18x (`cpu_kernels.py EXPORT --without QMoE`,
+# tests/benchmarks/RESULTS.md, twentieth pass; with float32 scales and an older dot, 1.00x and 0.98x).
+KERNEL_BLOCKS = {4: (32, 64, 128), 8: (32, 64, 128)}
 
 
 def _per_32(scales: np.ndarray, block: int, axis: int) -> np.ndarray:

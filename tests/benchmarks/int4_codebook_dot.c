@@ -82,7 +82,7 @@ int main(int argc, char **argv) {
   volatile float sink = 0;
   for (int round = 0; round < 3; round++) {
     double t0 = now();
-    for (int r = 0; r < reps; r++) for (size_t g = 0; g < groups; g++) { groups_dot_tokens(4, 1, w + g * BLOCKS * 128, s + g * BLOCKS * 8, xq, xs, xc8, K, BLOCKS, 1, o); sink += o[g & 7]; }
+    for (int r = 0; r < reps; r++) for (size_t g = 0; g < groups; g++) { groups_dot_tokens(4, 1, w + g * BLOCKS * 128, (Scales){s + g * BLOCKS * 8, 0}, xq, xs, xc8, K, BLOCKS, 1, o); sink += o[g & 7]; }
     double t1 = now();
     for (int r = 0; r < reps; r++) for (size_t g = 0; g < groups; g++) { group_dot_nl(w + g * BLOCKS * 128, s + g * BLOCKS * 8, xq, xs, xc128, K, BLOCKS, 1, o); sink += o[g & 7]; }
     double t2 = now();

@@ -90,7 +90,7 @@ int main(void) {
     double b = now() - t;
     float out[8];
     t = now();
-    for (int i = 0; i < CALLS / 8; i++) groups_dot_some(4, 1, q, s, x8, xs, xc, INT4_BLOCK * BLOCKS, 1, out), sink += out[i % 8];
+    for (int i = 0; i < CALLS / 8; i++) groups_dot_some(4, 1, q, (Scales){s, 0}, x8, xs, xc, INT4_BLOCK * BLOCKS, 1, out), sink += out[i % 8];
     double c = now() - t;
     printf("int16 rows %5.1f   int8 rows %5.1f   int8 x8 %5.1f\n", bytes / a / 1e9, bytes / b / 1e9, bytes / c / 1e9);
   }

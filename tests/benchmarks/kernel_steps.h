@@ -5,6 +5,7 @@
  *
  * Why: end to end, a change worth 5 % of one kernel is below this host's noise (decode A/Bs of the same library
  * differ by up to 10 %); run alone, without Python or ONNX Runtime, the kernels repeat to within a few %. */
+#include <immintrin.h>  /* _cvtss_sh */
 #include <malloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -16,7 +17,7 @@
 #include "ort_kernel.h"
 
 const OrtApi *dualbrain_api;
-typedef struct { const void *data; int64_t dims[5]; size_t rank; } StepInput;
+typedef struct { const void *data; int64_t dims[5]; size_t rank; int half; } StepInput;  /* half: float16 scales */
 static StepInput step_in[16];
 static float *step_out[4];
 
@@ -29,6 +30,10 @@ OrtStatus *dualbrain_input_of(OrtKernelContext *c, size_t i, int type, size_t r,
                               int64_t *dims) {
   (void)c, (void)type, *d = step_in[i].data, memcpy(dims, step_in[i].dims, sizeof(int64_t) * r);
   if (rank) *rank = step_in[i].rank;
+  return NULL;
+}
+OrtStatus *dualbrain_scales_input(OrtKernelContext *c, size_t i, size_t r, const void **d, int *half, int64_t *dims) {
+  (void)c, *d = step_in[i].data, *half = step_in[i].half, memcpy(dims, step_in[i].dims, sizeof(int64_t) * r);
   return NULL;
 }
 OrtStatus *dualbrain_output(OrtKernelContext *c, size_t i, const int64_t *d, size_t r, float **o) {
@@ -92,6 +97,15 @@ static float *step_floats(size_t n, float scale) {
   float *a = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
   for (size_t i = 0; i < n; i++) a[i] = (float)((int)(step_bits() % 2001) - 1000) * scale;
   return a;
+}
+/* step_floats' values as a layout's scales: float16 (`half`, rounded by the F16C instruction) or float32 */
+static const void *step_scales(size_t n, float scale, int half) {
+  float *f = step_floats(n, scale);
+  if (!half) return f;
+  uint16_t *h = aligned_alloc(64, (n * sizeof(uint16_t) + 63) / 64 * 64);
+  for (size_t i = 0; i < n; i++) h[i] = _cvtss_sh(f[i], 0);
+  free(f);
+  return h;
 }
 static int step_compare(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }
 /* the median and the least of n step times, in ms */
