@@ -9,7 +9,8 @@
  *
  *   cc -O3 -std=gnu11 -march=native -fopenmp -Iplugins -DDUALBRAIN_CPU_DOMAIN='"bench"' \
  *      tests/benchmarks/moe_kernel_stream.c plugins/ort_kernels.c plugins/causal_conv/cpu.c \
- *      plugins/int8_matmul/cpu.c plugins/gated_delta/cpu.c -o /tmp/moe_stream -lm && /tmp/moe_stream [reps]
+ *      plugins/int8_matmul/cpu.c plugins/int4_matmul/cpu.c plugins/gated_delta/cpu.c \
+ *      plugins/cached_attention/cpu.c -o /tmp/moe_stream -lm && /tmp/moe_stream [reps]
  */
 #include "../../plugins/moe_dispatch/cpu.c"
 
@@ -62,7 +63,7 @@ int main(int argc, char **argv) {
       Plan p = {.x = x, .y = y, .n = 1, .h = H, .i = I,
                 .fc1 = fc1 + (size_t)l * E * 2 * I * H, .fc2 = fc2 + (size_t)l * E * H * I};
       void *mem;
-      route(&p, logits, E, K, 1, &mem);
+      route(&p, logits, E, K, 1, NULL, &mem);  /* no shared expert */
       if (!mem) return 1;
       p.act_chunks = I / ACT_ROWS_PER_ITEM;
       int items1 = (int)(p.n_used * p.act_chunks), items2 = H / OUT_ROWS_PER_ITEM;
