@@ -1061,31 +1061,43 @@ def _float16_scales(model):
     return model
 
 
-def _quant_models():
-    """Each quantized kernel's rewrite source: (name, model, inputs)."""
-    rng = np.random.default_rng(9)
-    models = {}
-    for bits in (4, 8):
-        models[f"moe int{bits}"] = _qmoe_model(12, 64, 96, 4, bits=bits, seed=bits)[0]
-    models["moe int4 + shared"] = _with_shared_expert(_qmoe_model(6, 64, 96, 2, seed=1)[0], 64, bits=4, seed=2)[0]
+def _linear_int4_model(rng):
     q, scale = quantize_blockwise((rng.standard_normal((160, 48)) * 0.05).astype(np.float32), 0, 32, 4, np.float32)
-    models["linear int4"] = _linear_model(q, scale, 32, 11, bits=4)
-    for name, model in models.items():
-        x = rng.standard_normal((1, 11, 160) if name.startswith("linear") else (11, 96)).astype(np.float32)
-        yield name, model, {"x": x} if name.startswith("linear") else {"x": x, "logits": rng.standard_normal(
-            (11, 12 if "shared" not in name else 6)).astype(np.float32)}
+    return _linear_model(q, scale, 32, 11, bits=4)
+
+
+# Each quantized kernel's rewrite source, built from a seeded generator: (model, its inputs)
+_QUANT_MODELS = {
+    "moe int4": lambda rng: (_qmoe_model(12, 64, 96, 4, bits=4, seed=4)[0], 12),
+    "moe int8": lambda rng: (_qmoe_model(12, 64, 96, 4, bits=8, seed=8)[0], 12),
+    "moe int4 + shared": lambda rng: (_with_shared_expert(_qmoe_model(6, 64, 96, 2, seed=1)[0], 64, bits=4, seed=2)[0],
+                                      6),
+    "linear int4": lambda rng: (_linear_int4_model(rng), None),
+}
+
+
+def _quant_model(which):
+    """`which` of _QUANT_MODELS and random inputs for it (11 tokens; the MoE models' logits over their experts)."""
+    rng = np.random.default_rng(9)
+    model, experts = _QUANT_MODELS[which](rng)
+    if experts is None:
+        return model, {"x": rng.standard_normal((1, 11, 160)).astype(np.float32)}
+    return model, {"x": rng.standard_normal((11, 96)).astype(np.float32),
+                   "logits": rng.standard_normal((11, experts)).astype(np.float32)}
 
 
 @pytest.mark.skipif(not ort_kernels._has_vnni(), reason="the interleaved kernels need AVX-512 VNNI")
 @pytest.mark.parametrize("build", ["native", "portable"])
-@pytest.mark.parametrize("which", ["moe int4", "moe int8", "moe int4 + shared", "linear int4"])
+@pytest.mark.parametrize("which", list(_QUANT_MODELS))
 def test_quantized_kernels_give_the_same_bits_from_float16_scales(request, build, which):
     """Scales that are all exactly float16 are laid out in float16 (a tenth less of a 4-bit layout to read), the
     kernels widen them exactly: the same outputs, to the bit, as from the same scales in float32 (subnormal
-    float16s included), in the AVX-512 loop and in the portable build's plain C."""
+    float16s included), in the AVX-512 loop and in the portable build's plain C; and as close to ONNX Runtime's
+    own ops on the unrewritten graph (QMoE, DequantizeLinear + MatMul) as the kernels' tests allow."""
     library = request.getfixturevalue("library" if build == "native" else "portable_library")
-    _, model, feeds = next(m for m in _quant_models() if m[0] == which)
+    model, feeds = _quant_model(which)
     model, arrays = _float16_scales(model), {}
+    want = _session(model, library).run(None, feeds)[0]
     assert use_cpu_kernels(model, supplied=arrays) == 1
     scales = {name: a for name, a in arrays.items() if name.endswith("scales")}
     assert scales and all(a.dtype == np.float16 for a in scales.values())
@@ -1094,6 +1106,7 @@ def test_quantized_kernels_give_the_same_bits_from_float16_scales(request, build
     single = _session(model, library, supplied=widened).run(None, feeds)[0]
     np.testing.assert_array_equal(half, single)
     assert np.abs(half).max() > 0
+    np.testing.assert_allclose(half, want, rtol=0, atol=3e-2 * np.abs(want).max())     # as test_quant_experts
 
 
 def test_layouts_keep_float16_scales_only_where_exact():
